@@ -1,0 +1,5 @@
+import sys
+
+from distlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,226 @@
+"""The one owner of the on-disk layout: adapters, checkpoints, discovery and exact resume.
+
+    output_dir/adapter/                         final adapter (PEFT format) + tokenizer
+    output_dir/checkpoints/step-NNNNNNNN/       adapter/, optimizer.pt, scheduler.pt, trainer_state.json,
+                                                COMPLETE.json (written last: step, files and sizes)
+
+Every directory is written under a temporary sibling name, its files fsynced, the completeness
+marker written last, then renamed into place: a crash or a full disk never leaves a directory
+under a final name that is incomplete. Rotation deletes old checkpoints only after the new one
+is complete, and keeps the one with the best eval loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from distlora import distributed as dist
+
+MARKER = "COMPLETE.json"
+STATE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def ckpt_root(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_dir(output_dir, step: int) -> Path:
+    return ckpt_root(output_dir) / f"step-{step:08d}"
+
+
+def _fsync_tree(path: Path) -> dict[str, int]:
+    sizes = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            sizes[str(f.relative_to(path))] = f.stat().st_size
+    return sizes
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path, meta: dict) -> None:
+    """fsync, write the marker last, rename into place (main process only)."""
+    meta = {**meta, "files": _fsync_tree(tmp)}
+    with open(tmp / MARKER, "w") as fh:
+        json.dump(meta, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # same step written again (e.g. a rerun): replace only once the new copy is complete
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(final.parent)
+
+
+def is_complete(path: Path) -> bool:
+    marker = path / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            return False
+    return True
+
+
+def expected_adapter_shapes(model) -> dict[str, tuple[int, ...]]:
+    """LoRA tensor shapes from each adapted layer's geometry (not from the tensors, which ZeRO-3 partitions)."""
+    from peft.tuners.lora import LoraLayer
+
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in getattr(module, "r", {}):
+            r = module.r["default"]
+            prefix = name.replace(".default", "")
+            shapes[f"{prefix}.lora_A.weight"] = (r, module.in_features)
+            shapes[f"{prefix}.lora_B.weight"] = (module.out_features, r)
+    return shapes
+
+
+def verify_adapter(adapter_dir: Path, model) -> None:
+    """Fail loudly on empty adapters, missing or mis-shaped LoRA tensors, or base weights in the file."""
+    from safetensors import safe_open
+
+    f = adapter_dir / "adapter_model.safetensors"
+    if not f.is_file() or f.stat().st_size < 64:
+        raise CheckpointError(f"{f}: adapter file missing or empty")
+    expected = expected_adapter_shapes(model)
+    with safe_open(str(f), "pt") as fh:
+        got = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    lora_got = {k.replace("base_model.model.", "", 1): v for k, v in got.items() if ".lora_" in k}
+    lora_exp = {k.replace("base_model.model.", "", 1): v for k, v in expected.items()}
+    missing = sorted(set(lora_exp) - set(lora_got))
+    wrong = sorted(k for k in lora_exp.keys() & lora_got.keys() if lora_exp[k] != lora_got[k])
+    extra = sorted(k for k in got if ".lora_" not in k and "modules_to_save" not in k)
+    if missing or wrong or extra:
+        raise CheckpointError(
+            f"{f}: adapter is wrong: missing {missing[:3]}, mis-shaped "
+            f"{[(k, lora_got[k], lora_exp[k]) for k in wrong[:3]]}, non-adapter tensors {extra[:3]}"
+        )
+
+
+def save_adapter(acc, model, tokenizer, final: Path) -> None:
+    """Write the adapter (gathered full-shape on every backend) atomically to `final`. All ranks call."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    sd = dist.adapter_state_dict(acc, model)  # collective under sharded backends: every rank calls
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            m = dist.unwrap(acc, model)
+            m.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            verify_adapter(tmp, m)
+            _publish(tmp, final, {"kind": "adapter"})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    dist.barrier(acc)
+
+
+def save(acc, model, optimizer, scheduler, tokenizer, output_dir, state: dict, keep_last: int | None) -> Path:
+    """Write a full training checkpoint for `state['step']`. All ranks call."""
+    final = step_dir(output_dir, state["step"])
+    tmp = final.with_name(f".tmp-{final.name}")
+    sd = dist.adapter_state_dict(acc, model)
+    opt_state = dist.optimizer_state(acc, optimizer)
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            (tmp / "adapter").mkdir(parents=True)
+            m = dist.unwrap(acc, model)
+            m.save_pretrained(tmp / "adapter", state_dict=sd, safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "adapter")
+            verify_adapter(tmp / "adapter", m)
+            torch.save(opt_state, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE).write_text(json.dumps(state, indent=1))
+            _publish(tmp, final, {k: state[k] for k in ("step", "examples_seen", "dp_size", "config_hash")})
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            prev = latest(output_dir)
+            raise CheckpointError(
+                f"could not write checkpoint {final.name}: {exc}. Nothing was published; the previous checkpoint "
+                f"({prev if prev else 'none'}) is intact. Free disk space and resume."
+            ) from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        rotate(output_dir, keep_last)
+    dist.barrier(acc)
+    return final
+
+
+def complete_checkpoints(output_dir) -> tuple[list[Path], list[Path]]:
+    """(complete checkpoints sorted by step, partial ones)."""
+    root = ckpt_root(output_dir)
+    if not root.is_dir():
+        return [], []
+    done, partial = [], []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir():
+            continue
+        if d.name.startswith("step-") and is_complete(d):
+            done.append(d)
+        else:
+            partial.append(d)
+    return done, partial
+
+
+def latest(output_dir) -> Path | None:
+    done, _ = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def rotate(output_dir, keep_last: int | None) -> None:
+    if keep_last is None:
+        return
+    done, _ = complete_checkpoints(output_dir)
+    best = None
+    scored = [(read_state(d).get("eval_loss"), d) for d in done]
+    scored = [(loss, d) for loss, d in scored if loss is not None]
+    if scored:
+        best = min(scored, key=lambda t: t[0])[1]
+    for d in done[: max(0, len(done) - keep_last)]:
+        if d != best:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE).read_text())
+
+
+def load(acc, model, optimizer, scheduler, ckpt: Path) -> dict:
+    """Restore adapter, optimizer and scheduler from `ckpt`; returns the trainer state. All ranks call."""
+    from safetensors.torch import load_file
+
+    dist.load_adapter_state(acc, model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+    dist.load_optimizer_state(acc, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    return read_state(ckpt)

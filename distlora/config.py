@@ -1,0 +1,394 @@
+"""The run config: typed sections, each default set once, with a one-line doc per field.
+
+`load(path, overrides)` reads a YAML file that holds only overrides of these defaults, applies
+`dotted.key=value` overrides on top, and validates everything. Every problem is collected and
+raised as one `ConfigError` that names each field and says how to fix it. Nothing here imports
+torch or touches a process group: this runs before either.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """All problems found in a run config; `problems` is a list of 'field: message' lines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        head = f"distlora: the run config has {len(self.problems)} problem(s):"
+        return "\n".join([head] + [f"  - {p}" for p in self.problems])
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(..., description="Local directory or hub id of the base causal LM.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the frozen base is loaded in; auto = bf16 under bf16 training, else fp32."
+    )
+    attn_implementation: Optional[str] = Field(
+        None, description="eager | sdpa | flash_attention_2 ...; None lets transformers choose."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint's repository.")
+
+
+class TokenizerConfig(_Section):
+    name_or_path: Optional[str] = Field(None, description="Tokenizer location; None = the model's.")
+    pad_token: Optional[str] = Field(None, description="Pad token to set; None keeps the tokenizer's, else EOS.")
+    chat_template: Optional[str] = Field(
+        None, description="Jinja chat template (or a path to one) for base models without a template."
+    )
+    add_special_tokens: bool = Field(True, description="Add the tokenizer's BOS (if any) before each prompt.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="'all-linear' or names of the linear modules to adapt (e.g. [q_proj, v_proj])."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    modules_to_save: Optional[list[str]] = Field(None, description="Extra modules trained in full and saved.")
+    init_from: Optional[str] = Field(None, description="Adapter directory to start from instead of a fresh init.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+
+Format = Literal["auto", "completion", "alpaca", "chat", "text"]
+
+
+class DataSource(_Section):
+    path: str = Field(..., description="File, glob, or hub dataset id.")
+    format: Optional[Format] = Field(None, description="Format of this source; None = data.format.")
+    prompt_field: Optional[str] = Field(None, description="Prompt field for 'completion'; None = data.prompt_field.")
+    completion_field: Optional[str] = Field(None, description="Completion field; None = data.completion_field.")
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    weight: float = Field(1.0, gt=0, description="Mixing weight: examples are sampled in proportion (1 = use as is).")
+
+
+class DataConfig(_Section):
+    train: Union[str, list[DataSource]] = Field(..., description="Training data: a path/glob/hub id or a list of sources.")
+    eval: Union[str, float, None] = Field(
+        None, description="Eval data: a path, or a fraction (0 < f < 1) of train held out; None = no eval."
+    )
+    format: Format = Field("auto", description="completion | alpaca | chat | text; auto detects from the fields.")
+    prompt_field: str = Field("prompt", description="Field holding the prompt in 'completion' data.")
+    completion_field: str = Field("completion", description="Field holding the completion in 'completion' data.")
+    max_seq_len: int = Field(2048, gt=1, description="Longest example in tokens.")
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with longer examples (both are counted in the log)."
+    )
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completion only).")
+    packing: bool = Field(False, description="Pack several examples per row (not available yet).")
+    shuffle: bool = Field(True, description="Shuffle examples each epoch (order depends on seed and global batch only).")
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_fraction(cls, v):
+        if isinstance(v, float) and not (0.0 < v < 1.0):
+            raise ValueError(f"a fraction must lie strictly between 0 and 1 (got {v}); or give a path, or null")
+        return v
+
+    @field_validator("packing")
+    @classmethod
+    def _no_packing_yet(cls, v):
+        if v:
+            raise ValueError("packing is not implemented yet; set data.packing: false")
+        return v
+
+
+class TrainConfig(_Section):
+    output_dir: str = Field(..., description="Where adapter/, checkpoints/, metrics.jsonl and config.yaml go.")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per forward pass per process.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro batches per optimizer step per process.")
+    epochs: float = Field(1, gt=0, description="Passes over the training data (ignored if max_steps is set).")
+    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to run; None = derived from epochs.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (not applied to biases/norms).")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_ratio: Optional[float] = Field(
+        None, ge=0, lt=1, description="Warmup as a fraction of total steps (default 0.03 if warmup_steps is unset)."
+    )
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Warmup in optimizer steps (exclusive with warmup_ratio).")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global grad norm to this; None = no clipping.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision; auto = bf16 on GPUs that support it, else no."
+    )
+    seed: int = Field(42, description="Seeds LoRA init, data order and dropout.")
+    log_every: int = Field(1, gt=0, description="Write a metrics row every N optimizer steps.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only at the end.")
+    eval_at_start: bool = Field(False, description="Also evaluate before the first step (a baseline).")
+    eval_micro_batch_size: Optional[int] = Field(None, gt=0, description="Eval batch per process; None = micro_batch_size.")
+    save_every: int = Field(500, ge=0, description="Write a checkpoint every N steps; 0 = none (final adapter only).")
+    keep_last: Optional[int] = Field(3, gt=0, description="Checkpoints kept; None = all.")
+    resume: str = Field("auto", description="auto = newest checkpoint in output_dir if any; never; or a checkpoint path.")
+
+    @model_validator(mode="after")
+    def _warmup_exclusive(self):
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError("set warmup_ratio or warmup_steps, not both (remove one of them)")
+        return self
+
+    @property
+    def effective_warmup_ratio(self) -> float:
+        return 0.03 if self.warmup_ratio is None and self.warmup_steps is None else (self.warmup_ratio or 0.0)
+
+
+class LogConfig(_Section):
+    report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list, description="Trackers besides metrics.jsonl.")
+    project: str = Field("distlora", description="Tracker project name.")
+    run_name: Optional[str] = Field(None, description="Tracker run name; None = the output_dir's name.")
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig
+    train: TrainConfig
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Hash of everything that shapes the training trajectory (not logging or cadence)."""
+        d = self.to_dict()
+        for k in ("output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "eval_at_start"):
+            d["train"].pop(k, None)
+        d.pop("log", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "tokenizer": TokenizerConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "log": LogConfig,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _set_dotted(d: dict, dotted: str, value: Any, problems: list[str]) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            problems.append(f"{dotted}: cannot set a key inside '{k}', which is not a section")
+            return
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str], problems: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            problems.append(f"override '{item}': write it as dotted.key=value, e.g. train.lr=1e-4")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def _field_path(loc: tuple) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
+        elif p in ("str", "float", "list[DataSource]", "literal['all-linear']", "list[str]", "int", "none"):
+            continue  # union branch names pydantic adds
+        else:
+            parts.append(str(p))
+    return ".".join(parts)
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    model: Any = RunConfig
+    for p in loc[:-1]:
+        if isinstance(p, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(p)
+        if field is None:
+            if p == "list[DataSource]":
+                model = DataSource
+            continue
+        ann = field.annotation
+        model = SECTIONS.get(p, ann)
+        if p == "train" and model is not TrainConfig:
+            model = DataSource
+    return list(getattr(model, "model_fields", {}).keys())
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems: dict[str, str] = {}
+    union_noise: dict[str, list[str]] = {}
+    for e in err.errors():
+        loc = e["loc"]
+        path = _field_path(loc)
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems[path] = f"{path}: unknown key; {hint}valid keys here: {', '.join(valid)}"
+        elif e["type"] == "missing":
+            problems[path] = f"{path}: required, but not set"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            union_noise.setdefault(path, []).append(f"{msg}{shown}")
+    for path, msgs in union_noise.items():
+        if path in problems:
+            continue
+        problems[path] = f"{path}: " + "; or ".join(dict.fromkeys(msgs))
+    return list(problems.values())
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"--config: no such file '{path}'"])
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--config: '{path}' is not valid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"--config: '{path}' must hold a mapping of sections (model, data, train, ...)"])
+    return data
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] | None = None, check_model: bool = True) -> RunConfig:
+    """Read, override, validate. Raises ConfigError listing every problem found."""
+    problems: list[str] = []
+    raw = read_yaml(path) if path is not None else {}
+    for key, value in parse_overrides(overrides or [], problems):
+        _set_dotted(raw, key, value, problems)
+    return validate(raw, problems, check_model=check_model)
+
+
+def validate(raw: dict, problems: list[str] | None = None, check_model: bool = True) -> RunConfig:
+    problems = list(problems or [])
+    cfg = None
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems += _format_errors(err)
+    # Checks against the world (files, the model's modules) for every section that parsed, so
+    # a typo in one section does not hide a missing file in another.
+    sections = {}
+    for name, cls in SECTIONS.items():
+        if cfg is not None:
+            sections[name] = getattr(cfg, name)
+        elif isinstance(raw.get(name), dict):
+            try:
+                sections[name] = cls.model_validate(raw[name])
+            except ValidationError:
+                pass
+    problems += _check_world(sections, check_model=check_model)
+    if problems:
+        raise ConfigError(problems)
+    assert cfg is not None
+    return cfg
+
+
+def _check_world(s: dict, check_model: bool) -> list[str]:
+    from distlora import data as data_mod  # light: no torch
+
+    problems: list[str] = []
+    train = s.get("train")
+    if train is not None and train.resume not in ("auto", "never") and not Path(train.resume).is_dir():
+        problems.append(f"train.resume: '{train.resume}' is not a directory; use auto, never, or a checkpoint path")
+    data = s.get("data")
+    if data is not None:
+        problems += data_mod.check_sources(data)
+    tok = s.get("tokenizer")
+    if tok is not None and tok.name_or_path and _looks_local(tok.name_or_path) and not Path(tok.name_or_path).exists():
+        problems.append(f"tokenizer.name_or_path: '{tok.name_or_path}' does not exist")
+    lora = s.get("lora")
+    if lora is not None and lora.init_from and not (Path(lora.init_from) / "adapter_config.json").is_file():
+        problems.append(f"lora.init_from: '{lora.init_from}' holds no adapter_config.json; point it at an adapter directory")
+    model = s.get("model")
+    if model is not None:
+        if _looks_local(model.name_or_path) and not Path(model.name_or_path).exists():
+            problems.append(f"model.name_or_path: '{model.name_or_path}' does not exist")
+        elif check_model and lora is not None:
+            problems += _check_target_modules(model, lora)
+    return problems
+
+
+def _looks_local(p: str) -> bool:
+    return p.startswith((".", "/", "~")) or os.sep in p and Path(p).parent.exists() and not _is_hub_id(p) or Path(p).exists()
+
+
+def _is_hub_id(p: str) -> bool:
+    return p.count("/") == 1 and not Path(p).exists() and not p.startswith((".", "/"))
+
+
+def linear_module_names(model_cfg: ModelConfig) -> list[str]:
+    """Leaf names of the model's nn.Linear modules, from its config alone (meta device, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(conf, trust_remote_code=model_cfg.trust_remote_code)
+    names = {n.rsplit(".", 1)[-1] for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
+    return sorted(names)
+
+
+def _check_target_modules(model: ModelConfig, lora: LoraConfig) -> list[str]:
+    if lora.target_modules == "all-linear":
+        return []
+    try:
+        names = linear_module_names(model)
+    except Exception as exc:  # noqa: BLE001 - reported as a config problem, with the cause
+        return [f"model.name_or_path: cannot read the model config at '{model.name_or_path}': {exc}"]
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        return [
+            f"lora.target_modules: {missing} not found in the model; its linear modules are: {', '.join(names)} "
+            "(or use 'all-linear')"
+        ]
+    return []
+
+
+def dump(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,452 @@
+"""Data: read sources, render formats, tokenize with prompt masking, order batches, collate.
+
+The batch order is a function of (seed, epoch, global batch) only: each epoch is one seeded
+permutation, padded to a whole number of global batches with padding examples (index -1: one pad
+token, no label, so they add zero tokens), and cut into micro batches. `accelerate.prepare`
+deals micro batch i to rank i % world, so micro step k on rank r of an optimizer step gets chunk
+k * world + r: 1 process x accumulation 2 sees the very examples 2 processes x accumulation 1 see.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+IGNORE = -100
+FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{ctx}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+class DataError(Exception):
+    """A problem with the data, named with its file and line where there is one."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def _sources(data_cfg) -> list[dict]:
+    """Normalise data.train into a list of source dicts with every setting resolved."""
+    from distlora.config import DataSource
+
+    train = data_cfg.train
+    items = [DataSource(path=train)] if isinstance(train, str) else list(train)
+    return [
+        {
+            "path": s.path,
+            "format": s.format or data_cfg.format,
+            "prompt_field": s.prompt_field or data_cfg.prompt_field,
+            "completion_field": s.completion_field or data_cfg.completion_field,
+            "split": s.split,
+            "weight": s.weight,
+        }
+        for s in items
+    ]
+
+
+def _expand(path: str) -> list[str]:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return sorted(str(f) for f in p.iterdir() if f.suffix in FILE_SUFFIXES)
+    if any(ch in path for ch in "*?["):
+        return sorted(globlib.glob(str(p), recursive=True))
+    return [str(p)] if p.exists() else []
+
+
+def _is_hub_id(path: str) -> bool:
+    return not path.startswith((".", "/", "~")) and path.count("/") <= 1 and not Path(path).suffix
+
+
+def check_sources(data_cfg) -> list[str]:
+    """Config-time checks: every local source exists and has a readable suffix."""
+    problems = []
+    named = [("data.train", s) for s in _sources(data_cfg)]
+    if isinstance(data_cfg.eval, str):
+        named.append(("data.eval", {"path": data_cfg.eval}))
+    for field, s in named:
+        path = s["path"]
+        if _is_hub_id(path) and not Path(path).exists():
+            continue  # a hub dataset id: checked when loaded
+        files = _expand(path)
+        if not files:
+            problems.append(f"{field}: '{path}' matches no file")
+        for f in files:
+            if Path(f).suffix not in FILE_SUFFIXES:
+                problems.append(f"{field}: '{f}' has an unknown suffix; use one of {', '.join(FILE_SUFFIXES)}")
+    return problems
+
+
+def read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_file(path: str) -> list[dict]:
+    suffix = Path(path).suffix
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".json":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                obj = json.load(fh)
+        except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data":  # JSON lines in a .json file
+                return read_jsonl(path)
+            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+            obj = next(iter(obj.values()))
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: expected a list of objects (or JSON lines)")
+        return obj
+    import datasets
+
+    return datasets.load_dataset(FILE_SUFFIXES[suffix], data_files=path, split="train").to_list()
+
+
+def read_source(path: str, split: str = "train") -> list[dict]:
+    files = _expand(path)
+    if not files and _is_hub_id(path):
+        import datasets
+
+        try:
+            return datasets.load_dataset(path, split=split).to_list()
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"cannot load hub dataset '{path}' (split {split}): {exc}") from None
+    rows: list[dict] = []
+    for f in files:
+        rows += read_file(f)
+    if not rows:
+        raise DataError(f"'{path}' holds no examples")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+
+
+def detect_format(row: dict, prompt_field: str, completion_field: str) -> tuple[str, str, str]:
+    """Return (format, prompt_field, completion_field) guessed from one row's fields."""
+    keys = set(row)
+    if "messages" in keys:
+        return "chat", prompt_field, completion_field
+    if {"instruction", "output"} <= keys:
+        return "alpaca", prompt_field, completion_field
+    for p, c in ((prompt_field, completion_field), ("prompt", "completion"), ("question", "answer"), ("input", "output")):
+        if {p, c} <= keys:
+            return "completion", p, c
+    if "text" in keys:
+        return "text", prompt_field, completion_field
+    raise DataError(
+        f"cannot tell the format from the fields {sorted(keys)}; set data.format "
+        "(completion needs data.prompt_field/completion_field, alpaca needs instruction/output, "
+        "chat needs messages, text needs text)"
+    )
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class Renderer:
+    """Turns one row into token ids and labels for its format."""
+
+    def __init__(self, tokenizer, fmt: str, prompt_field: str, completion_field: str, data_cfg, add_bos: bool):
+        self.tok = tokenizer
+        self.fmt = fmt
+        self.pf = prompt_field
+        self.cf = completion_field
+        self.train_on_prompt = data_cfg.train_on_prompt
+        self.bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+        self.eos = tokenizer.eos_token_id
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _need(self, row: dict, *fields: str) -> None:
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise DataError(
+                f"format '{self.fmt}' needs field(s) {missing}; this example has {sorted(row)} "
+                "(set data.prompt_field / data.completion_field or data.format)"
+            )
+
+    def _prompt_completion(self, prompt: str, completion: str) -> Tokenized:
+        p = self.bos + self._ids(prompt)
+        c = self._ids(completion) + [self.eos]
+        labels = (p if self.train_on_prompt else [IGNORE] * len(p)) + c
+        return Tokenized(p + c, labels)
+
+    def __call__(self, row: dict) -> Tokenized:
+        if self.fmt == "completion":
+            self._need(row, self.pf, self.cf)
+            return self._prompt_completion(str(row[self.pf]), str(row[self.cf]))
+        if self.fmt == "alpaca":
+            self._need(row, "instruction", "output")
+            inp = str(row.get("input") or "")
+            prompt = ALPACA_PROMPT.format(
+                ctx=", paired with an input that provides further context" if inp else "",
+                instruction=row["instruction"],
+                input_block=f"### Input:\n{inp}\n\n" if inp else "",
+            )
+            return self._prompt_completion(prompt, str(row["output"]))
+        if self.fmt == "text":
+            self._need(row, "text")
+            ids = self.bos + self._ids(str(row["text"])) + [self.eos]
+            return Tokenized(ids, list(ids))
+        if self.fmt == "chat":
+            self._need(row, "messages")
+            return self._chat(row["messages"])
+        raise DataError(f"unknown format {self.fmt}")
+
+    def _chat(self, messages: list[dict]) -> Tokenized:
+        if self.tok.chat_template is None:
+            raise DataError("chat data needs a chat template: set tokenizer.chat_template")
+        render = lambda msgs, gen=False: self.tok.apply_chat_template(  # noqa: E731
+            msgs, tokenize=False, add_generation_prompt=gen
+        )
+        full = render(messages)
+        spans = []  # character spans of assistant turns in the full rendering
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            start, end = len(render(messages[:i], True)), len(render(messages[: i + 1]))
+            if not full.startswith(render(messages[: i + 1])):
+                raise DataError("the chat template does not render conversations prefix by prefix; cannot mask turns")
+            spans.append((start, end))
+        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        labels = []
+        for tid, (a, _b) in zip(ids, enc["offset_mapping"]):
+            trained = self.train_on_prompt or any(s <= a < e for s, e in spans)
+            labels.append(tid if trained else IGNORE)
+        return Tokenized(ids, labels)
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+
+    def line(self, name: str) -> str:
+        return (
+            f"{name}: {self.examples} examples; truncated {self.truncated}, dropped {self.dropped_too_long} too long, "
+            f"dropped {self.dropped_no_target} with no trained token"
+        )
+
+
+def tokenize_rows(rows: list[dict], renderer: Renderer, data_cfg, stats: DataStats, source: str) -> list[dict]:
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            t = renderer(row)
+        except DataError as exc:
+            raise DataError(f"{source}, example {i}: {exc}") from None
+        ids, labels = t.input_ids, t.labels
+        if len(ids) > data_cfg.max_seq_len:
+            if data_cfg.too_long == "drop":
+                stats.dropped_too_long += 1
+                continue
+            ids, labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
+            stats.truncated += 1
+        if not any(lab != IGNORE for lab in labels[1:]):
+            stats.dropped_no_target += 1
+            continue
+        out.append({"input_ids": ids, "labels": labels})
+    stats.examples += len(out)
+    return out
+
+
+def _weighted(rows: list[dict], weight: float, seed: int) -> list[dict]:
+    """Mixing weight w: floor(w) full copies plus a seeded (w - floor(w)) fraction."""
+    import random
+
+    if weight == 1.0:
+        return rows
+    whole, frac = int(weight), weight - int(weight)
+    rng = random.Random(seed)
+    extra = rng.sample(rows, int(round(frac * len(rows))))
+    return rows * whole + extra
+
+
+def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
+    """Return (train_records, eval_records_or_None), each a list of {input_ids, labels, id}."""
+    import contextlib
+
+    import datasets
+
+    data_cfg = cfg.data
+    first = main_process_first or contextlib.nullcontext
+    train_rows: list[tuple[dict, dict]] = []  # (row, source settings)
+    for s in _sources(data_cfg):
+        rows = read_source(s["path"], s["split"])
+        for r in _weighted(rows, s["weight"], cfg.train.seed):
+            train_rows.append((r, s))
+    eval_rows: Optional[list[tuple[dict, dict]]] = None
+    if isinstance(data_cfg.eval, float):
+        import random
+
+        order = list(range(len(train_rows)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, int(round(data_cfg.eval * len(order))))
+        held = set(order[:n_eval])
+        eval_rows = [train_rows[i] for i in sorted(held)]
+        train_rows = [r for i, r in enumerate(train_rows) if i not in held]
+    elif isinstance(data_cfg.eval, str):
+        base = _sources(data_cfg)[0]
+        eval_rows = [(r, {**base, "path": data_cfg.eval}) for r in read_source(data_cfg.eval)]
+
+    def encode(pairs, name):
+        stats = DataStats()
+        groups: dict[tuple, list[dict]] = {}
+        for row, s in pairs:
+            groups.setdefault(tuple(sorted((k, v) for k, v in s.items() if k != "weight")), []).append(row)
+        out = []
+        for key, rows in groups.items():
+            s = dict(key)
+            fmt, pf, cf = s["format"], s["prompt_field"], s["completion_field"]
+            if fmt == "auto":
+                fmt, pf, cf = detect_format(rows[0], pf, cf)
+                log(f"data: {s['path']}: detected format '{fmt}'" + (f" ({pf} -> {cf})" if fmt == "completion" else ""))
+            renderer = Renderer(tokenizer, fmt, pf, cf, data_cfg, add_bos=cfg.tokenizer.add_special_tokens)
+            ds = datasets.Dataset.from_list([{"_row": json.dumps(r)} for r in rows])
+
+            def _map(batch, renderer=renderer, path=s["path"]):
+                recs = tokenize_rows([json.loads(x) for x in batch["_row"]], renderer, data_cfg, stats, path)
+                return {"input_ids": [r["input_ids"] for r in recs], "labels": [r["labels"] for r in recs]}
+
+            with first():
+                ds = ds.map(_map, batched=True, batch_size=len(rows), remove_columns=["_row"], load_from_cache_file=False)
+            out += [{"input_ids": a, "labels": b} for a, b in zip(ds["input_ids"], ds["labels"])]
+        if not out:
+            raise DataError(f"{name}: no usable examples ({stats.line(name)})")
+        for i, r in enumerate(out):
+            r["id"] = i
+        log(stats.line(name))
+        return out, stats
+
+    train, train_stats = encode(train_rows, "train data")
+    evals = encode(eval_rows, "eval data")[0] if eval_rows else None
+    return train, evals, train_stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+class Records:
+    """Map-style dataset over tokenized records; index -1 is a padding example (no tokens)."""
+
+    def __init__(self, records: list[dict], pad_id: int):
+        self.records = records
+        self.pad = {"input_ids": [pad_id], "labels": [IGNORE], "id": -1}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.pad if i < 0 else self.records[i]
+
+
+class GlobalBatchSampler:
+    """Yields micro batches of example indices in the global order described in the module doc.
+
+    `position(epoch, start_step)` selects the epoch and skips its first `start_step` optimizer
+    steps (exact resume without touching any RNG). The name is not `set_epoch` on purpose:
+    accelerate's DataLoaderShard calls `set_epoch(iteration)` on the batch sampler at every
+    `iter()`, which would reset the position.
+    """
+
+    def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
+        self.n, self.micro, self.accum, self.world = n, micro, accum, world
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch = micro * accum * world
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n / self.global_batch)
+
+    def position(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def order(self) -> list[int]:
+        import torch
+
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        return perm + [-1] * (self.steps_per_epoch * self.global_batch - self.n)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        for start in range(self.start_step * self.global_batch, len(order), self.micro):
+            yield order[start : start + self.micro]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.accum * self.world
+
+
+class Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        n = len(examples)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            k = len(e["input_ids"])
+            input_ids[i, :k] = torch.tensor(e["input_ids"])
+            labels[i, :k] = torch.tensor(e["labels"])
+            mask[i, :k] = 1  # a padding example attends to its one token: no fully-masked row (NaN)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "ids": torch.tensor([e["id"] for e in examples], dtype=torch.long),
+        }
+
+
+def make_loader(records: list[dict], pad_id: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
+    from torch.utils.data import DataLoader
+
+    sampler = GlobalBatchSampler(len(records), micro, accum, world, seed, shuffle)
+    loader = DataLoader(Records(records, pad_id), batch_sampler=sampler, collate_fn=Collator(pad_id), num_workers=0)
+    return loader, sampler
+

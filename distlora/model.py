@@ -1,0 +1,81 @@
+"""Base model + tokenizer loading, gradient checkpointing, LoRA wrapping, trainable-parameter report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer.name_or_path or cfg.model.name_or_path
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.tokenizer.pad_token is not None:
+        tok.pad_token = cfg.tokenizer.pad_token
+    elif tok.pad_token is None:
+        # pad == eos is safe here: labels come from the data, not from `input_ids != pad`, so each
+        # example's EOS keeps its label and the model learns to stop (trl#456).
+        tok.pad_token = tok.eos_token
+    if cfg.tokenizer.chat_template is not None:
+        t = cfg.tokenizer.chat_template
+        tok.chat_template = Path(t).read_text() if len(t) < 4096 and Path(t).is_file() else t
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer at '{src}' has no EOS token; set tokenizer.pad_token and add an EOS token")
+    return tok
+
+
+def base_dtype(cfg, mixed_precision: str) -> torch.dtype:
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16 if mixed_precision == "fp16" else torch.float32
+
+
+def load_model(cfg, mixed_precision: str):
+    """Frozen base + LoRA adapters (a PeftModel). Seeds the LoRA init with train.seed."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": base_dtype(cfg, mixed_precision), "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
+    model.config.use_cache = False  # a KV cache in training breaks packed-sequence masking and wastes memory
+    if cfg.model.gradient_checkpointing:
+        # non-reentrant: works under DDP with frozen base weights (no "marked ready twice")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(cfg.train.seed)
+    if cfg.lora.init_from:
+        model = PeftModel.from_pretrained(model, cfg.lora.init_from, is_trainable=True)
+    else:
+        lcfg = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            use_rslora=cfg.lora.use_rslora,
+            use_dora=cfg.lora.use_dora,
+            modules_to_save=cfg.lora.modules_to_save,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lcfg)
+    # Adapters train in fp32 even on a bf16/fp16 base: optimizer updates stay exact.
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def param_counts(model) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def adapter_params(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny local assets, config writing, in-process and real multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_DDP = ROOT / "configs" / "accelerate" / "cpu_ddp.yaml"
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true", help="run tests marked gpu (needs CUDA)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu"):
+        return
+    skip = pytest.mark.skip(reason="GPU test: opt in with --gpu on a CUDA machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """Tiny model + tokenizer under tiny/model, arithmetic data under tiny/data."""
+    from distlora.tiny import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def base_config(tiny: Path, out: Path, **sections) -> dict:
+    """A small fp32 run on the tiny assets; `sections` are merged per section."""
+    cfg = {
+        "model": {"name_or_path": str(tiny / "model"), "dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {
+            "train": str(tiny / "data" / "train.jsonl"),
+            "eval": str(tiny / "data" / "eval.jsonl"),
+            "max_seq_len": 64,
+        },
+        "train": {
+            "output_dir": str(out),
+            "micro_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 6,
+            "lr": 1e-2,
+            "warmup_steps": 1,
+            "save_every": 0,
+            "mixed_precision": "no",
+        },
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_inprocess(cfg_path: Path, *overrides: str) -> int:
+    from distlora.train import main
+
+    return main(["--config", str(cfg_path), *overrides])
+
+
+def launch(nproc: int, cfg_path: Path, *overrides: str, env: dict | None = None, timeout: int = 300,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """A real `accelerate launch` of distlora.train with `nproc` CPU processes (gloo DDP)."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
+        "--num_processes", str(nproc), "--main_process_port", str(free_port()),
+        "-m", "distlora.train", "--config", str(cfg_path), *overrides,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+    if check and res.returncode != 0:
+        raise AssertionError(f"launch failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_adapter(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), (sorted(a)[:3], sorted(b)[:3])
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
