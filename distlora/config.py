@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(Exception):
@@ -108,7 +108,7 @@ class DataConfig(_Section):
     @classmethod
     def _eval_fraction(cls, v):
         if isinstance(v, float) and not (0.0 < v < 1.0):
-            raise ValueError(f"a fraction must lie strictly between 0 and 1 (got {v}); or give a path, or null")
+            raise ValueError("a fraction must lie strictly between 0 and 1; or give a path, or null")
         return v
 
     @field_validator("packing")
@@ -147,12 +147,6 @@ class TrainConfig(_Section):
     save_every: int = Field(500, ge=0, description="Write a checkpoint every N steps; 0 = none (final adapter only).")
     keep_last: Optional[int] = Field(3, gt=0, description="Checkpoints kept; None = all.")
     resume: str = Field("auto", description="auto = newest checkpoint in output_dir if any; never; or a checkpoint path.")
-
-    @model_validator(mode="after")
-    def _warmup_exclusive(self):
-        if self.warmup_ratio is not None and self.warmup_steps is not None:
-            raise ValueError("set warmup_ratio or warmup_steps, not both (remove one of them)")
-        return self
 
     @property
     def effective_warmup_ratio(self) -> float:
@@ -307,19 +301,24 @@ def load(path: str | os.PathLike | None, overrides: list[str] | None = None, che
 def validate(raw: dict, problems: list[str] | None = None, check_model: bool = True) -> RunConfig:
     problems = list(problems or [])
     cfg = None
+    bad_fields: dict[str, set] = {}
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
         problems += _format_errors(err)
-    # Checks against the world (files, the model's modules) for every section that parsed, so
-    # a typo in one section does not hide a missing file in another.
+        for e in err.errors():
+            if len(e["loc"]) >= 2:
+                bad_fields.setdefault(e["loc"][0], set()).add(e["loc"][1])
+    # Cross-field and world checks (files, the model's modules) run on every section that parses
+    # once its bad fields are left out, so a typo in one place does not hide a problem elsewhere.
     sections = {}
     for name, cls in SECTIONS.items():
         if cfg is not None:
             sections[name] = getattr(cfg, name)
         elif isinstance(raw.get(name), dict):
+            clean = {k: v for k, v in raw[name].items() if k not in bad_fields.get(name, ())}
             try:
-                sections[name] = cls.model_validate(raw[name])
+                sections[name] = cls.model_validate(clean)
             except ValidationError:
                 pass
     problems += _check_world(sections, check_model=check_model)
@@ -334,6 +333,8 @@ def _check_world(s: dict, check_model: bool) -> list[str]:
 
     problems: list[str] = []
     train = s.get("train")
+    if train is not None and train.warmup_ratio is not None and train.warmup_steps is not None:
+        problems.append("train.warmup_steps: set warmup_ratio or warmup_steps, not both (remove one of them)")
     if train is not None and train.resume not in ("auto", "never") and not Path(train.resume).is_dir():
         problems.append(f"train.resume: '{train.resume}' is not a directory; use auto, never, or a checkpoint path")
     data = s.get("data")
@@ -355,11 +356,8 @@ def _check_world(s: dict, check_model: bool) -> list[str]:
 
 
 def _looks_local(p: str) -> bool:
-    return p.startswith((".", "/", "~")) or os.sep in p and Path(p).parent.exists() and not _is_hub_id(p) or Path(p).exists()
-
-
-def _is_hub_id(p: str) -> bool:
-    return p.count("/") == 1 and not Path(p).exists() and not p.startswith((".", "/"))
+    """A path, not a hub id ('org/name'): exists, starts like a path, or has more than one '/'."""
+    return Path(p).exists() or p.startswith((".", "/", "~")) or p.count("/") > 1
 
 
 def linear_module_names(model_cfg: ModelConfig) -> list[str]:

@@ -302,8 +302,6 @@ def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
     """Return (train_records, eval_records_or_None), each a list of {input_ids, labels, id}."""
     import contextlib
 
-    import datasets
-
     data_cfg = cfg.data
     first = main_process_first or contextlib.nullcontext
     train_rows: list[tuple[dict, dict]] = []  # (row, source settings)
@@ -338,15 +336,8 @@ def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
                 fmt, pf, cf = detect_format(rows[0], pf, cf)
                 log(f"data: {s['path']}: detected format '{fmt}'" + (f" ({pf} -> {cf})" if fmt == "completion" else ""))
             renderer = Renderer(tokenizer, fmt, pf, cf, data_cfg, add_bos=cfg.tokenizer.add_special_tokens)
-            ds = datasets.Dataset.from_list([{"_row": json.dumps(r)} for r in rows])
-
-            def _map(batch, renderer=renderer, path=s["path"]):
-                recs = tokenize_rows([json.loads(x) for x in batch["_row"]], renderer, data_cfg, stats, path)
-                return {"input_ids": [r["input_ids"] for r in recs], "labels": [r["labels"] for r in recs]}
-
-            with first():
-                ds = ds.map(_map, batched=True, batch_size=len(rows), remove_columns=["_row"], load_from_cache_file=False)
-            out += [{"input_ids": a, "labels": b} for a, b in zip(ds["input_ids"], ds["labels"])]
+            with first():  # rank discipline: the main process goes first (a future on-disk cache is written once)
+                out += tokenize_rows(rows, renderer, data_cfg, stats, s["path"])
         if not out:
             raise DataError(f"{name}: no usable examples ({stats.line(name)})")
         for i, r in enumerate(out):

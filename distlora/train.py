@@ -46,6 +46,12 @@ def main(argv=None) -> int:
             raise config_mod.ConfigError(conflicts)
     except config_mod.ConfigError as err:
         _say_once(err.render())
+        from distlora.distributed import env_rank
+
+        if env_rank() > 0:
+            # Under a launcher the first worker to exit gets the others SIGTERMed: give rank 0,
+            # the one that prints, time to do so.
+            time.sleep(3)
         return 2
     run(cfg)
     return 0
