@@ -169,7 +169,11 @@ def _reference_run(cfg, order: list[int], records: list[dict], out) -> dict:
     }
 
 
-def test_matches_hf_trainer_peft(tiny, tmp_path, monkeypatch):
+# Completion-only (the recipe's default: prompt tokens masked, so labels[:, 0] is never a target) and
+# train_on_prompt (labels[:, 0] = BOS is a label that no prediction targets: counting it would be an
+# off-by-one in the normaliser that the completion-only run cannot see).
+@pytest.mark.parametrize("train_on_prompt", [False, True], ids=["completion_only", "train_on_prompt"])
+def test_matches_hf_trainer_peft(tiny, tmp_path, monkeypatch, train_on_prompt):
     from distlora import config as config_mod
     from distlora import data
 
@@ -178,7 +182,7 @@ def test_matches_hf_trainer_peft(tiny, tmp_path, monkeypatch):
         tiny,
         out,
         lora={"r": 4, "alpha": 8, "dropout": 0.0},
-        data={"shuffle": True},
+        data={"shuffle": True, "train_on_prompt": train_on_prompt},
         train={
             "micro_batch_size": MICRO,
             "gradient_accumulation_steps": ACCUM,
