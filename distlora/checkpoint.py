@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from distlora import distributed as dist
+from distlora import faults
 
 MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
@@ -58,11 +59,13 @@ def _fsync_dir(path: Path) -> None:
 def _publish(tmp: Path, final: Path, meta: dict) -> None:
     """fsync, write the marker last, rename into place (main process only)."""
     meta = {**meta, "files": _fsync_tree(tmp)}
+    faults.hit("save.before_marker")
     with open(tmp / MARKER, "w") as fh:
         json.dump(meta, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
+    faults.hit("save.before_rename")
     if final.exists():  # same step written again (e.g. a rerun): replace only once the new copy is complete
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -158,8 +161,11 @@ def save(acc, model, optimizer, scheduler, tokenizer, output_dir, state: dict, k
             m.save_pretrained(tmp / "adapter", state_dict=sd, safe_serialization=True)
             tokenizer.save_pretrained(tmp / "adapter")
             verify_adapter(tmp / "adapter", m)
+            faults.hit("save.after_adapter")
             torch.save(opt_state, tmp / "optimizer.pt")
+            faults.hit("save.after_optimizer")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            faults.hit("save.after_scheduler")
             (tmp / STATE).write_text(json.dumps(state, indent=1))
             _publish(tmp, final, {k: state[k] for k in ("step", "examples_seen", "dp_size", "config_hash")})
         except OSError as exc:
@@ -209,7 +215,15 @@ def rotate(output_dir, keep_last: int | None) -> None:
         best = min(scored, key=lambda t: t[0])[1]
     for d in done[: max(0, len(done) - keep_last)]:
         if d != best:
-            shutil.rmtree(d, ignore_errors=True)
+            faults.hit("rotate.before_delete")
+            _remove(d)
+
+
+def _remove(d: Path) -> None:
+    """Unpublish first (marker gone = not a checkpoint any more), then delete: a crash mid-delete
+    leaves a directory that resume ignores, never a half-deleted one that looks complete."""
+    (d / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def read_state(ckpt: Path) -> dict:

@@ -140,6 +140,10 @@ class TrainConfig(_Section):
         "auto", description="Autocast precision; auto = bf16 on GPUs that support it, else no."
     )
     seed: int = Field(42, description="Seeds LoRA init, data order and dropout.")
+    nonfinite: Literal["skip", "abort"] = Field(
+        "skip", description="On a non-finite loss/grad norm: skip that optimizer step (counted) or abort the run."
+    )
+    nonfinite_max_in_a_row: int = Field(3, gt=0, description="Abort after this many skipped steps in a row.")
     log_every: int = Field(1, gt=0, description="Write a metrics row every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only at the end.")
     eval_at_start: bool = Field(False, description="Also evaluate before the first step (a baseline).")

@@ -46,7 +46,6 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if not self.active:
             return
-        row = {k: (round(v, 10) if isinstance(v, float) and k not in ("loss", "eval_loss") else v) for k, v in row.items()}
         self.fh.write(json.dumps(row) + "\n")
         self.fh.flush()
         if self.trackers:
@@ -56,6 +55,10 @@ class MetricsLog:
         if self.fh:
             self.fh.close()
             self.fh = None
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "nan" if x is None else format(x, spec)
 
 
 class Progress:
@@ -78,12 +81,13 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
             if row:
-                self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                self.bar.set_postfix(loss=_fmt(row["loss"], ".4f"), tok_s=f"{row['tokens_per_s']:.0f}")
         elif row:
             done = step - self.start
             eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
             print(
-                f"step {step}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.3e} grad_norm {row['grad_norm']:.3f} "
+                f"step {step}/{self.total} loss {_fmt(row['loss'], '.4f')} lr {row['lr']:.3e} "
+                f"grad_norm {_fmt(row['grad_norm'], '.3f')} "
                 f"tok/s {row['tokens_per_s']:.0f} eta {eta:.0f}s",
                 flush=True,
             )

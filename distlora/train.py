@@ -53,8 +53,60 @@ def main(argv=None) -> int:
             # the one that prints, time to do so.
             time.sleep(3)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except Stopped as stop:
+        _say_once(str(stop))
+        return EXIT_STOPPED
+    except BaseException as exc:  # noqa: BLE001 - report which rank failed, then fail
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        import traceback
+
+        from distlora.distributed import env_rank
+
+        print(f"distlora: rank {env_rank()} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        return 1
     return 0
+
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after writing a checkpoint; rerun the same command
+
+
+class Stopped(Exception):
+    pass
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class StopRequest:
+    """A stop asked for by SIGTERM/SIGINT/SIGUSR1 or by a file `output_dir/STOP` (what the SLURM
+    scripts touch on preemption). Checked at each optimizer-step boundary and agreed across ranks."""
+
+    def __init__(self, out: Path, is_main: bool):
+        import signal
+
+        self.file = out / "STOP"
+        self.reason = None
+        if is_main and self.file.exists():
+            self.file.unlink()  # a leftover from the stop that ended the previous leg
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame):
+        import signal
+
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.reason = signal.Signals(signum).name
+
+    def requested(self) -> int:
+        if self.reason is None and self.file.exists():
+            self.reason = f"stop file {self.file}"
+        return int(self.reason is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +120,9 @@ def token_nll(logits, labels):
 
     logits = logits[:, :-1, :].float()
     target = labels[:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+    b, t, v = logits.shape
+    # (tokens, vocab) layout, as transformers' loss: gradients then match Trainer's bit for bit
+    nll = F.cross_entropy(logits.reshape(-1, v), target.reshape(-1), ignore_index=IGNORE, reduction="none").view(b, t)
     return nll.sum(dim=1), (target != IGNORE).sum(dim=1)
 
 
@@ -141,7 +195,7 @@ def run(cfg) -> None:
     import torch
     from accelerate.utils import set_seed
 
-    from distlora import checkpoint, data
+    from distlora import checkpoint, data, faults
     from distlora import distributed as dist
     from distlora.metrics import MetricsLog, Progress, peak_memory_mb
     from distlora.model import load_model, load_tokenizer, param_counts
@@ -187,7 +241,7 @@ def run(cfg) -> None:
         f"{t.gradient_accumulation_steps} x {dp} rank(s); {steps_per_epoch} steps/epoch, {total_steps} steps"
     )
 
-    start_step, best_eval = 0, None
+    start_step, best_eval, skipped, in_a_row = 0, None, 0, 0
     resume_from = None
     if t.resume == "auto":
         resume_from = checkpoint.latest(out)
@@ -208,6 +262,7 @@ def run(cfg) -> None:
             say(f"distlora: warning: the run config changed since {resume_from.name}; resuming anyway")
         state = checkpoint.load(acc, model, optimizer, scheduler, resume_from)
         start_step, best_eval = state["step"], state.get("best_eval_loss")
+        skipped, in_a_row = state.get("nonfinite_skipped", 0), state.get("nonfinite_in_a_row", 0)
         say(f"distlora: resumed from {resume_from} at step {start_step}")
 
     metrics = MetricsLog(acc, cfg, cfg.to_dict() | {"world_size": acc.num_processes, **counts})
@@ -215,13 +270,19 @@ def run(cfg) -> None:
     trace = os.environ.get("DISTLORA_TRACE_IDS")  # test hook: per-rank example ids per step
     trace_fh = open(out / f"trace-ids-rank{acc.process_index}.jsonl", "a") if trace else None
 
+    stop = StopRequest(out, acc.is_main_process)
+
+    def save(step: int, ev: dict | None) -> None:
+        _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev,
+              {"nonfinite_skipped": skipped, "nonfinite_in_a_row": in_a_row})
+
     def run_eval(step: int) -> dict | None:
         nonlocal best_eval
         if eval_loader is None:
             return None
-        ev = evaluate(acc, model, eval_loader)
+        ev = {"step": step, **evaluate(acc, model, eval_loader)}
         best_eval = ev["eval_loss"] if best_eval is None else min(best_eval, ev["eval_loss"])
-        metrics.log({"step": step, **ev})
+        metrics.log(ev)
         say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
         return ev
 
@@ -236,6 +297,7 @@ def run(cfg) -> None:
     it = None
     last_eval = None
     for step in range(start_step, total_steps):
+        faults.hit(f"step{step}")
         t0 = time.perf_counter()
         epoch, in_epoch = divmod(step, steps_per_epoch)
         if it is None or in_epoch == 0:
@@ -244,25 +306,47 @@ def run(cfg) -> None:
         window = [next(it) for _ in range(accum)]
         t_data = time.perf_counter() - t0
         local = torch.tensor(
-            [sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in window)], dtype=torch.float64, device=device
+            [sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in window), stop.requested()],
+            dtype=torch.float64,
+            device=device,
         )
-        n_target = acc.reduce(local, "sum").item()  # target tokens of the whole window, all ranks
+        n_target, stop_votes = acc.reduce(local, "sum").tolist()  # one all-reduce: the window's tokens, stop votes
+        if stop_votes:  # every rank agrees here, so none enters a collective alone
+            if step != start_step or resume_from is None:
+                save(step, None)
+            raise Stopped(
+                f"distlora: stopped at step {step}/{total_steps} ({stop.reason or 'another rank was asked'}); "
+                f"checkpoint in {checkpoint.step_dir(out, step)}; rerun the same command to resume"
+            )
         torch.manual_seed(_dropout_seed(t.seed, step, acc.process_index))
+        inject_nan = faults.active(f"step{step}", "nan")
         nll_total = torch.zeros((), dtype=torch.float64, device=device)
         for batch in window:
             with acc.accumulate(model):
                 nll, _ = forward_nll(model, batch)
-                nll = nll.sum()
+                nll = nll.sum() * (float("nan") if inject_nan else 1.0)
                 # accelerate divides by `accum` and DDP averages over `dp` ranks; undo both so the
                 # summed gradient is d(sum NLL)/dθ / n_target exactly.
                 acc.backward(nll * (dp * accum / max(n_target, 1)))
                 nll_total += nll.detach().double()
                 if acc.sync_gradients:
+                    # The norm is taken on all-reduced gradients: every rank decides alike.
                     grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-                    optimizer.step()
+                    if torch.isfinite(grad_norm):
+                        optimizer.step()
+                        in_a_row = 0
+                    else:
+                        skipped, in_a_row = skipped + 1, in_a_row + 1
+                        say(f"distlora: non-finite gradient at step {step + 1}: step skipped ({skipped} so far)")
+                        if t.nonfinite == "abort" or in_a_row >= t.nonfinite_max_in_a_row:
+                            raise NonFiniteError(
+                                f"non-finite loss/gradient at step {step + 1} ({in_a_row} in a row, train.nonfinite="
+                                f"{t.nonfinite}, nonfinite_max_in_a_row={t.nonfinite_max_in_a_row}); lower train.lr, "
+                                "check the data, or resume from the last checkpoint"
+                            )
                     optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        scheduler.step()  # also on a skipped step: the lr stays a function of the step index
         done = step + 1
         if trace_fh:
             trace_fh.write(json.dumps({"step": done, "ids": [int(i) for b in window for i in b["ids"]]}) + "\n")
@@ -284,9 +368,10 @@ def run(cfg) -> None:
             row = {
                 "step": done,
                 "epoch": round(done / steps_per_epoch, 6),
-                "loss": nll_sum / max(n_target, 1),
+                "loss": _finite_or_none(nll_sum / max(n_target, 1)),
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": _finite_or_none(float(grad_norm)),
+                "nonfinite_skipped": skipped,
                 "target_tokens": int(n_target),
                 "input_tokens": int(n_input),
                 "padded_tokens": int(n_padded),
@@ -303,14 +388,14 @@ def run(cfg) -> None:
         if t.eval_every and done % t.eval_every == 0 and done != total_steps:
             last_eval = run_eval(done)
         if t.save_every and done % t.save_every == 0 and done != total_steps:
-            _save(acc, model, optimizer, scheduler, tokenizer, cfg, done, sampler, best_eval, last_eval)
+            save(done, last_eval if last_eval and last_eval["step"] == done else None)
     # ------------------------------------------------------------------ end of loop
     progress.close()
     if trace_fh:
         trace_fh.close()
     final_eval = run_eval(total_steps)
     if t.save_every and total_steps % t.save_every == 0 and start_step < total_steps:
-        _save(acc, model, optimizer, scheduler, tokenizer, cfg, total_steps, sampler, best_eval, final_eval)
+        save(total_steps, final_eval)
     checkpoint.save_adapter(acc, model, tokenizer, out / "adapter")
     base_sum_end = _checksum(frozen)
     adapter_sum = _checksum(params)
@@ -329,10 +414,15 @@ def run(cfg) -> None:
         acc.end_training()  # destroys the process group: last
 
 
-def _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev) -> None:
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev, extra) -> None:
     from distlora import checkpoint
 
     state = {
+        **extra,
         "step": step,
         "examples_seen": step * sampler.global_batch,
         "global_batch": sampler.global_batch,
