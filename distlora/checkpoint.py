@@ -141,6 +141,9 @@ def save_adapter(acc, model, tokenizer, final: Path) -> None:
             tokenizer.save_pretrained(tmp)
             verify_adapter(tmp, m)
             _publish(tmp, final, {"kind": "adapter"})
+        except (OSError, RuntimeError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write the adapter to {final}: {exc}; nothing was published") from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -168,12 +171,15 @@ def save(acc, model, optimizer, scheduler, tokenizer, output_dir, state: dict, k
             faults.hit("save.after_scheduler")
             (tmp / STATE).write_text(json.dumps(state, indent=1))
             _publish(tmp, final, {k: state[k] for k in ("step", "examples_seen", "dp_size", "config_hash")})
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
             prev = latest(output_dir)
+            free = shutil.disk_usage(final.parent).free / 2**20
             raise CheckpointError(
-                f"could not write checkpoint {final.name}: {exc}. Nothing was published; the previous checkpoint "
-                f"({prev if prev else 'none'}) is intact. Free disk space and resume."
+                f"could not write checkpoint {final.name} in {final.parent} ({free:,.0f} MiB free there): {exc}. "
+                "Nothing was published and the "
+                f"temporary directory is removed; the previous checkpoint ({prev.name if prev else 'none'}) is intact. "
+                "If the disk is full, free space, then rerun the same command to resume."
             ) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -181,6 +187,14 @@ def save(acc, model, optimizer, scheduler, tokenizer, output_dir, state: dict, k
         rotate(output_dir, keep_last)
     dist.barrier(acc)
     return final
+
+
+def clean_partial(output_dir) -> list[Path]:
+    """Remove what interrupted saves left (main process, before training); returns what it removed."""
+    _, partial = complete_checkpoints(output_dir)
+    for d in partial:
+        shutil.rmtree(d, ignore_errors=True)
+    return partial
 
 
 def complete_checkpoints(output_dir) -> tuple[list[Path], list[Path]]:

@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         from distlora.distributed import env_rank
 
         print(f"distlora: rank {env_rank()} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        traceback.print_exc()
+        if not isinstance(exc, _expected_errors()):
+            traceback.print_exc()
         return 1
     return 0
 
@@ -82,17 +83,28 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class ResumeError(RuntimeError):
+    pass
+
+
+def _expected_errors() -> tuple:
+    """Failures with a message that says everything: shown without a traceback."""
+    from distlora.checkpoint import CheckpointError
+    from distlora.data import DataError
+    from distlora.distributed import DistributedSetupError
+
+    return (CheckpointError, DataError, DistributedSetupError, NonFiniteError, ResumeError)
+
+
 class StopRequest:
     """A stop asked for by SIGTERM/SIGINT/SIGUSR1 or by a file `output_dir/STOP` (what the SLURM
     scripts touch on preemption). Checked at each optimizer-step boundary and agreed across ranks."""
 
-    def __init__(self, out: Path, is_main: bool):
+    def __init__(self, out: Path):
         import signal
 
         self.file = out / "STOP"
         self.reason = None
-        if is_main and self.file.exists():
-            self.file.unlink()  # a leftover from the stop that ended the previous leg
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -206,6 +218,7 @@ def run(cfg) -> None:
     out = Path(t.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "STOP").unlink(missing_ok=True)  # a leftover from the stop that ended the previous leg
         config_mod.dump(cfg, out / "config.yaml")
     dist.barrier(acc)
     set_seed(t.seed)
@@ -243,21 +256,26 @@ def run(cfg) -> None:
 
     start_step, best_eval, skipped, in_a_row = 0, None, 0, 0
     resume_from = None
+    if acc.is_main_process:
+        for p in checkpoint.clean_partial(out):
+            say(f"distlora: removed incomplete checkpoint {p} (an interrupted save)")
+    dist.barrier(acc)
     if t.resume == "auto":
         resume_from = checkpoint.latest(out)
-        _, partial = checkpoint.complete_checkpoints(out)
-        for p in partial:
-            say(f"distlora: ignoring incomplete checkpoint {p}")
     elif t.resume != "never":
         resume_from = Path(t.resume)
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
         if state["global_batch"] != sampler.global_batch:
-            raise SystemExit(
-                f"distlora: {resume_from} was written with global batch {state['global_batch']}, this run has "
-                f"{sampler.global_batch}; keep micro_batch_size x gradient_accumulation_steps x processes equal, or "
-                "set train.resume=never"
+            raise ResumeError(
+                f"cannot resume from {resume_from}: it was written with global batch {state['global_batch']} "
+                f"(micro x accumulation x processes), this run has {sampler.global_batch} = {t.micro_batch_size} x "
+                f"{t.gradient_accumulation_steps} x {dp}; the data order depends on the global batch. Keep it equal "
+                "(e.g. raise gradient_accumulation_steps when using fewer processes), or set train.resume=never"
             )
+        if state["dp_size"] != dp:
+            say(f"distlora: resuming a {state['dp_size']}-process checkpoint on {dp} processes with the same global "
+                "batch: same examples per step; results equal up to summation order, not bitwise")
         if state["config_hash"] != cfg.hash():
             say(f"distlora: warning: the run config changed since {resume_from.name}; resuming anyway")
         state = checkpoint.load(acc, model, optimizer, scheduler, resume_from)
@@ -270,7 +288,7 @@ def run(cfg) -> None:
     trace = os.environ.get("DISTLORA_TRACE_IDS")  # test hook: per-rank example ids per step
     trace_fh = open(out / f"trace-ids-rank{acc.process_index}.jsonl", "a") if trace else None
 
-    stop = StopRequest(out, acc.is_main_process)
+    stop = StopRequest(out)
 
     def save(step: int, ev: dict | None) -> None:
         _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev,
