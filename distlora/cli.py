@@ -1,4 +1,4 @@
-"""`distlora` subcommands: train, merge, tiny."""
+"""`distlora` subcommands: train, merge, plot, tiny."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     m.add_argument("--base", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    pl = sub.add_parser("plot", help="write PNG charts (loss, lr, tokens/s, memory) from output_dir/metrics.jsonl")
+    pl.add_argument("output_dir")
+    pl.add_argument("--out", default=None, help="where the PNGs go (default: output_dir/plots)")
     t = sub.add_parser("tiny", help="write the tiny local model, tokenizer and dataset used by the demo and tests")
     t.add_argument("out")
     if argv[:1] == ["train"]:
@@ -42,6 +45,13 @@ def main(argv=None) -> int:
     if args.cmd == "merge":
         merge(args.adapter, args.base, args.out, args.dtype)
         print(f"merged model written to {args.out}")
+    elif args.cmd == "plot":
+        from pathlib import Path
+
+        from distlora.plot import plot
+
+        drawn = plot(args.output_dir, args.out)
+        print(f"wrote {', '.join(drawn)} to {Path(args.out or Path(args.output_dir) / 'plots')}")
     elif args.cmd == "tiny":
         from distlora.tiny import build_assets
 

@@ -147,6 +147,7 @@ class TrainConfig(_Section):
     log_every: int = Field(1, gt=0, description="Write a metrics row every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only at the end.")
     eval_at_start: bool = Field(False, description="Also evaluate before the first step (a baseline).")
+    peak_tflops: Optional[float] = Field(None, gt=0, description="Device peak TFLOP/s for MFU; None = known GPU table.")
     eval_micro_batch_size: Optional[int] = Field(None, gt=0, description="Eval batch per process; None = micro_batch_size.")
     save_every: int = Field(500, ge=0, description="Write a checkpoint every N steps; 0 = none (final adapter only).")
     keep_last: Optional[int] = Field(3, gt=0, description="Checkpoints kept; None = all.")
@@ -161,6 +162,7 @@ class LogConfig(_Section):
     report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list, description="Trackers besides metrics.jsonl.")
     project: str = Field("distlora", description="Tracker project name.")
     run_name: Optional[str] = Field(None, description="Tracker run name; None = the output_dir's name.")
+    tags: list[str] = Field(default_factory=list, description="wandb run tags.")
 
 
 class RunConfig(_Section):
@@ -177,7 +179,8 @@ class RunConfig(_Section):
     def hash(self) -> str:
         """Hash of everything that shapes the training trajectory (not logging or cadence)."""
         d = self.to_dict()
-        for k in ("output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "eval_at_start"):
+        for k in ("output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "eval_at_start",
+                  "peak_tflops"):
             d["train"].pop(k, None)
         d.pop("log", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

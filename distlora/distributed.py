@@ -59,8 +59,11 @@ def build_accelerator(cfg):
 
     kwargs = {}
     if cfg.log.report_to:
+        from accelerate.utils import ProjectConfiguration
+
         kwargs["log_with"] = list(cfg.log.report_to)
-        kwargs["project_dir"] = cfg.train.output_dir
+        out = cfg.train.output_dir
+        kwargs["project_config"] = ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "tensorboard"))
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),  # CPU: real gloo DDP, not N unsynchronised copies
         mixed_precision=resolve_mixed_precision(cfg),

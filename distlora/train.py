@@ -76,7 +76,7 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after writing a checkpoint;
 
 
 class Stopped(Exception):
-    pass
+    resumable = True
 
 
 class NonFiniteError(RuntimeError):
@@ -209,7 +209,8 @@ def run(cfg) -> None:
 
     from distlora import checkpoint, data, faults
     from distlora import distributed as dist
-    from distlora.metrics import MetricsLog, Progress, peak_memory_mb
+    from distlora.flops import device_peak_flops, flop_model
+    from distlora.metrics import MetricsLog, Progress, peak_memory_mb, run_info, summary_table
     from distlora.model import load_model, load_tokenizer, param_counts
 
     acc = dist.build_accelerator(cfg)
@@ -283,153 +284,177 @@ def run(cfg) -> None:
         skipped, in_a_row = state.get("nonfinite_skipped", 0), state.get("nonfinite_in_a_row", 0)
         say(f"distlora: resumed from {resume_from} at step {start_step}")
 
-    metrics = MetricsLog(acc, cfg, cfg.to_dict() | {"world_size": acc.num_processes, **counts})
-    progress = Progress(acc.is_main_process, total_steps, start_step)
-    trace = os.environ.get("DISTLORA_TRACE_IDS")  # test hook: per-rank example ids per step
-    trace_fh = open(out / f"trace-ids-rank{acc.process_index}.jsonl", "a") if trace else None
+    info = run_info(acc, counts)
+    if acc.is_main_process:
+        (out / "run_info.json").write_text(json.dumps(info, indent=1))
+    with MetricsLog(acc, cfg, cfg.to_dict() | info, start_step) as metrics:  # trackers closed on any exit
+        fm = flop_model(dist.unwrap(acc, model))
+        peak = device_peak_flops(t.peak_tflops)
+        totals = torch.zeros(2, dtype=torch.float64)  # this rank's input tokens and model FLOPs, all steps
+        t_loop = time.perf_counter()
+        progress = Progress(acc.is_main_process, total_steps, start_step)
+        trace = os.environ.get("DISTLORA_TRACE_IDS")  # test hook: per-rank example ids per step
+        trace_fh = open(out / f"trace-ids-rank{acc.process_index}.jsonl", "a") if trace else None
 
-    stop = StopRequest(out)
+        stop = StopRequest(out)
 
-    def save(step: int, ev: dict | None) -> None:
-        _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev,
-              {"nonfinite_skipped": skipped, "nonfinite_in_a_row": in_a_row})
+        def save(step: int, ev: dict | None) -> None:
+            _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev,
+                  {"nonfinite_skipped": skipped, "nonfinite_in_a_row": in_a_row})
 
-    def run_eval(step: int) -> dict | None:
-        nonlocal best_eval
-        if eval_loader is None:
-            return None
-        ev = {"step": step, **evaluate(acc, model, eval_loader)}
-        best_eval = ev["eval_loss"] if best_eval is None else min(best_eval, ev["eval_loss"])
-        metrics.log(ev)
-        say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
-        return ev
+        def run_eval(step: int) -> dict | None:
+            nonlocal best_eval
+            if eval_loader is None:
+                return None
+            ev = {"step": step, **evaluate(acc, model, eval_loader)}
+            best_eval = ev["eval_loss"] if best_eval is None else min(best_eval, ev["eval_loss"])
+            metrics.log(ev)
+            say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
+            return ev
 
-    if t.eval_at_start and start_step == 0:
-        run_eval(0)
+        if t.eval_at_start and start_step == 0:
+            run_eval(0)
 
-    # ------------------------------------------------------------------ the loop
-    model.train()
-    accum = t.gradient_accumulation_steps
-    device = acc.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    it = None
-    last_eval = None
-    for step in range(start_step, total_steps):
-        faults.hit(f"step{step}")
-        t0 = time.perf_counter()
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if it is None or in_epoch == 0:
-            sampler.position(epoch, in_epoch)
-            it = iter(train_loader)
-        window = [next(it) for _ in range(accum)]
-        t_data = time.perf_counter() - t0
-        local = torch.tensor(
-            [sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in window), stop.requested()],
-            dtype=torch.float64,
-            device=device,
-        )
-        n_target, stop_votes = acc.reduce(local, "sum").tolist()  # one all-reduce: the window's tokens, stop votes
-        if stop_votes:  # every rank agrees here, so none enters a collective alone
-            if step != start_step or resume_from is None:
-                save(step, None)
-            raise Stopped(
-                f"distlora: stopped at step {step}/{total_steps} ({stop.reason or 'another rank was asked'}); "
-                f"checkpoint in {checkpoint.step_dir(out, step)}; rerun the same command to resume"
-            )
-        torch.manual_seed(_dropout_seed(t.seed, step, acc.process_index))
-        inject_nan = faults.active(f"step{step}", "nan")
-        nll_total = torch.zeros((), dtype=torch.float64, device=device)
-        for batch in window:
-            with acc.accumulate(model):
-                nll, _ = forward_nll(model, batch)
-                nll = nll.sum() * (float("nan") if inject_nan else 1.0)
-                # accelerate divides by `accum` and DDP averages over `dp` ranks; undo both so the
-                # summed gradient is d(sum NLL)/dθ / n_target exactly.
-                acc.backward(nll * (dp * accum / max(n_target, 1)))
-                nll_total += nll.detach().double()
-                if acc.sync_gradients:
-                    # The norm is taken on all-reduced gradients: every rank decides alike.
-                    grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-                    if torch.isfinite(grad_norm):
-                        optimizer.step()
-                        in_a_row = 0
-                    else:
-                        skipped, in_a_row = skipped + 1, in_a_row + 1
-                        say(f"distlora: non-finite gradient at step {step + 1}: step skipped ({skipped} so far)")
-                        if t.nonfinite == "abort" or in_a_row >= t.nonfinite_max_in_a_row:
-                            raise NonFiniteError(
-                                f"non-finite loss/gradient at step {step + 1} ({in_a_row} in a row, train.nonfinite="
-                                f"{t.nonfinite}, nonfinite_max_in_a_row={t.nonfinite_max_in_a_row}); lower train.lr, "
-                                "check the data, or resume from the last checkpoint"
-                            )
-                    optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()  # also on a skipped step: the lr stays a function of the step index
-        done = step + 1
-        if trace_fh:
-            trace_fh.write(json.dumps({"step": done, "ids": [int(i) for b in window for i in b["ids"]]}) + "\n")
-
-        row = None
-        if done % t.log_every == 0 or done == total_steps:
-            stats = torch.tensor(
-                [
-                    nll_total.item(),
-                    sum(int(b["attention_mask"][b["ids"] >= 0].sum()) for b in window),
-                    sum(b["input_ids"].numel() for b in window),
-                    sum(int((b["ids"] >= 0).sum()) for b in window),
-                ],
+        # ------------------------------------------------------------------ the loop
+        model.train()
+        accum = t.gradient_accumulation_steps
+        device = acc.device
+        params = [p for p in model.parameters() if p.requires_grad]
+        it, last_eval, row = None, None, None
+        for step in range(start_step, total_steps):
+            faults.hit(f"step{step}")
+            t0 = time.perf_counter()
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if it is None or in_epoch == 0:
+                sampler.position(epoch, in_epoch)
+                it = iter(train_loader)
+            window = [next(it) for _ in range(accum)]
+            t_data = time.perf_counter() - t0
+            local = torch.tensor(
+                [sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in window), stop.requested()],
                 dtype=torch.float64,
                 device=device,
             )
-            nll_sum, n_input, n_padded, n_examples = acc.reduce(stats, "sum").tolist()
-            dt = time.perf_counter() - t0
-            row = {
-                "step": done,
-                "epoch": round(done / steps_per_epoch, 6),
-                "loss": _finite_or_none(nll_sum / max(n_target, 1)),
-                "lr": lr,
-                "grad_norm": _finite_or_none(float(grad_norm)),
-                "nonfinite_skipped": skipped,
-                "target_tokens": int(n_target),
-                "input_tokens": int(n_input),
-                "padded_tokens": int(n_padded),
-                "examples": int(n_examples),
-                "tokens_per_s": n_input / dt,
-                "step_time_s": dt,
-                "data_wait_s": t_data,
-                "grad_comm_bytes": comm.take(),
-                "peak_mem_mb": peak_memory_mb(),
-            }
-            metrics.log(row)
-        progress.update(done, row)
+            n_target, stop_votes = acc.reduce(local, "sum").tolist()  # one all-reduce: the window's tokens, stop votes
+            if stop_votes:  # every rank agrees here, so none enters a collective alone
+                if step != start_step or resume_from is None:
+                    save(step, None)
+                raise Stopped(
+                    f"distlora: stopped at step {step}/{total_steps} ({stop.reason or 'another rank was asked'}); "
+                    f"checkpoint in {checkpoint.step_dir(out, step)}; rerun the same command to resume"
+                )
+            torch.manual_seed(_dropout_seed(t.seed, step, acc.process_index))
+            inject_nan = faults.active(f"step{step}", "nan")
+            nll_total = torch.zeros((), dtype=torch.float64, device=device)
+            for batch in window:
+                with acc.accumulate(model):
+                    nll, _ = forward_nll(model, batch)
+                    nll = nll.sum() * (float("nan") if inject_nan else 1.0)
+                    # accelerate divides by `accum` and DDP averages over `dp` ranks; undo both so the
+                    # summed gradient is d(sum NLL)/dθ / n_target exactly.
+                    acc.backward(nll * (dp * accum / max(n_target, 1)))
+                    nll_total += nll.detach().double()
+                    if acc.sync_gradients:
+                        # The norm is taken on all-reduced gradients: every rank decides alike.
+                        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                        if torch.isfinite(grad_norm):
+                            optimizer.step()
+                            in_a_row = 0
+                        else:
+                            skipped, in_a_row = skipped + 1, in_a_row + 1
+                            say(f"distlora: non-finite gradient at step {step + 1}: step skipped ({skipped} so far)")
+                            if t.nonfinite == "abort" or in_a_row >= t.nonfinite_max_in_a_row:
+                                raise NonFiniteError(
+                                    f"non-finite loss/gradient at step {step + 1} ({in_a_row} in a row, train.nonfinite="
+                                    f"{t.nonfinite}, nonfinite_max_in_a_row={t.nonfinite_max_in_a_row}); lower train.lr, "
+                                    "check the data, or resume from the last checkpoint"
+                                )
+                        optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()  # also on a skipped step: the lr stays a function of the step index
+            done = step + 1
+            if trace_fh:
+                trace_fh.write(json.dumps({"step": done, "ids": [int(i) for b in window for i in b["ids"]]}) + "\n")
 
-        if t.eval_every and done % t.eval_every == 0 and done != total_steps:
-            last_eval = run_eval(done)
-        if t.save_every and done % t.save_every == 0 and done != total_steps:
-            save(done, last_eval if last_eval and last_eval["step"] == done else None)
-    # ------------------------------------------------------------------ end of loop
-    progress.close()
-    if trace_fh:
-        trace_fh.close()
-    final_eval = run_eval(total_steps)
-    if t.save_every and total_steps % t.save_every == 0 and start_step < total_steps:
-        save(total_steps, final_eval)
-    checkpoint.save_adapter(acc, model, tokenizer, out / "adapter")
-    base_sum_end = _checksum(frozen)
-    adapter_sum = _checksum(params)
-    sums = acc.gather(torch.tensor([[base_sum_start, base_sum_end, adapter_sum]], dtype=torch.float64, device=device))
-    if acc.is_main_process:
-        summary = {
-            "steps": total_steps,
-            "final_eval_loss": final_eval["eval_loss"] if final_eval else None,
-            "adapter": str(out / "adapter"),
-            "per_rank": [dict(zip(("base_checksum_start", "base_checksum_end", "adapter_checksum"), r)) for r in sums.tolist()],
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        say(f"distlora: done; adapter in {out / 'adapter'}")
-    metrics.close()
-    if cfg.log.report_to:
-        acc.end_training()  # destroys the process group: last
+            lengths = torch.cat([b["attention_mask"][b["ids"] >= 0].sum(dim=1) for b in window])
+            local_tokens = int(lengths.sum())
+            local_flops = fm.step(local_tokens, lengths.tolist())
+            totals += torch.tensor([local_tokens, local_flops], dtype=torch.float64)
+            row = None
+            if done % t.log_every == 0 or done == total_steps:
+                stats = torch.tensor(
+                    [
+                        nll_total.item(),
+                        local_tokens,
+                        sum(b["input_ids"].numel() for b in window),
+                        len(lengths),
+                        local_flops,
+                    ],
+                    dtype=torch.float64,
+                    device=device,
+                )
+                nll_sum, n_input, n_padded, n_examples, flops = acc.reduce(stats, "sum").tolist()
+                dt = time.perf_counter() - t0
+                row = {
+                    "step": done,
+                    "epoch": round(done / steps_per_epoch, 6),
+                    "loss": _finite_or_none(nll_sum / max(n_target, 1)),
+                    "lr": lr,
+                    "grad_norm": _finite_or_none(float(grad_norm)),
+                    "nonfinite_skipped": skipped,
+                    "target_tokens": int(n_target),
+                    "input_tokens": int(n_input),
+                    "padded_tokens": int(n_padded),
+                    "examples": int(n_examples),
+                    "tokens_per_s": n_input / dt,
+                    "tokens_per_s_per_device": n_input / dt / dp,
+                    "examples_per_s": n_examples / dt,
+                    "tflops_per_device": flops / dt / dp / 1e12,
+                    "mfu": flops / dt / dp / peak if peak else None,
+                    "step_time_s": dt,
+                    "data_wait_s": t_data,
+                    "grad_comm_bytes": comm.take(),
+                    "peak_mem_mb": peak_memory_mb(),
+                }
+                metrics.log(row)
+            progress.update(done, row)
+
+            if t.eval_every and done % t.eval_every == 0 and done != total_steps:
+                last_eval = run_eval(done)
+            if t.save_every and done % t.save_every == 0 and done != total_steps:
+                save(done, last_eval if last_eval and last_eval["step"] == done else None)
+        # ------------------------------------------------------------------ end of loop
+        loop_s = time.perf_counter() - t_loop
+        progress.close()
+        if trace_fh:
+            trace_fh.close()
+        final_eval = run_eval(total_steps)
+        if t.save_every and total_steps % t.save_every == 0 and start_step < total_steps:
+            save(total_steps, final_eval)
+        checkpoint.save_adapter(acc, model, tokenizer, out / "adapter")
+        base_sum_end = _checksum(frozen)
+        adapter_sum = _checksum(params)
+        per_rank = acc.gather(torch.tensor(
+            [[base_sum_start, base_sum_end, adapter_sum, peak_memory_mb()]], dtype=torch.float64, device=device))
+        tokens, flops = acc.reduce(totals.to(device), "sum").tolist()
+        if acc.is_main_process:
+            summary = {
+                "steps": total_steps,
+                "steps_this_leg": total_steps - start_step,
+                "total_input_tokens": int(tokens),
+                "train_wall_s": loop_s,
+                "mean_tokens_per_s": tokens / max(loop_s, 1e-9),
+                "mean_tflops_per_device": flops / max(loop_s, 1e-9) / dp / 1e12,
+                "mfu": flops / max(loop_s, 1e-9) / dp / peak if peak else None,
+                "peak_mem_mb": max(r[3] for r in per_rank.tolist()),
+                "final_train_loss": row["loss"] if row else None,
+                "final_eval_loss": final_eval["eval_loss"] if final_eval else None,
+                "adapter": str(out / "adapter"),
+                "per_rank": [dict(zip(("base_checksum_start", "base_checksum_end", "adapter_checksum", "peak_mem_mb"), r))
+                             for r in per_rank.tolist()],
+            }
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            say(summary_table(summary))
 
 
 def _finite_or_none(x: float) -> float | None:

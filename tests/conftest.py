@@ -96,7 +96,9 @@ def launch(nproc: int, cfg_path: Path, *overrides: str, env: dict | None = None,
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
     if check and res.returncode != 0:
-        raise AssertionError(f"launch failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+        key = [ln for ln in (res.stdout + res.stderr).splitlines() if "distlora: rank" in ln or "Error" in ln]
+        raise AssertionError(f"launch failed ({res.returncode}); key lines:\n" + "\n".join(key[:40])
+                             + f"\n--- stdout tail:\n{res.stdout[-3000:]}\n--- stderr tail:\n{res.stderr[-4000:]}")
     return res
 
 
