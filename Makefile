@@ -1,10 +1,11 @@
 # make demo: a 2-process LoRA fine-tune of a tiny local model (CPU is enough).
-# make test: the test suite (real accelerate launch / gloo subprocesses).
+# make test: the test suite without the slow tests (real accelerate launch / gloo subprocesses).
+# make test-slow: the slow ones (kill loop, SLURM); CI runs both.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -21,10 +22,10 @@ demo: setup
 	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_ddp.yaml -m distlora.train --config configs/train/tiny.yaml
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
-
-test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -222,6 +222,7 @@ def run(cfg) -> None:
         (out / "STOP").unlink(missing_ok=True)  # a leftover from the stop that ended the previous leg
         config_mod.dump(cfg, out / "config.yaml")
     dist.barrier(acc)
+    stop = StopRequest(out)  # from here on a signal asks for a checkpoint at the next step boundary
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg)
@@ -296,7 +297,6 @@ def run(cfg) -> None:
         trace = os.environ.get("DISTLORA_TRACE_IDS")  # test hook: per-rank example ids per step
         trace_fh = open(out / f"trace-ids-rank{acc.process_index}.jsonl", "a") if trace else None
 
-        stop = StopRequest(out)
 
         def save(step: int, ev: dict | None) -> None:
             _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev,
@@ -320,7 +320,7 @@ def run(cfg) -> None:
         accum = t.gradient_accumulation_steps
         device = acc.device
         params = [p for p in model.parameters() if p.requires_grad]
-        it, last_eval, row = None, None, None
+        it, last_eval, row, last_logged = None, None, None, start_step
         for step in range(start_step, total_steps):
             faults.hit(f"step{step}")
             t0 = time.perf_counter()
@@ -413,10 +413,11 @@ def run(cfg) -> None:
                     "mfu": flops / dt / dp / peak if peak else None,
                     "step_time_s": dt,
                     "data_wait_s": t_data,
-                    "grad_comm_bytes": comm.take(),
+                    "grad_comm_bytes": comm.take() // (done - last_logged),  # per optimizer step
                     "peak_mem_mb": peak_memory_mb(),
                 }
                 metrics.log(row)
+                last_logged = done
             progress.update(done, row)
 
             if t.eval_every and done % t.eval_every == 0 and done != total_steps:

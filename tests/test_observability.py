@@ -4,7 +4,6 @@ the MFU FLOP formula against torch's FlopCounterMode, and the plots."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
