@@ -72,8 +72,11 @@ def load_model(cfg, mixed_precision: str):
 
 
 def param_counts(model) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def numel(p):  # a ZeRO-3-partitioned parameter is empty here; ds_numel is its full size
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total}
 
 

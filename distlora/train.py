@@ -90,6 +90,9 @@ def evaluate(acc, model, loader) -> dict:
             ids.append(acc.gather(batch["ids"]))
             nlls.append(acc.gather(nll.double()))
             counts.append(acc.gather(n))
+    from distlora import distributed as dist
+
+    dist.release_gathered(acc, model)
     model.train()
     ids, nlls, counts = torch.cat(ids).cpu(), torch.cat(nlls).cpu(), torch.cat(counts).cpu()
     keep = ids >= 0
@@ -178,6 +181,7 @@ def run(cfg) -> None:
     # The scheduler is not prepared: accelerate would step it once per process per step.
     model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
     dist.check_wrapped(acc, model)
+    memory = {"after_prepare": dist.model_state_bytes(acc, model, optimizer)}  # per rank, into summary.json
     comm = dist.GradCommCounter(acc, model)
     counts = param_counts(model)
     say(
@@ -249,13 +253,14 @@ def run(cfg) -> None:
         n_target = acc.reduce(local, "sum").item()  # target tokens of the whole window, all ranks
         torch.manual_seed(_dropout_seed(t.seed, step, acc.process_index))
         nll_total = torch.zeros((), dtype=torch.float64, device=device)
+        # the backend divides by `accum` and averages over ranks; the scale undoes both so the
+        # summed gradient is d(sum NLL)/dθ / n_target exactly (under DeepSpeed the engine steps in backward)
+        scale = dist.loss_scale(acc, n_target)
         for batch in window:
             with acc.accumulate(model):
                 nll, _ = forward_nll(model, batch)
                 nll = nll.sum()
-                # accelerate divides by `accum` and DDP averages over `dp` ranks; undo both so the
-                # summed gradient is d(sum NLL)/dθ / n_target exactly.
-                acc.backward(nll * (dp * accum / max(n_target, 1)))
+                acc.backward(nll * scale)
                 nll_total += nll.detach().double()
                 if acc.sync_gradients:
                     grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
@@ -308,10 +313,14 @@ def run(cfg) -> None:
     progress.close()
     if trace_fh:
         trace_fh.close()
+    memory["after_train"] = dist.model_state_bytes(acc, model, optimizer)
     final_eval = run_eval(total_steps)
+    memory["after_eval"] = dist.model_state_bytes(acc, model, optimizer)
     if t.save_every and total_steps % t.save_every == 0 and start_step < total_steps:
         _save(acc, model, optimizer, scheduler, tokenizer, cfg, total_steps, sampler, best_eval, final_eval)
     checkpoint.save_adapter(acc, model, tokenizer, out / "adapter")
+    memory["after_save"] = dist.model_state_bytes(acc, model, optimizer)
+    memory_per_rank = dist.gather_objects(acc, memory)
     base_sum_end = _checksum(frozen)
     adapter_sum = _checksum(params)
     sums = acc.gather(torch.tensor([[base_sum_start, base_sum_end, adapter_sum]], dtype=torch.float64, device=device))
@@ -321,6 +330,8 @@ def run(cfg) -> None:
             "final_eval_loss": final_eval["eval_loss"] if final_eval else None,
             "adapter": str(out / "adapter"),
             "per_rank": [dict(zip(("base_checksum_start", "base_checksum_end", "adapter_checksum"), r)) for r in sums.tolist()],
+            "backend": dist.backend_name(acc),
+            "memory_per_rank": memory_per_rank,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         say(f"distlora: done; adapter in {out / 'adapter'}")
