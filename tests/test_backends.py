@@ -1,0 +1,252 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 on 2 real CPU processes (accelerate launch, gloo, DeepSpeed's CPU
+accelerator), proven by comparison with the DDP run of the same config.
+
+Tolerances: fp32, dropout 0, same seed and data. DDP and ZeRO differ only in how gradients are
+reduced (all-reduce vs reduce-scatter of flat buffers) and where Adam runs (full vs partitioned
+flat tensors): summation order, ~1e-8 (shared/reference/cpu-distributed-facts.md: ZeRO-2 was
+bitwise equal to DDP, ZeRO-3 within 4.5e-8). 1e-5 fails loudly for a loss-scaling bug: a missing
+or doubled 1/accum or 1/world changes the first update by a factor of 2 (the adapter moves by
+> 1e-2 in these runs).
+
+The first DeepSpeed launch on a machine compiles deepspeed_shm_comm (~27 s); the runs are shared
+between tests through module-scoped fixtures to keep the number of launches small.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, base_config, launch, load_adapter, max_abs_diff, read_metrics, write_config
+
+ACC = ROOT / "configs" / "accelerate"
+ZERO2 = ACC / "cpu_deepspeed_zero2.yaml"
+ZERO3 = ACC / "cpu_deepspeed_zero3.yaml"
+N_TRAIN = 37  # variable-length examples; does not divide the global batch (8)
+STEPS, SAVE = 6, 3
+
+
+@pytest.fixture(scope="module")
+def small_data(tiny, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("small")
+    rows = (tiny / "data" / "train.jsonl").read_text().splitlines()[:N_TRAIN]
+    (d / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return d / "train.jsonl"
+
+
+def _cfg(tiny, tmp: Path, small_data, name: str, **train) -> Path:
+    raw = base_config(tiny, tmp / name / "out", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    raw["data"]["train"] = str(small_data)
+    raw["train"].update(
+        {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": STEPS, "save_every": SAVE,
+         "keep_last": None, "log_every": 1, **train}
+    )
+    return write_config(tmp / name / "c.yaml", raw)
+
+
+def _run(tiny, small_data, tmp_path_factory, name, config_file, *overrides, **train) -> Path:
+    tmp = tmp_path_factory.mktemp(name)
+    launch(2, _cfg(tiny, tmp, small_data, name, **train), *overrides, config_file=config_file, timeout=600)
+    return tmp / name / "out"
+
+
+@pytest.fixture(scope="module")
+def ddp(tiny, small_data, tmp_path_factory) -> Path:
+    return _run(tiny, small_data, tmp_path_factory, "ddp", None)
+
+
+@pytest.fixture(scope="module")
+def zero2(tiny, small_data, tmp_path_factory) -> Path:
+    return _run(tiny, small_data, tmp_path_factory, "zero2", ZERO2)
+
+
+@pytest.fixture(scope="module")
+def zero3(tiny, small_data, tmp_path_factory) -> Path:
+    return _run(tiny, small_data, tmp_path_factory, "zero3", ZERO3)
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("backend", ["zero2", "zero3"])
+def test_zero_matches_ddp(backend, ddp, request):
+    out = request.getfixturevalue(backend)
+    assert _summary(out)["backend"] == backend and _summary(ddp)["backend"] == "ddp"
+    ref, got = load_adapter(ddp / "adapter"), load_adapter(out / "adapter")
+    diff = max_abs_diff(ref, got)
+    print(f"{backend} vs DDP: max |adapter diff| = {diff:.3e}")
+    assert diff < 1e-5
+    assert max(float(v.abs().max()) for k, v in ref.items() if "lora_B" in k) > 1e-2  # it trained
+    la, lb = _losses(ddp), _losses(out)
+    assert len(la) == len(lb) == STEPS and max(abs(a - b) for a, b in zip(la, lb)) < 1e-5
+    # grad norm before clipping, as DeepSpeed reports it, equals the DDP one: scaling is exact
+    ga = [r["grad_norm"] for r in read_metrics(ddp) if "loss" in r]
+    gb = [r["grad_norm"] for r in read_metrics(out) if "loss" in r]
+    assert max(abs(a - b) / a for a, b in zip(ga, gb)) < 1e-5, (ga, gb)
+
+
+# ------------------------------------------------------------------------------ ZeRO-3 sharding
+
+
+def test_zero3_frozen_base_is_sharded_after_train_eval_and_save(zero3, zero2):
+    mem3 = _summary(zero3)["memory_per_rank"]
+    assert len(mem3) == 2
+    n_frozen_tensors = 21  # tiny Llama: embeddings, 2 x (4 attn + 3 mlp + 2 norms), final norm, lm_head
+    for rank in mem3:
+        for when in ("after_prepare", "after_train", "after_eval", "after_save"):
+            m = rank[when]
+            # each rank holds half of every base tensor (a partition is ceil(numel / 2) elements)
+            assert 0 <= 2 * m["frozen_local"] - m["frozen_total"] <= n_frozen_tensors * 4, (when, m)
+            assert m["frozen_materialized"] == 0, (when, m)  # nothing left gathered
+            assert 2 * m["trainable_local"] == m["trainable_total"], (when, m)
+    # the contrast: ZeRO-2 keeps the whole base on every rank
+    for rank in _summary(zero2)["memory_per_rank"]:
+        m = rank["after_save"]
+        assert m["frozen_local"] == m["frozen_materialized"] == m["frozen_total"] == mem3[0]["after_save"]["frozen_total"]
+
+
+@pytest.mark.slow
+def test_zero3_with_gradient_checkpointing_trains(tiny, small_data, tmp_path_factory, zero3):
+    """transformers#47254 reports a CheckpointError for ZeRO-3 + non-reentrant gradient checkpointing
+    on frozen parameters with stage3_param_persistence_threshold 0. With this stack (transformers
+    5.24, deepspeed 0.19.8, torch 2.13) the combination trains and recomputation is exact."""
+    out = _run(tiny, small_data, tmp_path_factory, "zero3gc", ZERO3, "model.gradient_checkpointing=true", save_every=0)
+    assert _losses(out) == pytest.approx(_losses(zero3), abs=1e-6)
+    assert max_abs_diff(load_adapter(out / "adapter"), load_adapter(zero3 / "adapter")) < 1e-6
+    assert all(r["after_save"]["frozen_materialized"] == 0 for r in _summary(out)["memory_per_rank"])
+
+
+# ------------------------------------------------------------------------------ adapter export
+
+
+def _expected_shapes(tiny) -> dict[str, tuple]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from distlora.checkpoint import expected_adapter_shapes
+
+    base = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return expected_adapter_shapes(model)
+
+
+def test_zero3_adapter_is_the_gathered_params_and_reloads(tiny, zero3):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    saved = load_adapter(zero3 / "adapter")
+    expected = _expected_shapes(tiny)
+    assert {k: tuple(v.shape) for k, v in saved.items()} == expected  # exactly the adapter: no base, nothing missing
+    with safe_open(str(zero3 / "adapter" / "adapter_model.safetensors"), "pt") as fh:
+        assert all(fh.get_slice(k).get_dtype() == "F32" for k in fh.keys())
+
+    # An independent gather: DeepSpeed's own reconstruction from the per-rank fp32 partitions that
+    # each rank wrote into the final checkpoint.
+    ckpt = zero3 / "checkpoints" / f"step-{STEPS:08d}"
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+    gathered = {k.replace(".default.", "."): v for k, v in fp32.items()}
+    assert gathered.keys() == saved.keys()
+    assert all(torch.equal(gathered[k], saved[k]) for k in saved), max_abs_diff(gathered, saved)
+    ck = load_adapter(ckpt / "adapter")
+    assert all(torch.equal(ck[k], saved[k]) for k in saved)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, zero3 / "adapter")
+    live = {n.replace(".default.", "."): p for n, p in model.named_parameters() if ".lora_" in n}
+    assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)
+
+
+@pytest.mark.slow
+def test_forced_empty_zero3_save_is_caught(tiny, small_data, tmp_path_factory):
+    """Saving what a ZeRO-3 rank holds without gathering (the 40-byte-adapter bug) must fail loudly
+    and publish nothing."""
+    tmp = tmp_path_factory.mktemp("empty")
+    cfg = _cfg(tiny, tmp, small_data, "empty", max_steps=1, save_every=0)
+    res = launch(2, cfg, "data.eval=null", config_file=ZERO3, env={"DISTLORA_TEST_SKIP_GATHER": "1"}, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "CheckpointError" in out and "adapter is wrong" in out and "mis-shaped" in out, out[-3000:]
+    assert not (tmp / "empty" / "out" / "adapter").exists()
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.slow
+def test_zero3_resume_equals_uninterrupted(tiny, small_data, tmp_path_factory, zero3):
+    ckpt = zero3 / "checkpoints" / f"step-{SAVE:08d}"
+    assert sorted(p.name for p in (ckpt / "deepspeed" / "state").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    tmp = tmp_path_factory.mktemp("resumed")
+    out = tmp / "resumed" / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+    res = launch(2, _cfg(tiny, tmp, small_data, "resumed"), config_file=ZERO3, timeout=600)
+    assert f"resumed from {out / 'checkpoints' / ckpt.name} at step {SAVE}" in res.stdout + res.stderr
+    a, b = load_adapter(zero3 / "adapter"), load_adapter(out / "adapter")
+    assert all(torch.equal(a[k], b[k]) for k in a), f"not bitwise equal: {max_abs_diff(a, b)}"
+    assert _losses(zero3)[SAVE:] == _losses(out)
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def test_conflicting_deepspeed_json_is_refused(tiny, tmp_path):
+    bad = {
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4,
+        "gradient_clipping": 0.5, "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": 2},
+    }
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    yaml_text = ZERO2.read_text().replace("configs/deepspeed/cpu_zero2.json", str(tmp_path / "bad.json"))
+    (tmp_path / "bad.yaml").write_text(yaml_text)
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "out", train={"micro_batch_size": 2}))
+    res = launch(2, cfg, config_file=tmp_path / "bad.yaml", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "exitcode  : 2" in out
+    assert out.count("the run config has 5 problem(s)") == 1, out[-3000:]
+    for needle in ("train.micro_batch_size", "train_micro_batch_size_per_gpu: 8", "train.gradient_accumulation_steps",
+                   "train.max_grad_norm", "train.mixed_precision", "bf16.enabled", "\"optimizer\" section"):
+        assert needle in out, needle
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpu_flag_under_deepspeed_is_refused(tiny, tmp_path):
+    """ACCELERATE_USE_CPU under a DeepSpeed launch would make accelerate build plain CPU DDP (no ZeRO)."""
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "out"))
+    res = launch(2, cfg, config_file=ZERO3, env={"ACCELERATE_USE_CPU": "true"}, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "use_cpu" in out and "plain DDP without ZeRO" in out, out[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("yaml_path", sorted(ACC.glob("*deepspeed*.yaml")), ids=lambda p: p.name)
+def test_shipped_deepspeed_configs_leave_owned_values_auto(yaml_path):
+    """Every shipped DeepSpeed JSON leaves what the run config owns to it ("auto") and has no
+    optimizer/scheduler of its own, so the conflict check can never fire on a shipped file."""
+    import yaml
+
+    conf = yaml.safe_load(yaml_path.read_text())
+    assert conf["distributed_type"] == "DEEPSPEED" and "mixed_precision" not in conf
+    ds = json.loads((ROOT / conf["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert ds[key] == "auto", key
+    assert ds["bf16"]["enabled"] == ds["fp16"]["enabled"] == "auto"
+    assert "optimizer" not in ds and "scheduler" not in ds
+    assert (ds["zero_optimization"]["stage"] == 3) == bool(conf["deepspeed_config"]["zero3_init_flag"])
+    if yaml_path.name.startswith("cpu_") and ds["zero_optimization"]["stage"] == 3:
+        assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0  # real sharding on a tiny model
