@@ -1,4 +1,4 @@
-"""`distlora` subcommands: train, merge, tiny."""
+"""`distlora` subcommands: train, merge, plan, tiny."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def main(argv=None) -> int:
     m.add_argument("--base", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    pl = sub.add_parser("plan", help="per-GPU memory estimate for a run config (reads the model config only)")
+    pl.add_argument("--config", required=True, help="run config YAML")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs (data-parallel ranks)")
+    pl.add_argument("--backend", choices=["ddp", "zero2", "zero3", "fsdp2"], help="default: all of them")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run config")
     t = sub.add_parser("tiny", help="write the tiny local model, tokenizer and dataset used by the demo and tests")
     t.add_argument("out")
     if argv[:1] == ["train"]:
@@ -42,6 +48,10 @@ def main(argv=None) -> int:
     if args.cmd == "merge":
         merge(args.adapter, args.base, args.out, args.dtype)
         print(f"merged model written to {args.out}")
+    elif args.cmd == "plan":
+        from distlora.plan import main as plan_main
+
+        return plan_main(args)
     elif args.cmd == "tiny":
         from distlora.tiny import build_assets
 
