@@ -59,6 +59,10 @@ def backend_name(acc) -> str:
     if acc.distributed_type == DistributedType.DEEPSPEED:
         return f"zero{acc.state.deepspeed_plugin.zero_stage}"
     if acc.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FSDPModule
+
+        if not any(isinstance(mod, FSDPModule) for mod in model.modules()):
+            raise DistributedSetupError("FSDP launch but no module is sharded by fully_shard after prepare")
         return "fsdp"
     return "ddp" if acc.num_processes > 1 else "single"
 
@@ -89,7 +93,31 @@ def launcher_conflicts(cfg) -> list[str]:
         )
     if deepspeed_launch():
         problems += deepspeed_conflicts(cfg, mp)
+    if _env_true("ACCELERATE_USE_FSDP") and not torch.cuda.is_available():
+        problems.append(
+            "launcher: the accelerate config asks for FSDP, which accelerate runs on GPUs only; on CPU shard the base "
+            "with configs/accelerate/cpu_deepspeed_zero3.yaml"
+        )
+    q = cfg.model.quantization
+    if q is not None and q.quant_storage == "uint8" and (_env_true("ACCELERATE_USE_FSDP") or _zero_stage_from_env() == 3):
+        problems.append(
+            f"model.quantization.quant_storage: uint8 cannot be sharded by ZeRO-3/FSDP; set it to {q.compute_dtype}"
+        )
     return problems
+
+
+def _zero_stage_from_env() -> int | None:
+    import json
+
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if deepspeed_launch() and path:
+        try:
+            with open(path) as fh:
+                return int(_ds_get(json.load(fh), "zero_optimization.stage") or 0)
+        except (OSError, ValueError, TypeError):
+            return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if deepspeed_launch() and stage else None
 
 
 def _ds_values(cfg, mp: str) -> dict:
@@ -265,6 +293,10 @@ def check_wrapped(acc, model) -> None:
             raise DistributedSetupError("DeepSpeed launch but the model is not a DeepSpeed engine after prepare")
         return
     if acc.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FSDPModule
+
+        if not any(isinstance(mod, FSDPModule) for mod in model.modules()):
+            raise DistributedSetupError("FSDP launch but no module is sharded by fully_shard after prepare")
         return
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise DistributedSetupError(
@@ -293,6 +325,27 @@ def _gathered(acc, params, modifier_rank=None):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A full tensor from an FSDP2 DTensor shard (a collective), else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _is_dtensor(p) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
+        return p.ds_tensor.numel()
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+
 def adapter_state_dict(acc, model) -> dict[str, torch.Tensor]:
     """Full-shape adapter tensors (PEFT key format), on CPU, on every rank. A collective under
     ZeRO-3 (every rank calls): only the adapter is gathered, never the base."""
@@ -304,7 +357,7 @@ def adapter_state_dict(acc, model) -> dict[str, torch.Tensor]:
         params = []
     with _gathered(acc, params):
         sd = get_peft_model_state_dict(m)
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+        return {k: _full(v.detach()).to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
 
 def load_adapter_state(acc, model, state: dict[str, torch.Tensor]) -> None:
@@ -312,6 +365,13 @@ def load_adapter_state(acc, model, state: dict[str, torch.Tensor]) -> None:
 
     m = unwrap(acc, model)
     params = [p for p in m.parameters() if p.requires_grad]
+    if backend_name(acc) == "fsdp":  # FSDP2: write full tensors into the DTensor shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        name = m.active_adapter
+        full = {n: state[n.replace(f".{name}.", ".")] for n, p in m.named_parameters() if p.requires_grad}
+        set_model_state_dict(m, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     with _gathered(acc, params, modifier_rank=0):
         result = set_peft_model_state_dict(m, state)
     unexpected = getattr(result, "unexpected_keys", [])
@@ -333,6 +393,9 @@ def save_optimizer_state(acc, model, optimizer, ckpt_tmp) -> list[str]:
     if deepspeed_launch():
         model.save_checkpoint(str(ckpt_tmp / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
         return [DS_DIR]
+    if backend_name(acc) == "fsdp":  # FSDP2: Adam moments are per-rank DTensor shards
+        torch.save(optimizer.state_dict(), ckpt_tmp / f"optimizer-rank{acc.process_index}.pt")
+        return [f"optimizer-rank{acc.process_index}.pt"]
     if acc.is_main_process:
         torch.save(optimizer.state_dict(), ckpt_tmp / "optimizer.pt")
     return ["optimizer.pt"]
@@ -354,6 +417,12 @@ def load_optimizer_state(acc, model, optimizer, ckpt) -> None:
         # master partitions and Adam moments, and re-derives the module's adapter from them.
         model.load_checkpoint(str(ckpt / DS_DIR), tag=DS_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
+        return
+    if backend_name(acc) == "fsdp":
+        f = ckpt / f"optimizer-rank{acc.process_index}.pt"
+        if not f.is_file() or (ckpt / f"optimizer-rank{acc.num_processes}.pt").is_file():
+            raise DistributedSetupError(f"{ckpt} holds no FSDP optimizer shards for {acc.num_processes} ranks")
+        optimizer.load_state_dict(torch.load(f, weights_only=False))
         return
     if not (ckpt / "optimizer.pt").is_file():
         raise DistributedSetupError(f"{ckpt} holds no optimizer.pt; it was written under DeepSpeed")
@@ -428,10 +497,10 @@ def model_state_bytes(acc, model, optimizer) -> dict[str, int]:
         module_params.add(id(p))
         es = p.element_size()
         kind = "trainable" if p.requires_grad else "frozen"
-        local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        local = _local_numel(p)
         out[f"{kind}_local"] += local * es
         out[f"{kind}_total"] += getattr(p, "ds_numel", p.numel()) * es
-        if not p.requires_grad:
+        if not p.requires_grad and not _is_dtensor(p):  # a DTensor is FSDP2's shard, never full here
             out["frozen_materialized"] += p.data.numel() * es
     inner = _innermost_optimizer(optimizer)
     zero = getattr(optimizer, "optimizer", None)  # ZeRO's optimizer under accelerate's wrapper
