@@ -38,6 +38,7 @@ MIB = 2**20
 @dataclass
 class ModelShape:
     frozen_numels: list[int]  # every frozen base tensor's element count
+    quantizable: list[bool]  # per frozen tensor: a linear weight bitsandbytes would store in 4 bits
     trainable: int  # adapter elements (LoRA A/B, DoRA magnitudes, modules_to_save copies)
     adapted_layers: int
     hidden: int
@@ -109,9 +110,12 @@ def model_shape(cfg) -> ModelShape:
         if lora.modules_to_save and name.rsplit(".", 1)[-1] in lora.modules_to_save:
             trainable += sum(p.numel() for p in mod.parameters())  # a trainable copy; the original stays frozen
     text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    named = list(m.named_parameters())
+    linear_weights = {f"{n}.weight" for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not out_emb}
     heads = text.num_attention_heads
     return ModelShape(
-        frozen_numels=[p.numel() for p in m.parameters()],
+        frozen_numels=[p.numel() for _, p in named],
+        quantizable=[n in linear_weights for n, _ in named],
         trainable=trainable,
         adapted_layers=adapted,
         hidden=text.hidden_size,
@@ -143,7 +147,15 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
     sharded = backend in ("zero3", "fsdp2")
     T = s.trainable
 
-    frozen = sum(math.ceil(k / n) if sharded else k for k in s.frozen_numels) * pbytes
+    q = cfg.model.quantization
+    if q is not None:  # QLoRA: 4-bit linear weights + fp32 absmax per 64 (or 8-bit absmax + fp32 per 256 blocks)
+        pbytes = _dtype_bytes(q.compute_dtype)
+        per_q = (4 + (8 / 64 + 32 / (64 * 256) if q.double_quant else 32 / 64)) / 8
+    frozen = 0.0
+    for k, is_linear in zip(s.frozen_numels, s.quantizable):
+        per = per_q if q is not None and is_linear else pbytes
+        frozen += (math.ceil(k / n) if sharded else k) * per
+    frozen = int(frozen)
     bucket = s.hidden * s.hidden * 4  # DeepSpeed's reduce_bucket_size "auto" = hidden^2 elements
     if backend == "ddp":
         adapter, master, grads, opt = 4 * T, 0, 8 * T, 8 * T
@@ -173,6 +185,9 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
     logits = tok * s.vocab * (compute + 4 + (4 if compute < 4 else 0))
 
     plan = Plan(backend, n, b, L, pbytes, compute)
+    if q is not None:
+        plan.notes.append(f"QLoRA: linear weights in 4-bit {q.type} ({per_q * 8:.3f} bits/param with scales); "
+                          f"embeddings, norms and the output layer in {q.compute_dtype}")
     plan.rows = {
         "frozen_base": frozen,
         "adapter_params": adapter,

@@ -125,3 +125,30 @@ def test_qlora_trains_and_saves_an_adapter_on_gpu(tiny, tmp_path):
     assert evals[-1] < evals[0]
     adapter = load_adapter(tmp_path / "out" / "adapter")
     assert adapter and all(".lora_" in k and v.dtype == torch.float32 for k, v in adapter.items())
+
+
+@pytest.mark.gpu
+def test_qlora_merge_into_dequantized_base(tiny, tmp_path):
+    """The merged model reproduces the QLoRA-trained model's logits (4-bit base + adapter) to bf16 precision."""
+    if not torch.cuda.is_available() or not _has_bnb():
+        pytest.skip("needs CUDA and bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from distlora import config as C
+    from distlora.cli import merge
+
+    raw = base_config(tiny, tmp_path / "out", model={"dtype": "auto", "quantization": QLORA},
+                      train={"mixed_precision": "bf16", "max_steps": 5})
+    path = write_config(tmp_path / "c.yaml", raw)
+    assert run_inprocess(path) == 0
+    merge(str(tmp_path / "out" / "adapter"), str(tiny / "model"), str(tmp_path / "merged"), quantization=C.load(path).model.quantization)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).cuda()
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    q = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.bfloat16, quantization_config=bnb)
+    trained = PeftModel.from_pretrained(q, tmp_path / "out" / "adapter")
+    x = torch.tensor([[1, 20, 30, 40, 50, 60]], device="cuda")
+    with torch.no_grad():
+        a, b = merged(x).logits.float(), trained(x).logits.float()
+    assert torch.allclose(a, b, atol=5e-2, rtol=2e-2), float((a - b).abs().max())  # bf16 rounding of the merged weights
