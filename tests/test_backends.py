@@ -276,3 +276,39 @@ def test_plan_model_state_matches_measured_bytes_per_rank(backend, request):
         assert sum(plan.rows[k] for k in pairs) == pytest.approx(total, rel=0.05)
     if backend == "zero3":
         assert plan.rows["frozen_base"] * 2 == pytest.approx(estimate(C.load(out.parent / "c.yaml"), 2, "ddp").rows["frozen_base"], rel=1e-3)
+
+
+UNWRAPPED = """
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from distlora import distributed as dist
+# the trap from shared/reference/cpu-distributed-facts.md: gloo without cpu=True on a CPU machine
+acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+model = acc.prepare(torch.nn.Linear(2, 2))
+try:
+    dist.check_wrapped(acc, model)
+    print("NOT REFUSED", acc.num_processes, flush=True)
+except dist.DistributedSetupError as e:
+    print("REFUSED", acc.num_processes, e, flush=True)
+"""
+
+
+def test_two_processes_with_an_unwrapped_model_are_refused(tmp_path):
+    """A real 2-process launch where accelerate builds a world of 2 but never wraps the model
+    (gradients would not be synchronised): check_wrapped refuses it on every rank."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import CPU_DDP, free_port
+
+    script = tmp_path / "unwrapped.py"
+    script.write_text(UNWRAPPED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
+                          "--main_process_port", str(free_port()), str(script)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    lines = [ln for ln in res.stdout.splitlines() if "REFUSED" in ln]
+    assert len(lines) == 2 and all(ln.startswith("REFUSED 2 ") for ln in lines), res.stdout + res.stderr[-2000:]
+    assert "not wrapped for distributed training" in lines[0]
