@@ -117,15 +117,27 @@ def test_zero3_frozen_base_is_sharded_after_train_eval_and_save(zero3, zero2):
         assert m["frozen_local"] == m["frozen_materialized"] == m["frozen_total"] == mem3[0]["after_save"]["frozen_total"]
 
 
+@pytest.fixture(scope="module")
+def zero3_gc_unguarded(tiny, small_data, tmp_path_factory):
+    """One launch for two claims: ZeRO-3 + gradient checkpointing trains all steps, then the final
+    adapter save, forced to skip the gather (DISTLORA_TEST_SKIP_GATHER), must be refused."""
+    tmp = tmp_path_factory.mktemp("zero3gc")
+    cfg = _cfg(tiny, tmp, small_data, "gc", save_every=0)
+    res = launch(2, cfg, "model.gradient_checkpointing=true", config_file=ZERO3, check=False, timeout=600,
+                 env={"DISTLORA_TEST_SKIP_GATHER": "1"})
+    return tmp / "gc" / "out", res
+
+
 @pytest.mark.slow
-def test_zero3_with_gradient_checkpointing_trains(tiny, small_data, tmp_path_factory, zero3):
+def test_zero3_with_gradient_checkpointing_trains(zero3_gc_unguarded, zero3):
     """transformers#47254 reports a CheckpointError for ZeRO-3 + non-reentrant gradient checkpointing
     on frozen parameters with stage3_param_persistence_threshold 0. With this stack (transformers
-    5.24, deepspeed 0.19.8, torch 2.13) the combination trains and recomputation is exact."""
-    out = _run(tiny, small_data, tmp_path_factory, "zero3gc", ZERO3, "model.gradient_checkpointing=true", save_every=0)
+    5.24, deepspeed 0.19.8, torch 2.13) the combination trains, and recomputation is exact: the
+    per-step losses equal the run without checkpointing (each loss depends on every earlier update)."""
+    out, res = zero3_gc_unguarded
+    assert "CheckpointError: torch.utils.checkpoint" not in res.stdout + res.stderr
     assert _losses(out) == pytest.approx(_losses(zero3), abs=1e-6)
-    assert max_abs_diff(load_adapter(out / "adapter"), load_adapter(zero3 / "adapter")) < 1e-6
-    assert all(r["after_save"]["frozen_materialized"] == 0 for r in _summary(out)["memory_per_rank"])
+    assert len(_losses(out)) == STEPS
 
 
 # ------------------------------------------------------------------------------ adapter export
@@ -171,16 +183,14 @@ def test_zero3_adapter_is_the_gathered_params_and_reloads(tiny, zero3):
 
 
 @pytest.mark.slow
-def test_forced_empty_zero3_save_is_caught(tiny, small_data, tmp_path_factory):
+def test_forced_empty_zero3_save_is_caught(zero3_gc_unguarded):
     """Saving what a ZeRO-3 rank holds without gathering (the 40-byte-adapter bug) must fail loudly
     and publish nothing."""
-    tmp = tmp_path_factory.mktemp("empty")
-    cfg = _cfg(tiny, tmp, small_data, "empty", max_steps=1, save_every=0)
-    res = launch(2, cfg, "data.eval=null", config_file=ZERO3, env={"DISTLORA_TEST_SKIP_GATHER": "1"}, check=False)
-    out = res.stdout + res.stderr
+    out, res = zero3_gc_unguarded
+    text = res.stdout + res.stderr
     assert res.returncode != 0
-    assert "CheckpointError" in out and "adapter is wrong" in out and "mis-shaped" in out, out[-3000:]
-    assert not (tmp / "empty" / "out" / "adapter").exists()
+    assert "CheckpointError" in text and "adapter is wrong" in text and "mis-shaped" in text, text[-3000:]
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
 
 
 # ------------------------------------------------------------------------------ resume
