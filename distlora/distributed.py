@@ -1,5 +1,5 @@
-"""The one module that knows how the job is distributed (single process, DDP, DeepSpeed ZeRO-2/3;
-FSDP builds on it). The training loop only calls what is defined here.
+"""The one module that knows how the job is distributed (single process, DDP, DeepSpeed ZeRO-2/3,
+FSDP2 on GPUs). The training loop only calls what is defined here.
 
 The backend is chosen by the accelerate config file alone (`accelerate launch` exports it as
 ACCELERATE_* environment variables); the run config stays the one owner of batch size,
@@ -17,6 +17,10 @@ DeepSpeed differences handled here (the loop is the same for every backend):
   for loading, and the optimizer state is a per-rank partition saved through the engine;
 - on CPU the process group must be gloo, and `cpu=True` must not be passed (it silently turns a
   DeepSpeed launch into plain DDP).
+
+FSDP2 (GPU only; not exercised on CPU): parameters are DTensor shards, so the adapter is gathered
+with `full_tensor`, loaded with torch.distributed.checkpoint's full-state-dict loader, and each rank
+saves its own optimizer shard. Its reduce-scatter averages over ranks like DDP: same loss scale.
 
 Measured traps this module closes (shared/reference/cpu-distributed-facts.md):
 - on a CPU-only machine `accelerate launch --multi_gpu -n 2` starts 2 processes that each see
@@ -59,10 +63,6 @@ def backend_name(acc) -> str:
     if acc.distributed_type == DistributedType.DEEPSPEED:
         return f"zero{acc.state.deepspeed_plugin.zero_stage}"
     if acc.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import FSDPModule
-
-        if not any(isinstance(mod, FSDPModule) for mod in model.modules()):
-            raise DistributedSetupError("FSDP launch but no module is sharded by fully_shard after prepare")
         return "fsdp"
     return "ddp" if acc.num_processes > 1 else "single"
 
