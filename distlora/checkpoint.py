@@ -3,6 +3,8 @@
     output_dir/adapter/                         final adapter (PEFT format) + tokenizer
     output_dir/checkpoints/step-NNNNNNNN/       adapter/, optimizer.pt, scheduler.pt, trainer_state.json,
                                                 COMPLETE.json (written last: step, files and sizes)
+                                                under DeepSpeed: deepspeed/ (the engine's per-rank ZeRO
+                                                optimizer partitions + its `latest`) instead of optimizer.pt
 
 Every directory is written under a temporary sibling name, its files fsynced, the completeness
 marker written last, then renamed into place: a crash or a full disk never leaves a directory
@@ -155,18 +157,28 @@ def save(acc, model, optimizer, scheduler, tokenizer, output_dir, state: dict, k
     final = step_dir(output_dir, state["step"])
     tmp = final.with_name(f".tmp-{final.name}")
     sd = dist.adapter_state_dict(acc, model)
-    opt_state = dist.optimizer_state(acc, optimizer)
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier(acc)
+    try:
+        # every rank: sharded backends write their own optimizer partition into tmp
+        dist.save_optimizer_state(acc, model, optimizer, tmp)
+        failed = None
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        failed = exc
+    faults.hit("save.after_optimizer")
+    dist.barrier(acc)
+    if acc.is_main_process:
         try:
+            if failed is not None:
+                raise failed
             (tmp / "adapter").mkdir(parents=True)
             m = dist.unwrap(acc, model)
             m.save_pretrained(tmp / "adapter", state_dict=sd, safe_serialization=True)
             tokenizer.save_pretrained(tmp / "adapter")
             verify_adapter(tmp / "adapter", m)
             faults.hit("save.after_adapter")
-            torch.save(opt_state, tmp / "optimizer.pt")
-            faults.hit("save.after_optimizer")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             faults.hit("save.after_scheduler")
             (tmp / STATE).write_text(json.dumps(state, indent=1))
@@ -185,6 +197,8 @@ def save(acc, model, optimizer, scheduler, tokenizer, output_dir, state: dict, k
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         rotate(output_dir, keep_last)
+    elif failed is not None:
+        raise CheckpointError(f"could not write this rank's part of checkpoint {final.name}: {failed}") from failed
     dist.barrier(acc)
     return final
 
@@ -249,6 +263,6 @@ def load(acc, model, optimizer, scheduler, ckpt: Path) -> dict:
     from safetensors.torch import load_file
 
     dist.load_adapter_state(acc, model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
-    dist.load_optimizer_state(acc, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
+    dist.load_optimizer_state(acc, model, optimizer, ckpt)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     return read_state(ckpt)

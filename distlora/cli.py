@@ -1,4 +1,4 @@
-"""`distlora` subcommands: train, merge, plot, tiny."""
+"""`distlora` subcommands: train, merge, plan, plot, tiny."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import argparse
 import sys
 
 
-def merge(adapter: str, base: str, out: str, dtype: str = "float32") -> None:
-    """Merge a LoRA adapter into its base and save a plain model (+ the adapter's tokenizer)."""
+def merge(adapter: str, base: str, out: str, dtype: str = "float32", quantization=None) -> None:
+    """Merge a LoRA adapter into its base and save a plain model (+ the adapter's tokenizer).
+    A QLoRA adapter (`quantization`: the run's model.quantization) merges into the base as it was
+    trained: loaded in 4 bits, de-quantized to the compute dtype, then merged."""
     from pathlib import Path
 
     from peft import PeftModel
@@ -15,7 +17,17 @@ def merge(adapter: str, base: str, out: str, dtype: str = "float32") -> None:
 
     from distlora.model import DTYPES
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        q = quantization
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+                                 bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+                                 bnb_4bit_quant_storage=DTYPES[q.quant_storage])
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[q.compute_dtype], quantization_config=bnb)
+        model = model.dequantize()  # plain Linear layers in the compute dtype, the weights the adapter saw
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     tok_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
@@ -32,9 +44,16 @@ def main(argv=None) -> int:
     m.add_argument("--base", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    pl = sub.add_parser("plot", help="write PNG charts (loss, lr, tokens/s, memory) from output_dir/metrics.jsonl")
-    pl.add_argument("output_dir")
-    pl.add_argument("--out", default=None, help="where the PNGs go (default: output_dir/plots)")
+    m.add_argument("--config", help="the run config; a QLoRA run (model.quantization) merges into its de-quantized base")
+    pl = sub.add_parser("plan", help="per-GPU memory estimate for a run config (reads the model config only)")
+    pl.add_argument("--config", required=True, help="run config YAML")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs (data-parallel ranks)")
+    pl.add_argument("--backend", choices=["ddp", "zero2", "zero3", "fsdp2"], help="default: all of them")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run config")
+    pt = sub.add_parser("plot", help="write PNG charts (loss, lr, tokens/s, memory) from output_dir/metrics.jsonl")
+    pt.add_argument("output_dir")
+    pt.add_argument("--out", default=None, help="where the PNGs go (default: output_dir/plots)")
     t = sub.add_parser("tiny", help="write the tiny local model, tokenizer and dataset used by the demo and tests")
     t.add_argument("out")
     if argv[:1] == ["train"]:
@@ -43,7 +62,12 @@ def main(argv=None) -> int:
         return train_main(argv[1:])
     args = p.parse_args(argv)
     if args.cmd == "merge":
-        merge(args.adapter, args.base, args.out, args.dtype)
+        quant = None
+        if args.config:
+            from distlora import config as config_mod
+
+            quant = config_mod.RunConfig.model_validate(config_mod.read_yaml(args.config)).model.quantization
+        merge(args.adapter, args.base, args.out, args.dtype, quant)
         print(f"merged model written to {args.out}")
     elif args.cmd == "plot":
         from pathlib import Path
@@ -52,6 +76,10 @@ def main(argv=None) -> int:
 
         drawn = plot(args.output_dir, args.out)
         print(f"wrote {', '.join(drawn)} to {Path(args.out or Path(args.output_dir) / 'plots')}")
+    elif args.cmd == "plan":
+        from distlora.plan import main as plan_main
+
+        return plan_main(args)
     elif args.cmd == "tiny":
         from distlora.tiny import build_assets
 

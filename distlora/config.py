@@ -35,6 +35,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class QuantizationConfig(_Section):
+    """QLoRA: the frozen base in 4 bits through bitsandbytes (needs a CUDA GPU and `pip install bitsandbytes`)."""
+
+    bits: Literal[4] = Field(4, description="Bits per frozen base weight; 4 = QLoRA (8-bit is not supported).")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 is the QLoRA paper's NormalFloat.")
+    double_quant: bool = Field(True, description="Also quantize the per-block scales (~0.4 bit/param saved).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit weights are de-quantized to for each matmul."
+    )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Storage dtype of the packed weights; equal to compute_dtype so ZeRO-3/FSDP can shard them."
+    )
+
+
 class ModelConfig(_Section):
     name_or_path: str = Field(..., description="Local directory or hub id of the base causal LM.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -45,6 +59,9 @@ class ModelConfig(_Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant).")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint's repository.")
+    quantization: Optional[QuantizationConfig] = Field(
+        None, description="QLoRA 4-bit base: {bits: 4, type: nf4, double_quant, compute_dtype, quant_storage}; None = none."
+    )
 
 
 class TokenizerConfig(_Section):
@@ -354,11 +371,39 @@ def _check_world(s: dict, check_model: bool) -> list[str]:
     if lora is not None and lora.init_from and not (Path(lora.init_from) / "adapter_config.json").is_file():
         problems.append(f"lora.init_from: '{lora.init_from}' holds no adapter_config.json; point it at an adapter directory")
     model = s.get("model")
+    if model is not None and model.quantization is not None:
+        problems += _check_quantization(model, train)
     if model is not None:
         if _looks_local(model.name_or_path) and not Path(model.name_or_path).exists():
             problems.append(f"model.name_or_path: '{model.name_or_path}' does not exist")
         elif check_model and lora is not None:
             problems += _check_target_modules(model, lora)
+    return problems
+
+
+def _check_quantization(model: ModelConfig, train) -> list[str]:
+    import importlib.util
+
+    q = model.quantization
+    problems = []
+    if q.quant_storage not in ("uint8", q.compute_dtype):
+        problems.append(
+            f"model.quantization.quant_storage: '{q.quant_storage}' differs from compute_dtype '{q.compute_dtype}'; "
+            f"set it to {q.compute_dtype} (lets ZeRO-3/FSDP shard the 4-bit base) or uint8 (single GPU / DDP)"
+        )
+    if model.dtype not in ("auto", q.compute_dtype):
+        problems.append(
+            f"model.dtype: '{model.dtype}' with a 4-bit base; the non-quantized layers follow "
+            f"model.quantization.compute_dtype: set model.dtype to auto or {q.compute_dtype}"
+        )
+    if train is not None and q.compute_dtype != "float32":
+        want = {"bfloat16": "bf16", "float16": "fp16"}[q.compute_dtype]
+        if train.mixed_precision not in ("auto", want):
+            problems.append(
+                f"train.mixed_precision: '{train.mixed_precision}' with compute_dtype {q.compute_dtype}; use {want} or auto"
+            )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("model.quantization: bitsandbytes is not installed; `pip install bitsandbytes` (CUDA GPUs)")
     return problems
 
 

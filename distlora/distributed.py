@@ -1,5 +1,26 @@
-"""The one module that knows how the job is distributed (single process, DDP; DeepSpeed and FSDP
-build on it). The training loop only calls what is defined here.
+"""The one module that knows how the job is distributed (single process, DDP, DeepSpeed ZeRO-2/3,
+FSDP2 on GPUs). The training loop only calls what is defined here.
+
+The backend is chosen by the accelerate config file alone (`accelerate launch` exports it as
+ACCELERATE_* environment variables); the run config stays the one owner of batch size,
+accumulation, clipping and precision, and a launcher or DeepSpeed JSON value that contradicts it
+is refused before anything heavy runs.
+
+DeepSpeed differences handled here (the loop is the same for every backend):
+- the engine steps inside `accelerator.backward` at the accumulation boundary (optimizer.step and
+  zero_grad are no-ops there) and clips with the JSON's `gradient_clipping`, which is filled from
+  train.max_grad_norm;
+- loss scaling: like accelerate's non-DeepSpeed path, the engine divides the loss by its
+  gradient_accumulation_steps, and ZeRO averages gradients over the data-parallel ranks, like DDP:
+  `loss_scale()` undoes both (tests/test_backends.py proves it against DDP);
+- ZeRO-3 partitions every parameter: adapter tensors are gathered for saving, written back gathered
+  for loading, and the optimizer state is a per-rank partition saved through the engine;
+- on CPU the process group must be gloo, and `cpu=True` must not be passed (it silently turns a
+  DeepSpeed launch into plain DDP).
+
+FSDP2 (GPU only; not exercised on CPU): parameters are DTensor shards, so the adapter is gathered
+with `full_tensor`, loaded with torch.distributed.checkpoint's full-state-dict loader, and each rank
+saves its own optimizer shard. Its reduce-scatter averages over ranks like DDP: same loss scale.
 
 Measured traps this module closes (shared/reference/cpu-distributed-facts.md):
 - on a CPU-only machine `accelerate launch --multi_gpu -n 2` starts 2 processes that each see
@@ -26,6 +47,26 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def deepspeed_launch() -> bool:
+    """`accelerate launch` with a DeepSpeed config (distributed_type: DEEPSPEED)."""
+    return _env_true("ACCELERATE_USE_DEEPSPEED")
+
+
+def backend_name(acc) -> str:
+    """ddp | zero2 | zero3 | fsdp | single: what this run really is after `prepare`."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return f"zero{acc.state.deepspeed_plugin.zero_stage}"
+    if acc.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if acc.num_processes > 1 else "single"
+
+
 def resolve_mixed_precision(cfg) -> str:
     mp = cfg.train.mixed_precision
     if mp != "auto":
@@ -50,12 +91,132 @@ def launcher_conflicts(cfg) -> list[str]:
             f"train.gradient_accumulation_steps: the accelerate config sets gradient_accumulation_steps: {env_ga} "
             f"but the run config says {cfg.train.gradient_accumulation_steps}; remove it from the accelerate config"
         )
+    if deepspeed_launch():
+        problems += deepspeed_conflicts(cfg, mp)
+    if _env_true("ACCELERATE_USE_FSDP") and not torch.cuda.is_available():
+        problems.append(
+            "launcher: the accelerate config asks for FSDP, which accelerate runs on GPUs only; on CPU shard the base "
+            "with configs/accelerate/cpu_deepspeed_zero3.yaml"
+        )
+    q = cfg.model.quantization
+    if q is not None and q.quant_storage == "uint8" and (_env_true("ACCELERATE_USE_FSDP") or _zero_stage_from_env() == 3):
+        problems.append(
+            f"model.quantization.quant_storage: uint8 cannot be sharded by ZeRO-3/FSDP; set it to {q.compute_dtype}"
+        )
     return problems
+
+
+def _zero_stage_from_env() -> int | None:
+    import json
+
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if deepspeed_launch() and path:
+        try:
+            with open(path) as fh:
+                return int(_ds_get(json.load(fh), "zero_optimization.stage") or 0)
+        except (OSError, ValueError, TypeError):
+            return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if deepspeed_launch() and stage else None
+
+
+def _ds_values(cfg, mp: str) -> dict:
+    """The DeepSpeed JSON values the run config owns, as DeepSpeed spells them."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * env_world_size(),
+        "gradient_clipping": float(t.max_grad_norm or 0.0),  # 0 = no clipping in DeepSpeed
+        "fp16.enabled": mp == "fp16",
+        "bf16.enabled": mp == "bf16",
+    }
+
+
+def _ds_get(conf: dict, dotted: str):
+    cur = conf
+    for k in dotted.split("."):
+        if not isinstance(cur, dict) or k not in cur:
+            return None
+        cur = cur[k]
+    return cur
+
+
+def deepspeed_conflicts(cfg, mp: str) -> list[str]:
+    """DeepSpeed launch problems: the cpu flag, and JSON values (other than "auto") that contradict
+    the run config or take over what it owns (optimizer, scheduler)."""
+    import json
+
+    problems = []
+    if _env_true("ACCELERATE_USE_CPU"):
+        problems.append(
+            "launcher: the accelerate config sets use_cpu (or --cpu) together with DeepSpeed; accelerate then "
+            "silently trains plain DDP without ZeRO. Remove use_cpu: DeepSpeed finds the CPU by itself"
+        )
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    owned = _ds_values(cfg, mp)
+    if not path:  # inline deepspeed_config in the accelerate YAML: only clipping reaches us through env
+        clip = os.environ.get("ACCELERATE_GRADIENT_CLIPPING")
+        if clip not in (None, "", "none") and float(clip) != owned["gradient_clipping"]:
+            problems.append(
+                f"train.max_grad_norm: the accelerate config sets gradient_clipping: {clip} but the run config says "
+                f"{cfg.train.max_grad_norm}; remove it from the accelerate config"
+            )
+        return problems
+    try:
+        with open(path) as fh:
+            conf = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        return problems + [f"launcher: cannot read the DeepSpeed config '{path}': {exc}"]
+    where = {
+        "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+        "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+        "train_batch_size": "train.micro_batch_size x train.gradient_accumulation_steps x processes",
+        "gradient_clipping": "train.max_grad_norm",
+        "fp16.enabled": "train.mixed_precision",
+        "bf16.enabled": "train.mixed_precision",
+    }
+    for key, want in owned.items():
+        got = _ds_get(conf, key)
+        if got is None or got == "auto":
+            continue
+        same = (str(got).lower() == str(want).lower()) if isinstance(want, bool) else _num_eq(got, want)
+        if not same:
+            problems.append(
+                f"{where[key]}: the DeepSpeed config {path} sets {key}: {json.dumps(got)} but the run config gives "
+                f"{json.dumps(want)}; the run config owns it: set \"{key}\": \"auto\" in the JSON"
+            )
+    for key in ("optimizer", "scheduler"):
+        if key in conf:
+            problems.append(
+                f"launcher: the DeepSpeed config {path} has an \"{key}\" section; distlora builds AdamW and its "
+                f"schedule from the run config (train.lr, train.lr_scheduler, ...): remove \"{key}\" from the JSON"
+            )
+    return problems
+
+
+def _num_eq(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _fill_deepspeed_config(acc, cfg) -> None:
+    """Write the run config's values over the JSON's "auto"s before `prepare` (accelerate would fill
+    gradient_clipping "auto" with 1.0 whatever train.max_grad_norm says)."""
+    conf = acc.state.deepspeed_plugin.deepspeed_config
+    for key, value in _ds_values(cfg, acc.mixed_precision).items():
+        node, *rest = key.split(".")
+        if rest:
+            conf.setdefault(node, {})[rest[0]] = value
+        else:
+            conf[key] = value
 
 
 def build_accelerator(cfg):
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     kwargs = {}
     if cfg.log.report_to:
@@ -64,8 +225,14 @@ def build_accelerator(cfg):
         kwargs["log_with"] = list(cfg.log.report_to)
         out = cfg.train.output_dir
         kwargs["project_config"] = ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "tensorboard"))
+    ds = deepspeed_launch()
+    if ds and not torch.cuda.is_available():
+        # DeepSpeed on CPU: gloo, or its batch-size check sees a world of 1 and fails
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     acc = Accelerator(
-        cpu=not torch.cuda.is_available(),  # CPU: real gloo DDP, not N unsynchronised copies
+        # CPU without DeepSpeed: real gloo DDP, not N unsynchronised copies. Never under DeepSpeed:
+        # cpu=True there silently replaces ZeRO by plain DDP.
+        cpu=not torch.cuda.is_available() and not ds,
         mixed_precision=resolve_mixed_precision(cfg),
         # Windows always hold whole global batches (data.py pads the last one), so the
         # accumulation boundary never follows the end of the dataloader.
@@ -82,7 +249,41 @@ def build_accelerator(cfg):
             f"({acc.distributed_type}); every process would train alone on the same data. Launch with "
             "`accelerate launch --config_file configs/accelerate/cpu_ddp.yaml` (CPU) or multi_gpu.yaml (GPUs)."
         )
+    if ds:
+        from accelerate.utils import DistributedType
+
+        if acc.distributed_type != DistributedType.DEEPSPEED:
+            raise DistributedSetupError(
+                f"the accelerate config asks for DeepSpeed but accelerate built {acc.distributed_type}; refusing to "
+                "train without ZeRO"
+            )
+        _fill_deepspeed_config(acc, cfg)
     return acc
+
+
+def loss_scale(acc, n_target: float) -> float:
+    """Factor for a micro batch's summed NLL so that the step's gradient is exactly
+    d(sum of NLL over the window, all ranks)/dθ / n_target.
+
+    Every backend here divides the loss by the accumulation steps (accelerate's `backward` outside
+    DeepSpeed; the DeepSpeed engine's `backward` with its gradient_accumulation_steps, which
+    `_fill_deepspeed_config` set to the run config's) and averages gradients over the data-parallel
+    ranks (DDP's all-reduce; ZeRO's reduce-scatter/all-reduce with predivide); undo both."""
+    dp = data_parallel_size(acc)
+    accum = acc.gradient_accumulation_steps
+    if deepspeed_launch():
+        engine_accum = acc.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
+        if engine_accum != accum:
+            raise DistributedSetupError(f"DeepSpeed accumulates {engine_accum} micro steps, the loop {accum}")
+    return dp * accum / max(n_target, 1)
+
+
+def can_skip_steps(acc) -> bool:
+    """Whether a window can still be dropped after its backward. Not under DeepSpeed: the engine
+    applies the update inside `accelerator.backward`, before the loop sees the gradient norm."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type != DistributedType.DEEPSPEED
 
 
 def data_parallel_size(acc) -> int:
@@ -96,7 +297,17 @@ def check_wrapped(acc, model) -> None:
 
     if acc.num_processes == 1:
         return
-    if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        from deepspeed import DeepSpeedEngine
+
+        if not isinstance(model, DeepSpeedEngine):
+            raise DistributedSetupError("DeepSpeed launch but the model is not a DeepSpeed engine after prepare")
+        return
+    if acc.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FSDPModule
+
+        if not any(isinstance(mod, FSDPModule) for mod in model.modules()):
+            raise DistributedSetupError("FSDP launch but no module is sharded by fully_shard after prepare")
         return
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise DistributedSetupError(
@@ -109,29 +320,135 @@ def unwrap(acc, model):
     return acc.unwrap_model(model)
 
 
+def is_zero3(acc) -> bool:
+    return backend_name(acc) == "zero3"
+
+
+def _gathered(acc, params, modifier_rank=None):
+    """Full-shape view of ZeRO-3-partitioned `params` inside the block (a collective: every rank
+    enters); with modifier_rank, that rank's in-place changes are re-partitioned on exit."""
+    import contextlib
+
+    if not is_zero3(acc):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A full tensor from an FSDP2 DTensor shard (a collective), else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _is_dtensor(p) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
+        return p.ds_tensor.numel()
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+
 def adapter_state_dict(acc, model) -> dict[str, torch.Tensor]:
-    """Full-shape adapter tensors (PEFT key format), on CPU, on every rank."""
+    """Full-shape adapter tensors (PEFT key format), on CPU, on every rank. A collective under
+    ZeRO-3 (every rank calls): only the adapter is gathered, never the base."""
     from peft import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(unwrap(acc, model))
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+    m = unwrap(acc, model)
+    params = [p for p in m.parameters() if p.requires_grad]
+    if os.environ.get("DISTLORA_TEST_SKIP_GATHER"):  # test hook: save what this rank holds, ungathered
+        params = []
+    with _gathered(acc, params):
+        sd = get_peft_model_state_dict(m)
+        return {k: _full(v.detach()).to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
 
 def load_adapter_state(acc, model, state: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(unwrap(acc, model), state)
+    m = unwrap(acc, model)
+    params = [p for p in m.parameters() if p.requires_grad]
+    if backend_name(acc) == "fsdp":  # FSDP2: write full tensors into the DTensor shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        name = m.active_adapter
+        full = {n: state[n.replace(f".{name}.", ".")] for n, p in m.named_parameters() if p.requires_grad}
+        set_model_state_dict(m, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    with _gathered(acc, params, modifier_rank=0):
+        result = set_peft_model_state_dict(m, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise RuntimeError(f"checkpoint adapter has keys the model lacks: {unexpected[:5]}")
 
 
-def optimizer_state(acc, optimizer) -> dict:
-    return optimizer.state_dict()
+DS_DIR = "deepspeed"  # inside a checkpoint: the engine's per-rank optimizer partitions and its `latest`
+DS_TAG = "state"
 
 
-def load_optimizer_state(acc, optimizer, state: dict) -> None:
-    optimizer.load_state_dict(state)
+def save_optimizer_state(acc, model, optimizer, ckpt_tmp) -> list[str]:
+    """Write the optimizer state into the (not yet published) checkpoint directory; every rank calls.
+    DDP/single: rank 0 writes optimizer.pt (the state is replicated). DeepSpeed: every rank writes its
+    ZeRO partition through the engine, frozen base excluded. Returns the names written at top level."""
+    from pathlib import Path
+
+    ckpt_tmp = Path(ckpt_tmp)
+    if deepspeed_launch():
+        model.save_checkpoint(str(ckpt_tmp / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
+        return [DS_DIR]
+    if backend_name(acc) == "fsdp":  # FSDP2: Adam moments are per-rank DTensor shards
+        torch.save(optimizer.state_dict(), ckpt_tmp / f"optimizer-rank{acc.process_index}.pt")
+        return [f"optimizer-rank{acc.process_index}.pt"]
+    if acc.is_main_process:
+        torch.save(optimizer.state_dict(), ckpt_tmp / "optimizer.pt")
+    return ["optimizer.pt"]
+
+
+def load_optimizer_state(acc, model, optimizer, ckpt) -> None:
+    """Restore what `save_optimizer_state` wrote; every rank calls (after the adapter is loaded)."""
+    from pathlib import Path
+
+    ckpt = Path(ckpt)
+    if deepspeed_launch():
+        if not (ckpt / DS_DIR).is_dir():
+            raise DistributedSetupError(f"{ckpt} holds no DeepSpeed optimizer state; it was written by another backend")
+        if acc.num_processes != _ds_world(ckpt / DS_DIR):
+            raise DistributedSetupError(
+                f"{ckpt} holds ZeRO partitions for {_ds_world(ckpt / DS_DIR)} ranks; this run has {acc.num_processes}"
+            )
+        # Module weights come from the adapter file (already loaded); the engine restores its fp32
+        # master partitions and Adam moments, and re-derives the module's adapter from them.
+        model.load_checkpoint(str(ckpt / DS_DIR), tag=DS_TAG, load_module_strict=False,
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        return
+    if backend_name(acc) == "fsdp":
+        f = ckpt / f"optimizer-rank{acc.process_index}.pt"
+        if not f.is_file() or (ckpt / f"optimizer-rank{acc.num_processes}.pt").is_file():
+            raise DistributedSetupError(f"{ckpt} holds no FSDP optimizer shards for {acc.num_processes} ranks")
+        optimizer.load_state_dict(torch.load(f, weights_only=False))
+        return
+    if not (ckpt / "optimizer.pt").is_file():
+        raise DistributedSetupError(f"{ckpt} holds no optimizer.pt; it was written under DeepSpeed")
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+
+
+def _ds_world(ds_dir) -> int:
+    return len(list((ds_dir / DS_TAG).glob("*optim_states.pt")))
+
+
+def release_gathered(acc, model) -> None:
+    """Return every ZeRO-3 parameter to its partition. A training step does it in backward; a
+    forward-only pass (eval) leaves parameters that DeepSpeed expects to reuse soon gathered."""
+    if is_zero3(acc):
+        model.empty_partition_cache()
 
 
 def barrier(acc) -> None:
@@ -156,3 +473,58 @@ class GradCommCounter:
     def take(self) -> int:
         n, self.bytes = self.bytes, 0
         return n
+
+
+def gather_objects(acc, obj) -> list:
+    """One picklable object per rank, in rank order, on every rank."""
+    if acc.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def _innermost_optimizer(optimizer):
+    """The torch optimizer under accelerate's and ZeRO's wrappers (holds the Adam moments)."""
+    o = optimizer
+    while hasattr(o, "optimizer"):
+        o = o.optimizer
+    return o
+
+
+def model_state_bytes(acc, model, optimizer) -> dict[str, int]:
+    """Bytes this rank holds for model state, measured from the live objects:
+    frozen_local / trainable_local: parameter storage on this rank (a ZeRO-3 rank's partition);
+    frozen_total / trainable_total: the full parameters; frozen_materialized: full-shape frozen
+    tensors present right now (0 under ZeRO-3 when every base weight is back in its partition);
+    master_weights: fp32 copies the optimizer updates when they are not the module's parameters
+    (ZeRO's partitions); optimizer_state: Adam moments (and step counters) on this rank."""
+    m = unwrap(acc, model)
+    out = dict.fromkeys(
+        ("frozen_local", "frozen_total", "frozen_materialized", "trainable_local", "trainable_total",
+         "master_weights", "optimizer_state"), 0)
+    module_params = set()
+    for p in m.parameters():
+        module_params.add(id(p))
+        es = p.element_size()
+        kind = "trainable" if p.requires_grad else "frozen"
+        local = _local_numel(p)
+        out[f"{kind}_local"] += local * es
+        out[f"{kind}_total"] += getattr(p, "ds_numel", p.numel()) * es
+        if not p.requires_grad and not _is_dtensor(p):  # a DTensor is FSDP2's shard, never full here
+            out["frozen_materialized"] += p.data.numel() * es
+    inner = _innermost_optimizer(optimizer)
+    zero = getattr(optimizer, "optimizer", None)  # ZeRO's optimizer under accelerate's wrapper
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: a master copy unless it aliases the partition
+        live = {t.data_ptr() for t in getattr(zero, "fp16_partitioned_groups_flat", [])}
+        masters = [t for t in zero.fp32_partitioned_groups_flat if t.data_ptr() not in live]
+    elif hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        masters = list(zero.single_partition_of_fp32_groups)
+    else:
+        masters = [p for g in inner.param_groups for p in g["params"] if id(p) not in module_params]
+    out["master_weights"] = sum(t.numel() * t.element_size() for t in masters)
+    for st in inner.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                out["optimizer_state"] += v.numel() * v.element_size()
+    return out

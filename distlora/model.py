@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
 def load_tokenizer(cfg):
@@ -40,6 +40,17 @@ def load_model(cfg, mixed_precision: str):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": base_dtype(cfg, mixed_precision), "trust_remote_code": cfg.model.trust_remote_code}
+    q = cfg.model.quantization
+    if q is not None:  # QLoRA: validated in config (bitsandbytes present, storage = compute dtype)
+        if not torch.cuda.is_available():
+            raise RuntimeError("model.quantization needs a CUDA GPU (bitsandbytes 4-bit); remove it to train on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["dtype"] = DTYPES[q.compute_dtype]
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[q.compute_dtype], bnb_4bit_quant_storage=DTYPES[q.quant_storage],
+        )
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
@@ -72,8 +83,11 @@ def load_model(cfg, mixed_precision: str):
 
 
 def param_counts(model) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def numel(p):  # a ZeRO-3-partitioned parameter is empty here; ds_numel is its full size
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total}
 
 

@@ -156,6 +156,9 @@ def evaluate(acc, model, loader) -> dict:
             ids.append(acc.gather(batch["ids"]))
             nlls.append(acc.gather(nll.double()))
             counts.append(acc.gather(n))
+    from distlora import distributed as dist
+
+    dist.release_gathered(acc, model)
     model.train()
     ids, nlls, counts = torch.cat(ids).cpu(), torch.cat(nlls).cpu(), torch.cat(counts).cpu()
     keep = ids >= 0
@@ -247,6 +250,7 @@ def run(cfg) -> None:
     # The scheduler is not prepared: accelerate would step it once per process per step.
     model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
     dist.check_wrapped(acc, model)
+    memory = {"after_prepare": dist.model_state_bytes(acc, model, optimizer)}  # per rank, into summary.json
     comm = dist.GradCommCounter(acc, model)
     counts = param_counts(model)
     say(
@@ -320,6 +324,10 @@ def run(cfg) -> None:
         accum = t.gradient_accumulation_steps
         device = acc.device
         params = [p for p in model.parameters() if p.requires_grad]
+        can_skip = dist.can_skip_steps(acc)
+        if t.nonfinite == "skip" and not can_skip:
+            say("distlora: train.nonfinite=skip is not possible under DeepSpeed (the engine steps inside backward); "
+                "a non-finite step aborts the run instead, and the last checkpoint stays good")
         it, last_eval, row, last_logged = None, None, None, start_step
         for step in range(start_step, total_steps):
             faults.hit(f"step{step}")
@@ -345,14 +353,15 @@ def run(cfg) -> None:
                 )
             torch.manual_seed(_dropout_seed(t.seed, step, acc.process_index))
             inject_nan = faults.active(f"step{step}", "nan")
+            # the backend divides by `accum` and averages over ranks; the scale undoes both so the summed
+            # gradient is d(sum NLL)/dθ / n_target exactly (under DeepSpeed the engine steps in backward)
+            scale = dist.loss_scale(acc, n_target)
             nll_total = torch.zeros((), dtype=torch.float64, device=device)
             for batch in window:
                 with acc.accumulate(model):
                     nll, _ = forward_nll(model, batch)
                     nll = nll.sum() * (float("nan") if inject_nan else 1.0)
-                    # accelerate divides by `accum` and DDP averages over `dp` ranks; undo both so the
-                    # summed gradient is d(sum NLL)/dθ / n_target exactly.
-                    acc.backward(nll * (dp * accum / max(n_target, 1)))
+                    acc.backward(nll * scale)
                     nll_total += nll.detach().double()
                     if acc.sync_gradients:
                         # The norm is taken on all-reduced gradients: every rank decides alike.
@@ -363,11 +372,12 @@ def run(cfg) -> None:
                         else:
                             skipped, in_a_row = skipped + 1, in_a_row + 1
                             say(f"distlora: non-finite gradient at step {step + 1}: step skipped ({skipped} so far)")
-                            if t.nonfinite == "abort" or in_a_row >= t.nonfinite_max_in_a_row:
+                            if t.nonfinite == "abort" or in_a_row >= t.nonfinite_max_in_a_row or not can_skip:
                                 raise NonFiniteError(
-                                    f"non-finite loss/gradient at step {step + 1} ({in_a_row} in a row, train.nonfinite="
-                                    f"{t.nonfinite}, nonfinite_max_in_a_row={t.nonfinite_max_in_a_row}); lower train.lr, "
-                                    "check the data, or resume from the last checkpoint"
+                                    f"non-finite loss/gradient at step {step + 1} ({in_a_row} in a row, "
+                                    f"train.nonfinite={t.nonfinite}, nonfinite_max_in_a_row={t.nonfinite_max_in_a_row}"
+                                    f"{'' if can_skip else ', and this backend cannot skip a step'}); lower "
+                                    "train.lr, check the data, or resume from the last checkpoint"
                                 )
                         optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
@@ -429,10 +439,14 @@ def run(cfg) -> None:
         progress.close()
         if trace_fh:
             trace_fh.close()
+        memory["after_train"] = dist.model_state_bytes(acc, model, optimizer)
         final_eval = run_eval(total_steps)
+        memory["after_eval"] = dist.model_state_bytes(acc, model, optimizer)
         if t.save_every and total_steps % t.save_every == 0 and start_step < total_steps:
             save(total_steps, final_eval)
         checkpoint.save_adapter(acc, model, tokenizer, out / "adapter")
+        memory["after_save"] = dist.model_state_bytes(acc, model, optimizer)
+        memory_per_rank = dist.gather_objects(acc, memory)
         base_sum_end = _checksum(frozen)
         adapter_sum = _checksum(params)
         per_rank = acc.gather(torch.tensor(
@@ -453,6 +467,8 @@ def run(cfg) -> None:
                 "adapter": str(out / "adapter"),
                 "per_rank": [dict(zip(("base_checksum_start", "base_checksum_end", "adapter_checksum", "peak_mem_mb"), r))
                              for r in per_rank.tolist()],
+                "backend": dist.backend_name(acc),
+                "memory_per_rank": memory_per_rank,
             }
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
             say(summary_table(summary))

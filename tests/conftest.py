@@ -86,10 +86,11 @@ def run_inprocess(cfg_path: Path, *overrides: str) -> int:
 
 
 def launch(nproc: int, cfg_path: Path, *overrides: str, env: dict | None = None, timeout: int = 300,
-           check: bool = True) -> subprocess.CompletedProcess:
-    """A real `accelerate launch` of distlora.train with `nproc` CPU processes (gloo DDP)."""
+           check: bool = True, config_file: Path | None = None) -> subprocess.CompletedProcess:
+    """A real `accelerate launch` of distlora.train with `nproc` CPU processes (gloo DDP, or the
+    backend the accelerate `config_file` names)."""
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file or CPU_DDP),
         "--num_processes", str(nproc), "--main_process_port", str(free_port()),
         "-m", "distlora.train", "--config", str(cfg_path), *overrides,
     ]

@@ -1,0 +1,324 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 on 2 real CPU processes (accelerate launch, gloo, DeepSpeed's CPU
+accelerator), proven by comparison with the DDP run of the same config.
+
+Tolerances: fp32, dropout 0, same seed and data. DDP and ZeRO differ only in how gradients are
+reduced (all-reduce vs reduce-scatter of flat buffers) and where Adam runs (full vs partitioned
+flat tensors): summation order, ~1e-8 (shared/reference/cpu-distributed-facts.md: ZeRO-2 was
+bitwise equal to DDP, ZeRO-3 within 4.5e-8). 1e-5 fails loudly for a loss-scaling bug: a missing
+or doubled 1/accum or 1/world changes the first update by a factor of 2 (the adapter moves by
+> 1e-2 in these runs).
+
+The first DeepSpeed launch on a machine compiles deepspeed_shm_comm (~27 s); the runs are shared
+between tests through module-scoped fixtures to keep the number of launches small.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, base_config, launch, load_adapter, max_abs_diff, read_metrics, write_config
+
+ACC = ROOT / "configs" / "accelerate"
+ZERO2 = ACC / "cpu_deepspeed_zero2.yaml"
+ZERO3 = ACC / "cpu_deepspeed_zero3.yaml"
+N_TRAIN = 37  # variable-length examples; does not divide the global batch (8)
+STEPS, SAVE = 6, 3
+
+
+@pytest.fixture(scope="module")
+def small_data(tiny, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("small")
+    rows = (tiny / "data" / "train.jsonl").read_text().splitlines()[:N_TRAIN]
+    (d / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return d / "train.jsonl"
+
+
+def _cfg(tiny, tmp: Path, small_data, name: str, **train) -> Path:
+    raw = base_config(tiny, tmp / name / "out", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    raw["data"]["train"] = str(small_data)
+    raw["train"].update(
+        {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": STEPS, "save_every": SAVE,
+         "keep_last": None, "log_every": 1, **train}
+    )
+    return write_config(tmp / name / "c.yaml", raw)
+
+
+def _run(tiny, small_data, tmp_path_factory, name, config_file, *overrides, **train) -> Path:
+    tmp = tmp_path_factory.mktemp(name)
+    launch(2, _cfg(tiny, tmp, small_data, name, **train), *overrides, config_file=config_file, timeout=600)
+    return tmp / name / "out"
+
+
+@pytest.fixture(scope="module")
+def ddp(tiny, small_data, tmp_path_factory) -> Path:
+    return _run(tiny, small_data, tmp_path_factory, "ddp", None)
+
+
+@pytest.fixture(scope="module")
+def zero2(tiny, small_data, tmp_path_factory) -> Path:
+    return _run(tiny, small_data, tmp_path_factory, "zero2", ZERO2)
+
+
+@pytest.fixture(scope="module")
+def zero3(tiny, small_data, tmp_path_factory) -> Path:
+    return _run(tiny, small_data, tmp_path_factory, "zero3", ZERO3)
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("backend", ["zero2", "zero3"])
+def test_zero_matches_ddp(backend, ddp, request):
+    out = request.getfixturevalue(backend)
+    assert _summary(out)["backend"] == backend and _summary(ddp)["backend"] == "ddp"
+    ref, got = load_adapter(ddp / "adapter"), load_adapter(out / "adapter")
+    diff = max_abs_diff(ref, got)
+    print(f"{backend} vs DDP: max |adapter diff| = {diff:.3e}")
+    assert diff < 1e-5
+    assert max(float(v.abs().max()) for k, v in ref.items() if "lora_B" in k) > 1e-2  # it trained
+    la, lb = _losses(ddp), _losses(out)
+    assert len(la) == len(lb) == STEPS and max(abs(a - b) for a, b in zip(la, lb)) < 1e-5
+    # grad norm before clipping, as DeepSpeed reports it, equals the DDP one: scaling is exact
+    ga = [r["grad_norm"] for r in read_metrics(ddp) if "loss" in r]
+    gb = [r["grad_norm"] for r in read_metrics(out) if "loss" in r]
+    assert max(abs(a - b) / a for a, b in zip(ga, gb)) < 1e-5, (ga, gb)
+
+
+# ------------------------------------------------------------------------------ ZeRO-3 sharding
+
+
+def test_zero3_frozen_base_is_sharded_after_train_eval_and_save(zero3, zero2):
+    mem3 = _summary(zero3)["memory_per_rank"]
+    assert len(mem3) == 2
+    n_frozen_tensors = 21  # tiny Llama: embeddings, 2 x (4 attn + 3 mlp + 2 norms), final norm, lm_head
+    for rank in mem3:
+        for when in ("after_prepare", "after_train", "after_eval", "after_save"):
+            m = rank[when]
+            # each rank holds half of every base tensor (a partition is ceil(numel / 2) elements)
+            assert 0 <= 2 * m["frozen_local"] - m["frozen_total"] <= n_frozen_tensors * 4, (when, m)
+            assert m["frozen_materialized"] == 0, (when, m)  # nothing left gathered
+            assert 2 * m["trainable_local"] == m["trainable_total"], (when, m)
+    # the contrast: ZeRO-2 keeps the whole base on every rank
+    for rank in _summary(zero2)["memory_per_rank"]:
+        m = rank["after_save"]
+        assert m["frozen_local"] == m["frozen_materialized"] == m["frozen_total"] == mem3[0]["after_save"]["frozen_total"]
+
+
+@pytest.fixture(scope="module")
+def zero3_gc_unguarded(tiny, small_data, tmp_path_factory):
+    """One launch for two claims: ZeRO-3 + gradient checkpointing trains all steps, then the final
+    adapter save, forced to skip the gather (DISTLORA_TEST_SKIP_GATHER), must be refused."""
+    tmp = tmp_path_factory.mktemp("zero3gc")
+    cfg = _cfg(tiny, tmp, small_data, "gc", save_every=0)
+    res = launch(2, cfg, "model.gradient_checkpointing=true", config_file=ZERO3, check=False, timeout=600,
+                 env={"DISTLORA_TEST_SKIP_GATHER": "1"})
+    return tmp / "gc" / "out", res
+
+
+@pytest.mark.slow
+def test_zero3_with_gradient_checkpointing_trains(zero3_gc_unguarded, zero3):
+    """transformers#47254 reports a CheckpointError for ZeRO-3 + non-reentrant gradient checkpointing
+    on frozen parameters with stage3_param_persistence_threshold 0. With this stack (transformers
+    5.24, deepspeed 0.19.8, torch 2.13) the combination trains, and recomputation is exact: the
+    per-step losses equal the run without checkpointing (each loss depends on every earlier update)."""
+    out, res = zero3_gc_unguarded
+    assert "CheckpointError: torch.utils.checkpoint" not in res.stdout + res.stderr
+    assert _losses(out) == pytest.approx(_losses(zero3), abs=1e-6)
+    assert len(_losses(out)) == STEPS
+
+
+# ------------------------------------------------------------------------------ adapter export
+
+
+def _expected_shapes(tiny) -> dict[str, tuple]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from distlora.checkpoint import expected_adapter_shapes
+
+    base = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return expected_adapter_shapes(model)
+
+
+def test_zero3_adapter_is_the_gathered_params_and_reloads(tiny, zero3):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    saved = load_adapter(zero3 / "adapter")
+    expected = _expected_shapes(tiny)
+    assert {k: tuple(v.shape) for k, v in saved.items()} == expected  # exactly the adapter: no base, nothing missing
+    with safe_open(str(zero3 / "adapter" / "adapter_model.safetensors"), "pt") as fh:
+        assert all(fh.get_slice(k).get_dtype() == "F32" for k in fh.keys())
+
+    # An independent gather: DeepSpeed's own reconstruction from the per-rank fp32 partitions that
+    # each rank wrote into the final checkpoint.
+    ckpt = zero3 / "checkpoints" / f"step-{STEPS:08d}"
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+    gathered = {k.replace(".default.", "."): v for k, v in fp32.items()}
+    assert gathered.keys() == saved.keys()
+    assert all(torch.equal(gathered[k], saved[k]) for k in saved), max_abs_diff(gathered, saved)
+    ck = load_adapter(ckpt / "adapter")
+    assert all(torch.equal(ck[k], saved[k]) for k in saved)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, zero3 / "adapter")
+    live = {n.replace(".default.", "."): p for n, p in model.named_parameters() if ".lora_" in n}
+    assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)
+
+
+@pytest.mark.slow
+def test_forced_empty_zero3_save_is_caught(zero3_gc_unguarded):
+    """Saving what a ZeRO-3 rank holds without gathering (the 40-byte-adapter bug) must fail loudly
+    and publish nothing."""
+    out, res = zero3_gc_unguarded
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "CheckpointError" in text and "adapter is wrong" in text and "mis-shaped" in text, text[-3000:]
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.slow
+def test_zero3_resume_equals_uninterrupted(tiny, small_data, tmp_path_factory, zero3):
+    ckpt = zero3 / "checkpoints" / f"step-{SAVE:08d}"
+    assert sorted(p.name for p in (ckpt / "deepspeed" / "state").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    tmp = tmp_path_factory.mktemp("resumed")
+    out = tmp / "resumed" / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+    res = launch(2, _cfg(tiny, tmp, small_data, "resumed"), config_file=ZERO3, timeout=600)
+    assert f"resumed from {out / 'checkpoints' / ckpt.name} at step {SAVE}" in res.stdout + res.stderr
+    a, b = load_adapter(zero3 / "adapter"), load_adapter(out / "adapter")
+    assert all(torch.equal(a[k], b[k]) for k in a), f"not bitwise equal: {max_abs_diff(a, b)}"
+    assert _losses(zero3)[SAVE:] == _losses(out)
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def test_conflicting_deepspeed_json_is_refused(tiny, tmp_path):
+    bad = {
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4,
+        "gradient_clipping": 0.5, "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": 2},
+    }
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    yaml_text = ZERO2.read_text().replace("configs/deepspeed/cpu_zero2.json", str(tmp_path / "bad.json"))
+    (tmp_path / "bad.yaml").write_text(yaml_text)
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "out", train={"micro_batch_size": 2}))
+    res = launch(2, cfg, config_file=tmp_path / "bad.yaml", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "exitcode  : 2" in out
+    assert out.count("the run config has 5 problem(s)") == 1, out[-3000:]
+    for needle in ("train.micro_batch_size", "train_micro_batch_size_per_gpu: 8", "train.gradient_accumulation_steps",
+                   "train.max_grad_norm", "train.mixed_precision", "bf16.enabled", "\"optimizer\" section"):
+        assert needle in out, needle
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpu_flag_under_deepspeed_is_refused(tiny, tmp_path):
+    """ACCELERATE_USE_CPU under a DeepSpeed launch would make accelerate build plain CPU DDP (no ZeRO)."""
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "out"))
+    res = launch(2, cfg, config_file=ZERO3, env={"ACCELERATE_USE_CPU": "true"}, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "use_cpu" in out and "plain DDP without ZeRO" in out, out[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("yaml_path", sorted(ACC.glob("*deepspeed*.yaml")), ids=lambda p: p.name)
+def test_shipped_deepspeed_configs_leave_owned_values_auto(yaml_path):
+    """Every shipped DeepSpeed JSON leaves what the run config owns to it ("auto") and has no
+    optimizer/scheduler of its own, so the conflict check can never fire on a shipped file."""
+    import yaml
+
+    conf = yaml.safe_load(yaml_path.read_text())
+    assert conf["distributed_type"] == "DEEPSPEED" and "mixed_precision" not in conf
+    ds = json.loads((ROOT / conf["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert ds[key] == "auto", key
+    assert ds["bf16"]["enabled"] == ds["fp16"]["enabled"] == "auto"
+    assert "optimizer" not in ds and "scheduler" not in ds
+    assert (ds["zero_optimization"]["stage"] == 3) == bool(conf["deepspeed_config"]["zero3_init_flag"])
+    if yaml_path.name.startswith("cpu_") and ds["zero_optimization"]["stage"] == 3:
+        assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0  # real sharding on a tiny model
+
+
+# ------------------------------------------------------------------------------ distlora plan
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_plan_model_state_matches_measured_bytes_per_rank(backend, request):
+    """`distlora plan` (model config only) vs the bytes each of the 2 ranks held after training,
+    measured from the live parameters, ZeRO partitions and optimizer state (summary.json).
+    Measured here: DDP 348,928 base + 32,768 adapter + 65,648 Adam (the 112 extra bytes are the
+    per-tensor step counters); ZeRO-3 174,464 + 16,384 + 16,384 fp32 master + 32,772."""
+    from distlora import config as C
+    from distlora.plan import estimate
+
+    out = request.getfixturevalue(backend)
+    plan = estimate(C.load(out.parent / "c.yaml"), gpus=2, backend=backend)
+    pairs = {"frozen_base": "frozen_local", "adapter_params": "trainable_local",
+             "master_weights": "master_weights", "optimizer_state": "optimizer_state"}
+    for rank in _summary(out)["memory_per_rank"]:
+        m = rank["after_train"]
+        for mine, measured in pairs.items():
+            assert plan.rows[mine] == pytest.approx(m[measured], rel=0.05), (mine, plan.rows[mine], m[measured])
+        total = sum(m[k] for k in pairs.values())
+        assert sum(plan.rows[k] for k in pairs) == pytest.approx(total, rel=0.05)
+    if backend == "zero3":
+        assert plan.rows["frozen_base"] * 2 == pytest.approx(estimate(C.load(out.parent / "c.yaml"), 2, "ddp").rows["frozen_base"], rel=1e-3)
+
+
+UNWRAPPED = """
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from distlora import distributed as dist
+# the trap from shared/reference/cpu-distributed-facts.md: gloo without cpu=True on a CPU machine
+acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+model = acc.prepare(torch.nn.Linear(2, 2))
+try:
+    dist.check_wrapped(acc, model)
+    print("NOT REFUSED", acc.num_processes, flush=True)
+except dist.DistributedSetupError as e:
+    print("REFUSED", acc.num_processes, e, flush=True)
+"""
+
+
+def test_two_processes_with_an_unwrapped_model_are_refused(tmp_path):
+    """A real 2-process launch where accelerate builds a world of 2 but never wraps the model
+    (gradients would not be synchronised): check_wrapped refuses it on every rank."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import CPU_DDP, free_port
+
+    script = tmp_path / "unwrapped.py"
+    script.write_text(UNWRAPPED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
+                          "--main_process_port", str(free_port()), str(script)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    lines = [ln for ln in res.stdout.splitlines() if "REFUSED" in ln]
+    assert len(lines) == 2 and all(ln.startswith("REFUSED 2 ") for ln in lines), res.stdout + res.stderr[-2000:]
+    assert "not wrapped for distributed training" in lines[0]
