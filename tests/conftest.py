@@ -47,6 +47,18 @@ def _reset_accelerate():
     PartialState._reset_state()
 
 
+N_SMALL = 37  # variable-length examples; does not divide a global batch of 4 or 8: the last step holds padding
+
+
+@pytest.fixture(scope="session")
+def small_data(tiny, tmp_path_factory) -> Path:
+    """The first N_SMALL examples of the tiny training data."""
+    d = tmp_path_factory.mktemp("small")
+    rows = (tiny / "data" / "train.jsonl").read_text().splitlines()[:N_SMALL]
+    (d / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return d / "train.jsonl"
+
+
 def base_config(tiny: Path, out: Path, **sections) -> dict:
     """A small fp32 run on the tiny assets; `sections` are merged per section."""
     cfg = {

@@ -21,21 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, base_config, launch, load_adapter, max_abs_diff, read_metrics, write_config
+from conftest import N_SMALL, ROOT, base_config, launch, load_adapter, max_abs_diff, read_metrics, write_config
 
 ACC = ROOT / "configs" / "accelerate"
 ZERO2 = ACC / "cpu_deepspeed_zero2.yaml"
 ZERO3 = ACC / "cpu_deepspeed_zero3.yaml"
-N_TRAIN = 37  # variable-length examples; does not divide the global batch (8)
+N_TRAIN = N_SMALL
 STEPS, SAVE = 6, 3
-
-
-@pytest.fixture(scope="module")
-def small_data(tiny, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("small")
-    rows = (tiny / "data" / "train.jsonl").read_text().splitlines()[:N_TRAIN]
-    (d / "train.jsonl").write_text("\n".join(rows) + "\n")
-    return d / "train.jsonl"
 
 
 def _cfg(tiny, tmp: Path, small_data, name: str, **train) -> Path:

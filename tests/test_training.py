@@ -10,23 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import base_config, launch, load_adapter, max_abs_diff, read_metrics, run_inprocess, write_config
+from conftest import N_SMALL, base_config, launch, load_adapter, max_abs_diff, read_metrics, run_inprocess, write_config
 
-N_TRAIN = 37  # does not divide the global batch (8): the last step of each epoch holds padding examples
+N_TRAIN = N_SMALL
 PARITY = dict(lora={"r": 4, "alpha": 8, "dropout": 0.0}, train={"max_steps": None, "epochs": 2, "log_every": 1})
-
-
-@pytest.fixture(scope="module")
-def small_data(tiny, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("small")
-    rows = (tiny / "data" / "train.jsonl").read_text().splitlines()[:N_TRAIN]
-    (d / "train.jsonl").write_text("\n".join(rows) + "\n")
-    return d / "train.jsonl"
 
 
 def _cfg(tiny, tmp, small_data, name, **train):
