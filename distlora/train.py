@@ -366,7 +366,7 @@ def run(cfg) -> None:
                     if acc.sync_gradients:
                         # The norm is taken on all-reduced gradients: every rank decides alike.
                         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-                        if torch.isfinite(grad_norm):
+                        if math.isfinite(float(grad_norm)):  # a tensor, or a float under DeepSpeed
                             optimizer.step()
                             in_a_row = 0
                         else:
