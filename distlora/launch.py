@@ -38,6 +38,7 @@ BACKENDS = ("ddp", "zero2", "zero3", "fsdp2")
 DEEPSPEED_JSON = {"zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json"}
 DEFAULT_MULTINODE_PORT = 29500
 EXIT_PREFLIGHT = 3  # preflight found problems; nothing was launched
+EXIT_STOPPED = 75  # as distlora.train: stopped on request after a checkpoint
 
 
 @dataclass(frozen=True)
@@ -483,16 +484,23 @@ def main(argv=None) -> int:
 def _run(cmd: list[str], out: Path) -> int:
     """Run it in the foreground. SIGTERM/SIGUSR1 to this process become a stop request the trainer
     sees at its next optimizer step (the STOP file; it checkpoints and exits 75): accelerate's
-    launcher would die on USR1. Ctrl-C reaches the whole process group by itself."""
+    launcher would die on USR1. Ctrl-C reaches the whole process group by itself. Returns 75 when
+    the run stopped on request before finishing (rerun the same command to resume)."""
     import signal
 
     proc = subprocess.Popen(runnable(cmd))
+    asked = []
 
     def request_stop(signum, _frame):
         print(f"distlora: {signal.Signals(signum).name}: asking the trainer to checkpoint and stop", file=sys.stderr)
         (out / "STOP").touch()
+        asked.append(signum)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGUSR1, request_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return proc.wait()
+    rc = proc.wait()
+    if rc != 0 and asked and not (out / "adapter" / "COMPLETE.json").is_file():
+        print("distlora: stopped on request; rerun the same command to resume", file=sys.stderr)
+        return EXIT_STOPPED
+    return rc

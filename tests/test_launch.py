@@ -210,3 +210,36 @@ def test_preflight_world_size_vs_slurm_allocation(tiny, tmp_path):
     assert len(probs) == 1 and "--cpus-per-task=2" in probs[0], probs
     probs, _ = preflight(cfg, Shape(2, 4), main_port=None, is_main_node=False, env=env)
     assert probs == []
+
+
+@pytest.mark.slow
+def test_usr1_to_launch_stops_at_a_checkpoint_and_rerun_resumes_exactly(tiny, tmp_path):
+    """SIGUSR1 to `distlora launch` (which accelerate's launcher would die of) becomes a STOP request:
+    exit 75 after a checkpoint; the same command again resumes and ends bitwise equal to a straight run."""
+    import signal
+    import time
+
+    steps = 40
+    straight = write_config(tmp_path / "a.yaml", base_config(tiny, tmp_path / "a", train={"max_steps": steps}))
+    launch(2, straight)
+    cfg = write_config(tmp_path / "b.yaml", base_config(tiny, tmp_path / "b", train={"max_steps": steps}))
+    args = [sys.executable, "-m", "distlora.cli", "launch", "--config", str(cfg), "--processes-per-node", "2", "--cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "leg1.log", "w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        metrics = tmp_path / "b" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                proc.send_signal(signal.SIGUSR1)
+                break
+            time.sleep(0.2)
+        rc = proc.wait(timeout=300)
+    leg1 = (tmp_path / "leg1.log").read_text()
+    assert rc == 75, leg1[-3000:]
+    k = int(leg1.split("stopped at step ")[1].split("/")[0])
+    assert 0 < k < steps and (tmp_path / "b" / "checkpoints" / f"step-{k:08d}").is_dir()
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "resumed from" in res.stdout + res.stderr, res.stderr[-3000:]
+    a, b = load_adapter(tmp_path / "a" / "adapter"), load_adapter(tmp_path / "b" / "adapter")
+    assert all(torch.equal(a[x], b[x]) for x in a), f"max |diff| {max_abs_diff(a, b)}"

