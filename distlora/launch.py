@@ -375,8 +375,16 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
         if size is None:
             notes.append(f"free disk not checked: {how}")
         else:
-            kept = (t.keep_last or max(1, (t.max_steps or 10**6) // max(t.save_every, 1))) + 2 if t.save_every else 0
-            need = size * kept + size // 3  # kept + best + the one being written, and the final adapter
+            if not t.save_every:
+                kept = 0
+            elif t.keep_last:
+                kept = t.keep_last + 2  # + the best one + the one being written
+            elif t.max_steps:
+                kept = t.max_steps // t.save_every + 1
+            else:
+                kept = 12
+                notes.append("train.keep_last is null: checkpoints accumulate; free disk checked for 10 of them")
+            need = size * kept + size // 3  # and the final adapter (a third: no optimizer state)
             free = shutil.disk_usage(out).free
             if free < need:
                 problems.append(f"disk: {free / 2**30:.2f} GiB free under {out}, the run needs about "
@@ -488,6 +496,9 @@ def _run(cmd: list[str], out: Path) -> int:
     the run stopped on request before finishing (rerun the same command to resume)."""
     import signal
 
+    # A STOP file left by the previous stop: remove it before any rank starts, or a rank that
+    # reaches its first step before rank 0 deletes it would stop the new run at once.
+    (out / "STOP").unlink(missing_ok=True)
     proc = subprocess.Popen(runnable(cmd))
     asked = []
 
