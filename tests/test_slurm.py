@@ -209,6 +209,32 @@ def test_preemption_checkpoints_requeues_resumes_exactly(slurm, tiny, reference,
     assert_same_adapter(reference, out / "adapter")
 
 
+def test_stop_asked_before_the_trainer_started_is_not_lost(slurm, tiny, reference, tmp_path):
+    """USR1 while the job is still starting (the trainer deletes a leftover STOP file once at start):
+    the batch script touches STOP again every 5 s, so the run still stops, requeues and resumes.
+    (Measured: stopped at step 0, either because a rank saw the file before rank 0 deleted it or
+    through the re-touch; both are the property: a stop asked for is not lost.)"""
+    out = tmp_path / "out"
+    script = render(cfg_for(tiny, tmp_path), "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
+    job = sbatch(script, job_env(slurm))
+    signalled = []
+
+    def poll(info):
+        log = out / f"slurm-{job}.log"
+        if not signalled and log.is_file() and "main node" in log.read_text():
+            subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+            signalled.append(time.monotonic())
+
+    info = wait_job(job, slurm, timeout=600, poll=poll)
+    log = log_of(out, job)
+    assert signalled
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-5000:]
+    assert "distlora-slurm: got USR1" in log and f"requeueing job {job}" in log
+    resumed = re.findall(r"resumed from \S+step-(\d+) at step", log)
+    assert resumed and int(resumed[0]) < STEPS, log[-5000:]
+    assert_same_adapter(reference, out / "adapter")
+
+
 def test_failing_rank_ends_the_whole_job_promptly(slurm, tiny, tmp_path):
     out = tmp_path / "out"
     script = render(cfg_for(tiny, tmp_path), "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
