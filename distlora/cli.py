@@ -1,4 +1,4 @@
-"""`distlora` subcommands: train, merge, plan, plot, tiny."""
+"""`distlora` subcommands: train, launch, slurm, merge, plan, plot, tiny."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="distlora")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="train in this process (multi-process: accelerate launch -m distlora.train)", add_help=False)
+    sub.add_parser("launch", help="write the accelerate config for a shape, check, print or run the command", add_help=False)
+    sub.add_parser("slurm", help="render an sbatch script (preemption-safe requeue) for a shape", add_help=False)
     m = sub.add_parser("merge", help="merge an adapter into its base model")
     m.add_argument("--adapter", required=True)
     m.add_argument("--base", required=True)
@@ -60,6 +62,14 @@ def main(argv=None) -> int:
         from distlora.train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["launch"]:
+        from distlora.launch import main as launch_main
+
+        return launch_main(argv[1:])
+    if argv[:1] == ["slurm"]:
+        from distlora.slurm import main as slurm_main
+
+        return slurm_main(argv[1:])
     args = p.parse_args(argv)
     if args.cmd == "merge":
         quant = None

@@ -217,7 +217,11 @@ def run(cfg) -> None:
     from distlora.model import load_model, load_tokenizer, param_counts
 
     acc = dist.build_accelerator(cfg)
-    say = acc.print
+
+    def say(*msg) -> None:  # the global main process only (accelerate's print is once per node)
+        if acc.is_main_process:
+            print(*msg, flush=True)
+
     t = cfg.train
     out = Path(t.output_dir)
     if acc.is_main_process:

@@ -1,0 +1,517 @@
+"""`distlora launch`: from a run config and a machine shape to the exact `accelerate launch` command.
+
+    distlora launch --config run.yaml --nodes N --gpus-per-node G --backend ddp|zero2|zero3|fsdp2
+                    [--cpu] [--accelerate-config PATH] [--main-ip IP] [--main-port P] [--machine-rank R]
+                    [--dry-run] [--check] [dotted.key=value ...]
+
+It writes an accelerate config YAML for that shape (the shipped configs/accelerate/single_gpu.yaml,
+multi_gpu.yaml and multi_node.yaml are its output, and a test keeps them so), then
+- one node: runs `accelerate launch --config_file X -m distlora.train --config run.yaml` (after the
+  preflight checks; --dry-run only prints it);
+- several nodes: prints the command for each node (machine rank, main address and port, number of
+  machines, static rendezvous); with --machine-rank and --main-ip it runs this node's command.
+
+`--check` runs only the preflight checks (world size vs allocation, output dir writable and shared by
+all nodes, free disk vs the expected checkpoints, main port free, backend files present) and names a
+fix for each problem. The run config owns precision, micro batch and accumulation: the accelerate
+config never sets them (it says mixed_precision 'no'; the DeepSpeed JSONs say "auto").
+
+`--cpu` (tests, CPU clusters): processes are CPU processes, `--processes-per-node` counts them, and
+the config is the MULTI_GPU kind, which distlora turns into real gloo DDP on CPU (see
+distributed.build_accelerator); MULTI_CPU would start one process per node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+BACKENDS = ("ddp", "zero2", "zero3", "fsdp2")
+DEEPSPEED_JSON = {"zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json"}
+DEFAULT_MULTINODE_PORT = 29500
+EXIT_PREFLIGHT = 3  # preflight found problems; nothing was launched
+EXIT_STOPPED = 75  # as distlora.train: stopped on request after a checkpoint
+
+
+@dataclass(frozen=True)
+class Shape:
+    nodes: int = 1
+    procs_per_node: int = 1
+    backend: str = "ddp"
+    cpu: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    def describe(self) -> str:
+        unit = "CPU process" if self.cpu else "GPU"
+        s = "" if self.procs_per_node == 1 else "es" if self.cpu else "s"
+        return f"{self.nodes} node(s) x {self.procs_per_node} {unit}{s}, backend {self.backend}"
+
+    def generator_args(self) -> str:
+        per = f"--processes-per-node {self.procs_per_node} --cpu" if self.cpu else f"--gpus-per-node {self.procs_per_node}"
+        return f"--nodes {self.nodes} {per} --backend {self.backend}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The accelerate config
+
+
+def accelerate_config(shape: Shape, main_port: int | None = None) -> list[tuple[str, object, str]]:
+    """(key, value, comment) rows of the accelerate config, in file order."""
+    if shape.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {shape.backend!r}")
+    rows: list[tuple[str, object, str]] = [("compute_environment", "LOCAL_MACHINE", "")]
+    if shape.backend in DEEPSPEED_JSON:
+        dtype = "DEEPSPEED"
+    elif shape.backend == "fsdp2":
+        dtype = "FSDP"
+    elif shape.world == 1:
+        dtype = "NO"
+    else:
+        dtype = "MULTI_GPU"
+    why = ""
+    if dtype == "MULTI_GPU" and shape.cpu:
+        why = "on CPU too: distlora's Accelerator(cpu=True) makes it MULTI_CPU + gloo"
+    rows.append(("distributed_type", dtype, why))
+    if shape.backend in DEEPSPEED_JSON:
+        rows.append(("deepspeed_config", {
+            "deepspeed_config_file": DEEPSPEED_JSON[shape.backend],
+            "deepspeed_multinode_launcher": "standard",
+            "zero3_init_flag": shape.backend == "zero3",
+        }, "the JSON says \"auto\" for batch sizes and precision: the run config fills them"))
+    if shape.backend == "fsdp2":
+        rows.append(("fsdp_config", {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": True,
+            "fsdp_offload_params": False,
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_activation_checkpointing": False,
+        }, "activation checkpointing comes from model.gradient_checkpointing in the run config"))
+    rows += [
+        ("num_machines", shape.nodes, ""),
+        ("num_processes", shape.world, "all processes on all machines"),
+    ]
+    if shape.nodes > 1:
+        rows += [
+            ("machine_rank", 0, "given per node on the command line: --machine_rank"),
+            ("main_process_port", main_port or DEFAULT_MULTINODE_PORT,
+             "on node 0; its address is given per job: --main_process_ip"),
+            ("rdzv_backend", "static", "machine ranks are fixed (SLURM node ids), no elastic rendezvous"),
+            ("same_network", True, ""),
+        ]
+    else:
+        rows.append(("machine_rank", 0, ""))
+        if main_port:
+            rows.append(("main_process_port", main_port, ""))
+    if not shape.cpu and dtype != "DEEPSPEED":
+        rows.append(("gpu_ids", "all", ""))
+    rows.append(("main_training_function", "main", ""))
+    if dtype != "DEEPSPEED":  # DeepSpeed refuses mixed_precision next to a config file
+        rows.append(("mixed_precision", "no", "the run config owns precision (train.mixed_precision)"))
+    rows.append(("use_cpu", False, "ignored by accelerate launch; CPU is chosen by distlora itself"))
+    return rows
+
+
+def _yaml_value(value) -> str:
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=False, sort_keys=False).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    return text
+
+
+def render_accelerate_yaml(shape: Shape, config_path: str, main_port: int | None = None) -> str:
+    """The YAML text; line 1 is the command that uses it (tests/test_config.py checks that)."""
+    node = " --machine_rank R --main_process_ip MAIN_IP" if shape.nodes > 1 else ""
+    lines = [
+        f"# accelerate launch --config_file {config_path}{node} -m distlora.train --config run.yaml",
+        f"# {shape.describe()}. Written by `distlora launch {shape.generator_args()}`: regenerate, do not edit.",
+    ]
+    if shape.nodes > 1:
+        lines.append("# Run once per node (R = 0..N-1; MAIN_IP = node 0's address); `distlora launch` prints the commands.")
+    for key, value, comment in accelerate_config(shape, main_port):
+        text = _yaml_value(value)
+        if isinstance(value, dict):
+            if comment:
+                lines.append(f"# {comment}")
+            lines.append(f"{key}:")
+            lines += ["  " + line for line in text.splitlines()]
+        else:
+            lines.append(f"{key}: {text}" + (f"  # {comment}" if comment else ""))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def launch_command(shape: Shape, acc_config: str, run_config: str, overrides=(), *, main_port: int | None,
+                   machine_rank: int | str | None = None, main_ip: str | None = None) -> list[str]:
+    """`accelerate launch ...` for one node (machine_rank/main_ip may be shell placeholders)."""
+    cmd = ["accelerate", "launch", "--config_file", acc_config,
+           "--num_machines", str(shape.nodes), "--num_processes", str(shape.world)]
+    if shape.nodes > 1:
+        cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", str(main_ip),
+                "--main_process_port", str(main_port or DEFAULT_MULTINODE_PORT),
+                "--rdzv_backend", "static", "--same_network", "--max_restarts", "0"]
+    elif main_port:
+        cmd += ["--main_process_port", str(main_port)]
+    return cmd + ["-m", "distlora.train", "--config", run_config, *overrides]
+
+
+def runnable(cmd: list[str]) -> list[str]:
+    """The printed command with `accelerate` taken from this Python's environment."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *cmd[2:]] if cmd[:2] == ["accelerate", "launch"] else cmd
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight
+
+
+def slurm_allocation(env=None) -> dict | None:
+    """The allocation this process runs in, from SLURM's environment; None outside a job."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID"):
+        return None
+
+    def first_int(name):
+        v = env.get(name)
+        if not v:
+            return None
+        try:
+            return int(v.split("(")[0].split(",")[0])
+        except ValueError:
+            return None
+
+    gpus = first_int("SLURM_GPUS_ON_NODE")
+    if gpus is None and env.get("SLURM_GPUS_PER_NODE"):  # "4" or "a100:4"
+        try:
+            gpus = int(env["SLURM_GPUS_PER_NODE"].split(":")[-1])
+        except ValueError:
+            gpus = None
+    return {
+        "job": env["SLURM_JOB_ID"],
+        "nodes": first_int("SLURM_JOB_NUM_NODES") or first_int("SLURM_NNODES"),
+        "gpus_per_node": gpus,
+        "cpus_on_node": first_int("SLURM_CPUS_ON_NODE"),
+        "node_id": first_int("SLURM_NODEID") or 0,
+    }
+
+
+def checkpoint_bytes(cfg) -> tuple[int | None, str]:
+    """Bytes of one checkpoint: measured from an existing one, else estimated from the LoRA size."""
+    from distlora import checkpoint
+
+    out = Path(cfg.train.output_dir)
+    if out.is_dir():
+        done, _ = checkpoint.complete_checkpoints(out)
+        if done:
+            latest = done[-1]
+            return sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()), f"measured on {latest}"
+    try:
+        n = lora_param_count(cfg)
+    except Exception as exc:  # noqa: BLE001 - an estimate only; say why it is missing
+        return None, f"could not estimate the adapter size ({type(exc).__name__}: {exc})"
+    # fp32 adapter + two fp32 Adam moments, + 16 MiB for tokenizer files and state
+    return 12 * n + (16 << 20), f"estimated from {n:,} LoRA parameters"
+
+
+def lora_param_count(cfg) -> int:
+    """Trainable parameters of the LoRA model, built on the meta device (no weights read)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mconf = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mconf, trust_remote_code=cfg.model.trust_remote_code)
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                      use_dora=cfg.lora.use_dora, modules_to_save=cfg.lora.modules_to_save, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lcfg)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_output_writable(out: Path) -> str | None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".distlora-write-{uuid.uuid4().hex}"
+        with open(probe, "w") as fh:
+            fh.write("ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+    except OSError as exc:
+        return (f"output dir: cannot write to {out} ({exc.strerror or exc}); fix: set train.output_dir to a "
+                "writable directory (e.g. on the shared scratch filesystem)")
+    return None
+
+
+def check_shared_dir_slurm(out: Path, nodes: int, timeout: int = 120) -> str | None:
+    """Write a token here, read it on every node of the allocation with srun."""
+    token = uuid.uuid4().hex
+    path = out / f".distlora-shared-{token}"
+    path.write_text(token)
+    try:
+        cmd = ["srun", "--nodes", str(nodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=0",
+               "bash", "-c", f'echo "node $SLURM_NODEID $(hostname) $(cat {shlex.quote(str(path))} 2>/dev/null)"']
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"shared output dir: could not run srun to read the token on every node ({exc}); fix: run --check inside the job's allocation"
+        seen = {}
+        for line in res.stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "node":
+                seen[parts[1]] = parts[3] if len(parts) > 3 else ""
+        blind = sorted(n for n in map(str, range(nodes)) if seen.get(n) != token)
+        if blind:
+            return (f"shared output dir: node(s) {', '.join(blind)} of the job do not see {out} (a token written on node "
+                    f"0 was not read there); fix: put train.output_dir on a filesystem all nodes share")
+    finally:
+        path.unlink(missing_ok=True)
+    return None
+
+
+def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = True, env=None) -> tuple[list[str], list[str]]:
+    """(problems, notes). Each problem says what is wrong and how to fix it."""
+    from distlora import checkpoint
+
+    problems, notes = [], []
+    t = cfg.train
+    out = Path(t.output_dir)
+    alloc = slurm_allocation(env)
+
+    # world size vs allocation
+    if alloc is not None:
+        if alloc["nodes"] is not None and alloc["nodes"] != shape.nodes:
+            problems.append(f"world size: SLURM job {alloc['job']} has {alloc['nodes']} node(s) but the launch asks for "
+                            f"{shape.nodes}; fix: --nodes {alloc['nodes']}, or submit with #SBATCH --nodes={shape.nodes}")
+        if shape.cpu:
+            cpus = alloc["cpus_on_node"]
+            if cpus is not None and cpus < shape.procs_per_node:
+                problems.append(f"world size: {shape.procs_per_node} processes per node but SLURM gave this node {cpus} "
+                                f"CPU(s); fix: #SBATCH --cpus-per-task={shape.procs_per_node}, or --processes-per-node {cpus}")
+        else:
+            gpus = alloc["gpus_per_node"]
+            if not gpus or gpus < shape.procs_per_node:
+                problems.append(f"world size: {shape.procs_per_node} GPU processes per node but SLURM allocated {gpus or 0} "
+                                f"GPU(s) per node; fix: #SBATCH --gpus-per-node={shape.procs_per_node}, or --gpus-per-node {gpus or 0}")
+    elif shape.nodes == 1:
+        if shape.cpu:
+            n = os.cpu_count() or 1
+            if n < shape.procs_per_node:
+                notes.append(f"{shape.procs_per_node} processes share {n} CPU core(s): correct but slow")
+        else:
+            import torch
+
+            n = torch.cuda.device_count()
+            if n < shape.procs_per_node:
+                problems.append(f"world size: {shape.procs_per_node} GPU processes but this machine has {n} GPU(s); fix: "
+                                f"--gpus-per-node {n}" + (" (or --cpu --processes-per-node N without GPUs)" if n == 0 else ""))
+    else:
+        notes.append("not in a SLURM job: the other nodes' GPUs and the shared output dir cannot be checked from here")
+
+    if shape.cpu and shape.backend == "fsdp2":
+        problems.append("backend: accelerate's FSDP path needs GPUs (on CPU it fails or silently does not shard); "
+                        "fix: --backend ddp on CPU")
+    if shape.backend in DEEPSPEED_JSON and not Path(DEEPSPEED_JSON[shape.backend]).is_file():
+        problems.append(f"backend: {DEEPSPEED_JSON[shape.backend]} (the DeepSpeed config the accelerate config points to) "
+                        "does not exist here; fix: run from the repository root, or copy configs/deepspeed/ next to your run")
+
+    # a checkpoint from another global batch cannot be resumed
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * shape.world
+    if t.resume == "auto" and out.is_dir():
+        latest = checkpoint.latest(out)
+        if latest is not None:
+            gb = checkpoint.read_state(latest).get("global_batch")
+            if gb not in (None, global_batch):
+                problems.append(
+                    f"world size: {latest} was written with global batch {gb}, this launch gives {global_batch} "
+                    f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x {shape.world} "
+                    f"processes); fix: keep the global batch (e.g. train.gradient_accumulation_steps="
+                    f"{gb // (t.micro_batch_size * shape.world)} if it divides), or train.resume=never")
+
+    # output dir: writable; with several nodes, the same directory on all of them
+    err = check_output_writable(out)
+    if err:
+        problems.append(err)
+    elif shape.nodes > 1 and alloc is not None and is_main_node:
+        err = check_shared_dir_slurm(out, shape.nodes)
+        if err:
+            problems.append(err)
+
+    # free disk vs the checkpoints the run will keep
+    if out.is_dir():
+        size, how = checkpoint_bytes(cfg)
+        if size is None:
+            notes.append(f"free disk not checked: {how}")
+        else:
+            if not t.save_every:
+                kept = 0
+            elif t.keep_last:
+                kept = t.keep_last + 2  # + the best one + the one being written
+            elif t.max_steps:
+                kept = t.max_steps // t.save_every + 1
+            else:
+                kept = 12
+                notes.append("train.keep_last is null: checkpoints accumulate; free disk checked for 10 of them")
+            need = size * kept + size // 3  # and the final adapter (a third: no optimizer state)
+            free = shutil.disk_usage(out).free
+            if free < need:
+                problems.append(f"disk: {free / 2**30:.2f} GiB free under {out}, the run needs about "
+                                f"{need / 2**30:.2f} GiB ({kept} checkpoints of {size / 2**20:.1f} MiB, {how}); fix: "
+                                "free space, lower train.keep_last, or move train.output_dir")
+            else:
+                notes.append(f"disk: {free / 2**30:.1f} GiB free, ~{need / 2**20:.1f} MiB needed ({how})")
+
+    # main port free on the main node
+    if is_main_node and main_port and port_in_use(main_port):
+        problems.append(f"main port: {main_port} is already in use on this node; fix: --main-port "
+                        f"{free_port()} (any free port)")
+    return problems, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the run config YAML (the same one for every launcher)")
+    p.add_argument("--nodes", type=int, default=1, help="machines (default 1)")
+    p.add_argument("--gpus-per-node", "--processes-per-node", dest="per_node", type=int, default=1,
+                   help="processes per machine: GPUs, or CPU processes with --cpu (default 1)")
+    p.add_argument("--backend", choices=BACKENDS, default="ddp", help="ddp (default), zero2, zero3, fsdp2")
+    p.add_argument("--cpu", action="store_true", help="CPU processes (tests, CPU clusters): gloo DDP, no GPUs asked for")
+    p.add_argument("--main-port", type=int, default=None,
+                   help=f"rendezvous port on node 0 (default: a free one on 1 node, {DEFAULT_MULTINODE_PORT} on several)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides passed on to distlora.train")
+
+
+def shape_from_args(args) -> Shape:
+    if args.nodes < 1 or args.per_node < 1:
+        raise SystemExit("distlora: --nodes and --gpus-per-node must be >= 1")
+    return Shape(args.nodes, args.per_node, args.backend, args.cpu)
+
+
+def load_run_config(args):
+    from distlora import config as config_mod
+
+    try:
+        return config_mod.load(args.config, args.overrides)
+    except config_mod.ConfigError as err:
+        print(err.render(), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="distlora launch", description=__doc__.split("\n\n")[0])
+    add_shape_args(p)
+    p.add_argument("--accelerate-config", default=None,
+                   help="where to write the accelerate config (default: <output_dir>/launch/accelerate.yaml)")
+    p.add_argument("--machine-rank", type=int, default=None, help="several nodes: run this node's command")
+    p.add_argument("--main-ip", default=None, help="several nodes: node 0's address")
+    p.add_argument("--dry-run", action="store_true", help="write the accelerate config, print the command, run nothing")
+    p.add_argument("--check", action="store_true", help="run the preflight checks only")
+    args = p.parse_args(argv)
+    shape = shape_from_args(args)
+    cfg = load_run_config(args)
+    out = Path(cfg.train.output_dir)
+
+    multi = shape.nodes > 1
+    port = args.main_port or (DEFAULT_MULTINODE_PORT if multi else None)
+    if not multi and port is None and not args.dry_run:
+        port = free_port()
+    alloc = slurm_allocation()
+    is_main_node = (args.machine_rank or 0) == 0 and (alloc is None or alloc["node_id"] == 0)
+    if args.check or not args.dry_run:
+        problems, notes = preflight(cfg, shape, main_port=port, is_main_node=is_main_node)
+        for n in notes:
+            print(f"distlora: preflight: {n}", file=sys.stderr)
+        for prob in problems:
+            print(f"distlora: preflight problem: {prob}", file=sys.stderr)
+        if problems:
+            print(f"distlora: {len(problems)} preflight problem(s); nothing launched", file=sys.stderr)
+            return EXIT_PREFLIGHT
+        if args.check:
+            print("distlora: preflight ok", file=sys.stderr)
+            return 0
+
+    acc_path = args.accelerate_config or str(out / "launch" / "accelerate.yaml")
+    Path(acc_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(acc_path).write_text(render_accelerate_yaml(shape, acc_path, port if multi else None))
+    print(f"distlora: wrote {acc_path} ({shape.describe()})", file=sys.stderr)
+
+    if not multi:
+        cmd = launch_command(shape, acc_path, args.config, args.overrides, main_port=port)
+        print(shlex.join(cmd), flush=True)
+        return 0 if args.dry_run else _run(cmd, out)
+    if args.machine_rank is not None and args.main_ip and not args.dry_run:
+        cmd = launch_command(shape, acc_path, args.config, args.overrides, main_port=port,
+                             machine_rank=args.machine_rank, main_ip=args.main_ip)
+        print(shlex.join(cmd), flush=True)
+        return _run(cmd, out)
+    ip = args.main_ip or "$MAIN_IP"
+    print(f"# {shape.describe()}: run on every node, with MAIN_IP = node 0's address "
+          f"(the accelerate config must be readable there)")
+    for r in range(shape.nodes):
+        cmd = launch_command(shape, acc_path, args.config, args.overrides, main_port=port, machine_rank=r, main_ip="@IP@")
+        print(f"# node {r}:")
+        print(shlex.join(cmd).replace("@IP@", ip if ip != "$MAIN_IP" else '"$MAIN_IP"'))
+    return 0
+
+
+def _run(cmd: list[str], out: Path) -> int:
+    """Run it in the foreground. SIGTERM/SIGUSR1 to this process become a stop request the trainer
+    sees at its next optimizer step (the STOP file; it checkpoints and exits 75): accelerate's
+    launcher would die on USR1. Ctrl-C reaches the whole process group by itself. Returns 75 when
+    the run stopped on request before finishing (rerun the same command to resume)."""
+    import signal
+
+    # A STOP file left by the previous stop: remove it before any rank starts, or a rank that
+    # reaches its first step before rank 0 deletes it would stop the new run at once.
+    (out / "STOP").unlink(missing_ok=True)
+    proc = subprocess.Popen(runnable(cmd))
+    asked = []
+
+    def request_stop(signum, _frame):
+        print(f"distlora: {signal.Signals(signum).name}: asking the trainer to checkpoint and stop", file=sys.stderr)
+        (out / "STOP").touch()
+        asked.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGUSR1, request_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rc = proc.wait()
+    if rc != 0 and asked and not (out / "adapter" / "COMPLETE.json").is_file():
+        print("distlora: stopped on request; rerun the same command to resume", file=sys.stderr)
+        return EXIT_STOPPED
+    return rc
