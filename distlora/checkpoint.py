@@ -203,6 +203,28 @@ def save(acc, model, optimizer, scheduler, tokenizer, output_dir, state: dict, k
     return final
 
 
+def check_room(output_dir, trainable_params: int, keep_last: int | None, save_every: int) -> str | None:
+    """At trainer start: can output_dir hold what this run will write? (None = yes, else the problem.)
+    A checkpoint is ~12 bytes per trainable parameter (fp32 adapter + two Adam moments); during a
+    save keep_last + 1 of them exist, plus the final adapter (4 bytes per parameter)."""
+    out = Path(output_dir)
+    probe = out / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        return f"train.output_dir: cannot write to {out} ({exc.strerror or exc}); point it at a writable directory"
+    ckpt = 12 * trainable_params + (1 << 20)
+    copies = 0 if not save_every else (keep_last + 1 if keep_last else 2)
+    need = copies * ckpt + 4 * trainable_params
+    free = shutil.disk_usage(out).free
+    if free < need:
+        return (f"train.output_dir: {free / 2**20:,.0f} MiB free on {out}, this run needs ~{need / 2**20:,.0f} MiB "
+                f"({copies} checkpoint(s) of ~{ckpt / 2**20:,.0f} MiB + the adapter); free space, lower "
+                "train.keep_last, or use another directory")
+    return None
+
+
 def clean_partial(output_dir) -> list[Path]:
     """Remove what interrupted saves left (main process, before training); returns what it removed."""
     _, partial = complete_checkpoints(output_dir)

@@ -257,6 +257,10 @@ def run(cfg) -> None:
     memory = {"after_prepare": dist.model_state_bytes(acc, model, optimizer)}  # per rank, into summary.json
     comm = dist.GradCommCounter(acc, model)
     counts = param_counts(model)
+    if acc.is_main_process:  # the launcher's preflight again, now that the run is really here (not the port)
+        problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every)
+        if problem:
+            raise checkpoint.CheckpointError(problem)
     say(
         f"distlora: {acc.num_processes} process(es), {acc.distributed_type}, mixed precision {acc.mixed_precision}; "
         f"trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters; "
