@@ -140,6 +140,9 @@ class TrainConfig(_Section):
         "auto", description="Autocast precision; auto = bf16 on GPUs that support it, else no."
     )
     seed: int = Field(42, description="Seeds LoRA init, data order and dropout.")
+    loss_chunk_size: int = Field(
+        0, ge=0, description="Compute lm_head + cross-entropy this many target tokens at a time (less logits memory); 0 = all at once."
+    )
     log_every: int = Field(1, gt=0, description="Write a metrics row every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only at the end.")
     eval_at_start: bool = Field(False, description="Also evaluate before the first step (a baseline).")

@@ -60,24 +60,15 @@ def main(argv=None) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def token_nll(logits, labels):
-    """Per-example summed NLL and target-token counts (labels are aligned with inputs; shift here)."""
-    import torch.nn.functional as F
+def forward_nll(model, batch, chunk: int = 0):
+    """Per-example summed NLL and target-token counts of a padded or packed batch; `chunk` > 0 computes
+    lm_head + cross-entropy `chunk` target tokens at a time (distlora.loss)."""
+    from distlora.loss import example_nll
 
-    from distlora.data import IGNORE
-
-    logits = logits[:, :-1, :].float()
-    target = labels[:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
-    return nll.sum(dim=1), (target != IGNORE).sum(dim=1)
+    return example_nll(model, batch, chunk)
 
 
-def forward_nll(model, batch):
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return token_nll(out.logits, batch["labels"])
-
-
-def evaluate(acc, model, loader) -> dict:
+def evaluate(acc, model, loader, chunk: int = 0) -> dict:
     """Eval loss from per-example (NLL sum, token count) gathered across ranks, summed in example-id
     order in float64: the same value for any number of processes."""
     import torch
@@ -86,7 +77,7 @@ def evaluate(acc, model, loader) -> dict:
     ids, nlls, counts = [], [], []
     with torch.no_grad():
         for batch in loader:
-            nll, n = forward_nll(model, batch)
+            nll, n = forward_nll(model, batch, chunk)
             ids.append(acc.gather(batch["ids"]))
             nlls.append(acc.gather(nll.double()))
             counts.append(acc.gather(n))
@@ -219,7 +210,7 @@ def run(cfg) -> None:
         nonlocal best_eval
         if eval_loader is None:
             return None
-        ev = evaluate(acc, model, eval_loader)
+        ev = evaluate(acc, model, eval_loader, t.loss_chunk_size)
         best_eval = ev["eval_loss"] if best_eval is None else min(best_eval, ev["eval_loss"])
         metrics.log({"step": step, **ev})
         say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
@@ -251,7 +242,7 @@ def run(cfg) -> None:
         nll_total = torch.zeros((), dtype=torch.float64, device=device)
         for batch in window:
             with acc.accumulate(model):
-                nll, _ = forward_nll(model, batch)
+                nll, _ = forward_nll(model, batch, t.loss_chunk_size)
                 nll = nll.sum()
                 # accelerate divides by `accum` and DDP averages over `dp` ranks; undo both so the
                 # summed gradient is d(sum NLL)/dθ / n_target exactly.
