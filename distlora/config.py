@@ -101,7 +101,9 @@ class DataConfig(_Section):
         "truncate", description="What to do with longer examples (both are counted in the log)."
     )
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completion only).")
-    packing: bool = Field(False, description="Pack several examples per row (not available yet).")
+    packing: bool = Field(
+        False, description="Pack examples into rows of <= max_seq_len tokens, attention kept per example; micro_batch_size counts rows."
+    )
     shuffle: bool = Field(True, description="Shuffle examples each epoch (order depends on seed and global batch only).")
 
     @field_validator("eval")
@@ -109,13 +111,6 @@ class DataConfig(_Section):
     def _eval_fraction(cls, v):
         if isinstance(v, float) and not (0.0 < v < 1.0):
             raise ValueError("a fraction must lie strictly between 0 and 1; or give a path, or null")
-        return v
-
-    @field_validator("packing")
-    @classmethod
-    def _no_packing_yet(cls, v):
-        if v:
-            raise ValueError("packing is not implemented yet; set data.packing: false")
         return v
 
 

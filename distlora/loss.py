@@ -109,12 +109,19 @@ def example_nll(model, batch, chunk: int = 0):
         return _per_example(nll.flatten(), target.flatten(), batch["example_index"][:, 1:].flatten(), len(batch["ids"]))
     hidden, head = _hidden_states(model, kwargs)
     keep = target != IGNORE
-    h = hidden[:, :-1][keep]  # only target positions reach lm_head
-    nll = chunked_target_nll(head, h, target[keep], chunk)
     if packed:
         owner = batch["example_index"][:, 1:][keep]
     else:
         owner = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(target)[keep]
+    if not keep.any():
+        # A micro batch of padding examples: no target, but backward must still reach every trainable
+        # parameter (DDP expects each one's gradient, here zero), as the plain loss's graph does.
+        n = len(batch["ids"])
+        zero = 0.0 * chunked_target_nll(head, hidden[:1, 0], labels.new_zeros(1), chunk)
+        sums = torch.zeros(n, dtype=zero.dtype, device=zero.device).index_add(0, labels.new_zeros(1), zero)
+        return sums, torch.zeros(n, dtype=torch.long, device=labels.device)
+    h = hidden[:, :-1][keep]  # only target positions reach lm_head
+    nll = chunked_target_nll(head, h, target[keep], chunk)
     return _sum_by_owner(nll, owner, len(batch["ids"]))
 
 

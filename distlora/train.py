@@ -78,9 +78,10 @@ def evaluate(acc, model, loader, chunk: int = 0) -> dict:
     with torch.no_grad():
         for batch in loader:
             nll, n = forward_nll(model, batch, chunk)
-            ids.append(acc.gather(batch["ids"]))
-            nlls.append(acc.gather(nll.double()))
-            counts.append(acc.gather(n))
+            # packed rows hold different numbers of examples on each rank: pad (id -1) before gathering
+            ids.append(acc.gather(acc.pad_across_processes(batch["ids"], pad_index=-1)))
+            nlls.append(acc.gather(acc.pad_across_processes(nll.double())))
+            counts.append(acc.gather(acc.pad_across_processes(n)))
     model.train()
     ids, nlls, counts = torch.cat(ids).cpu(), torch.cat(nlls).cpu(), torch.cat(counts).cpu()
     keep = ids >= 0
@@ -156,15 +157,20 @@ def run(cfg) -> None:
 
     dp = dist.data_parallel_size(acc)
     pad_id = tokenizer.pad_token_id
+    pack = cfg.data.max_seq_len if cfg.data.packing else 0
     train_loader, sampler = data.make_loader(
-        train_records, pad_id, t.micro_batch_size, t.gradient_accumulation_steps, dp, t.seed, cfg.data.shuffle
+        train_records, pad_id, t.micro_batch_size, t.gradient_accumulation_steps, dp, t.seed, cfg.data.shuffle, pack
     )
+    if pack:
+        say(f"distlora: {sampler.summary()}")
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     eval_loader = None
     if eval_records:
-        eval_loader, _ = data.make_loader(eval_records, pad_id, t.eval_micro_batch_size or t.micro_batch_size, 1, dp, t.seed, False)
+        eval_loader, _ = data.make_loader(
+            eval_records, pad_id, t.eval_micro_batch_size or t.micro_batch_size, 1, dp, t.seed, False, pack
+        )
         eval_loader = acc.prepare_data_loader(eval_loader)
     # The scheduler is not prepared: accelerate would step it once per process per step.
     model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
@@ -263,7 +269,7 @@ def run(cfg) -> None:
             stats = torch.tensor(
                 [
                     nll_total.item(),
-                    sum(int(b["attention_mask"][b["ids"] >= 0].sum()) for b in window),
+                    sum(data.input_tokens(b) for b in window),
                     sum(b["input_ids"].numel() for b in window),
                     sum(int((b["ids"] >= 0).sum()) for b in window),
                 ],

@@ -101,3 +101,20 @@ def test_chunked_refuses_transformed_logits(tiny, tmp_path):
 
     with pytest.raises(ValueError, match="loss_chunk_size"):
         forward_nll(model, batch, 8)
+
+
+def test_chunked_batch_without_targets_still_reaches_every_parameter(tiny, tmp_path):
+    """A micro batch of padding examples (the end of an epoch) has no target token; under DDP every
+    trainable parameter must still get a (zero) gradient, as with the plain loss."""
+    from distlora import data as D
+    from distlora.train import forward_nll
+
+    model, _ = _setup(tiny, tmp_path, target_modules=["q_proj", "lm_head"])
+    batch = D.Collator(2)([D.Records([], 2)[-1]] * 2)
+    for chunk in (0, 4):
+        model.zero_grad(set_to_none=True)
+        nll, n = forward_nll(model, batch, chunk)
+        assert n.tolist() == [0, 0] and nll.tolist() == [0.0, 0.0]
+        nll.sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and float(g.abs().max()) == 0.0 for g in grads), chunk
