@@ -105,6 +105,9 @@ class DataConfig(_Section):
         False, description="Pack examples into rows of <= max_seq_len tokens, attention kept per example; micro_batch_size counts rows."
     )
     shuffle: bool = Field(True, description="Shuffle examples each epoch (order depends on seed and global batch only).")
+    group_by_length: bool = Field(
+        False, description="Unpacked: batch examples of similar length together (less padding); still exactly once per epoch."
+    )
 
     @field_validator("eval")
     @classmethod
@@ -338,6 +341,8 @@ def _check_world(s: dict, check_model: bool) -> list[str]:
     data = s.get("data")
     if data is not None:
         problems += data_mod.check_sources(data)
+        if data.packing and data.group_by_length:
+            problems.append("data.group_by_length: packing already removes padding; set data.packing or data.group_by_length, not both")
     tok = s.get("tokenizer")
     if tok is not None and tok.name_or_path and _looks_local(tok.name_or_path) and not Path(tok.name_or_path).exists():
         problems.append(f"tokenizer.name_or_path: '{tok.name_or_path}' does not exist")

@@ -379,11 +379,15 @@ class GlobalBatchSampler:
     `iter()`, which would reset the position.
     """
 
-    def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
+    GROUP_SPAN = 32  # group_by_length sorts spans of this many global batches of the shuffled order
+
+    def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,
+                 lengths: Optional[list[int]] = None):
         self.n, self.micro, self.accum, self.world = n, micro, accum, world
         self.seed, self.shuffle = seed, shuffle
         self.global_batch = micro * accum * world
         self.epoch, self.start_step = 0, 0
+        self.lengths = lengths  # set: group by length (data.group_by_length)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -400,7 +404,27 @@ class GlobalBatchSampler:
             perm = torch.randperm(self.n, generator=g).tolist()
         else:
             perm = list(range(self.n))
+        if self.lengths is not None:
+            perm = self._grouped(perm)
         return perm + [-1] * (self.steps_per_epoch * self.global_batch - self.n)
+
+    def _grouped(self, perm: list[int]) -> list[int]:
+        """Length grouping: sort each span of GROUP_SPAN global batches of the shuffled order by length
+        (longest first, ties in shuffled order), cut into global batches, and shuffle the whole global
+        batches (the last, partial one stays last). Still a permutation of the epoch: exactly once, and a
+        function of (seed, epoch, global batch) only, so `position` resumes exactly."""
+        import torch
+
+        g, span = self.global_batch, self.global_batch * self.GROUP_SPAN
+        out: list[int] = []
+        for i in range(0, len(perm), span):
+            out += sorted(perm[i : i + span], key=lambda j: -self.lengths[j])
+        whole = len(out) // g
+        batches = [out[k * g : (k + 1) * g] for k in range(whole)]
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 2_000_000_011)
+            batches = [batches[k] for k in torch.randperm(whole, generator=gen).tolist()]
+        return [i for b in batches for i in b] + out[whole * g :]
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()
@@ -550,15 +574,17 @@ def input_tokens(batch: dict) -> int:
 
 
 def make_loader(records: list[dict], pad_id: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,
-                pack: int = 0):
-    """DataLoader + sampler; `pack` > 0 packs examples into rows of at most `pack` tokens."""
+                pack: int = 0, group_by_length: bool = False):
+    """DataLoader + sampler; `pack` > 0 packs examples into rows of at most `pack` tokens;
+    `group_by_length` batches examples of similar length together (unpacked)."""
     from torch.utils.data import DataLoader
 
     if pack:
         sampler = PackedBatchSampler([len(r["input_ids"]) for r in records], pack, micro, accum, world, seed, shuffle)
         collate = PackedCollator(pad_id)
     else:
-        sampler = GlobalBatchSampler(len(records), micro, accum, world, seed, shuffle)
+        lengths = [len(r["input_ids"]) for r in records] if group_by_length else None
+        sampler = GlobalBatchSampler(len(records), micro, accum, world, seed, shuffle, lengths)
         collate = Collator(pad_id)
     loader = DataLoader(Records(records, pad_id), batch_sampler=sampler, collate_fn=collate, num_workers=0)
     return loader, sampler

@@ -159,7 +159,8 @@ def run(cfg) -> None:
     pad_id = tokenizer.pad_token_id
     pack = cfg.data.max_seq_len if cfg.data.packing else 0
     train_loader, sampler = data.make_loader(
-        train_records, pad_id, t.micro_batch_size, t.gradient_accumulation_steps, dp, t.seed, cfg.data.shuffle, pack
+        train_records, pad_id, t.micro_batch_size, t.gradient_accumulation_steps, dp, t.seed, cfg.data.shuffle, pack,
+        cfg.data.group_by_length,
     )
     if pack:
         say(f"distlora: {sampler.summary()}")

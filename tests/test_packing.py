@@ -191,3 +191,15 @@ def test_packed_runs_1_and_2_processes_agree(tiny, tmp_path):
     for epoch in range(2):
         ids = [i for s in range(1 + epoch * per_epoch, 1 + (epoch + 1) * per_epoch) for i in steps[s] if i >= 0]
         assert sorted(ids) == list(range(64))
+
+
+def test_group_by_length_run_pads_less(tiny, tmp_path):
+    """Wired through the trainer: the same steps with group_by_length log fewer padded tokens."""
+    pads = {}
+    for flag in (False, True):
+        raw = base_config(tiny, tmp_path / str(flag) / "out", data={"group_by_length": flag, "eval": None},
+                          train={"micro_batch_size": 8, "max_steps": 4})
+        assert run_inprocess(write_config(tmp_path / str(flag) / "c.yaml", raw)) == 0
+        rows = [r for r in read_metrics(tmp_path / str(flag) / "out") if "loss" in r]
+        pads[flag] = sum(r["padded_tokens"] - r["input_tokens"] for r in rows)
+    assert pads[True] < 0.5 * pads[False], pads
