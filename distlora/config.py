@@ -105,6 +105,10 @@ class DataConfig(_Section):
         False, description="Pack examples into rows of <= max_seq_len tokens, attention kept per example; micro_batch_size counts rows."
     )
     shuffle: bool = Field(True, description="Shuffle examples each epoch (order depends on seed and global batch only).")
+    cache: bool = Field(
+        False, description="Trainer also writes the tokenized-data cache (distlora preprocess always does; a matching one is always read)."
+    )
+    cache_dir: Optional[str] = Field(None, description="Tokenized-data cache directory; None = output_dir/data_cache.")
     group_by_length: bool = Field(
         False, description="Unpacked: batch examples of similar length together (less padding); still exactly once per epoch."
     )

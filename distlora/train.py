@@ -133,7 +133,7 @@ def run(cfg) -> None:
     import torch
     from accelerate.utils import set_seed
 
-    from distlora import checkpoint, data
+    from distlora import checkpoint, data, datacache
     from distlora import distributed as dist
     from distlora.metrics import MetricsLog, Progress, peak_memory_mb
     from distlora.model import load_model, load_tokenizer, param_counts
@@ -149,7 +149,7 @@ def run(cfg) -> None:
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg)
-    train_records, eval_records, _ = data.build_datasets(cfg, tokenizer, acc.main_process_first, log=say)
+    train_records, eval_records, _ = datacache.load_datasets(cfg, tokenizer, acc.main_process_first, log=say)
     model = load_model(cfg, acc.mixed_precision)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base_sum_start = _checksum(frozen)
