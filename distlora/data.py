@@ -468,9 +468,9 @@ class PackedBatchSampler(GlobalBatchSampler):
     (seed, epoch, global batch in rows) only, and `position` resumes exactly as for unpacked data."""
 
     def __init__(self, lengths: list[int], capacity: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
-        self.lengths, self.capacity, self.n_examples = lengths, capacity, len(lengths)
         n_rows = len(pack_rows(list(range(len(lengths))), lengths, capacity))
         super().__init__(n_rows, micro, accum, world, seed, shuffle)
+        self.example_lengths, self.capacity, self.n_examples = lengths, capacity, len(lengths)
 
     def rows(self) -> list[list[int]]:
         import torch
@@ -480,7 +480,7 @@ class PackedBatchSampler(GlobalBatchSampler):
             perm = torch.randperm(self.n_examples, generator=g).tolist()
         else:
             perm = list(range(self.n_examples))
-        rows = pack_rows(perm, self.lengths, self.capacity)
+        rows = pack_rows(perm, self.example_lengths, self.capacity)
         assert len(rows) == self.n, "packing gave a different row count this epoch"
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_000_007)
@@ -491,7 +491,7 @@ class PackedBatchSampler(GlobalBatchSampler):
         return self.rows() + [[-1]] * (self.steps_per_epoch * self.global_batch - self.n)
 
     def summary(self) -> str:
-        used = sum(self.lengths)
+        used = sum(self.example_lengths)
         return (
             f"packing: {self.n_examples} examples in {self.n} rows of <= {self.capacity} tokens "
             f"({self.n_examples / self.n:.2f} examples/row, {used / (self.n * self.capacity):.1%} of row tokens used); "
