@@ -85,14 +85,17 @@ def _hidden_states(model, kwargs):
     captured = {}
 
     def hook(_module, _args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        h = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        dev = h.device.type
+        # the autocast state the model's own lm_head would run under (accelerate wraps forward only)
+        captured["h"], captured["autocast"] = h, (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
 
     handle = body.register_forward_hook(hook)
     try:
         model(**kwargs, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
-    return captured["h"], hf.get_output_embeddings()
+    return captured["h"], hf.get_output_embeddings(), captured["autocast"]
 
 
 def example_nll(model, batch, chunk: int = 0):
@@ -107,7 +110,15 @@ def example_nll(model, batch, chunk: int = 0):
             return token_nll(logits, labels)
         nll = F.cross_entropy(logits[:, :-1, :].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
         return _per_example(nll.flatten(), target.flatten(), batch["example_index"][:, 1:].flatten(), len(batch["ids"]))
-    hidden, head = _hidden_states(model, kwargs)
+    hidden, head, (dev, dtype, enabled) = _hidden_states(model, kwargs)
+    with torch.autocast(dev, dtype=dtype, enabled=enabled):
+        return _chunked_example_nll(hidden, head, batch, chunk)
+
+
+def _chunked_example_nll(hidden, head, batch, chunk):
+    labels = batch["labels"]
+    target = labels[:, 1:]
+    packed = "example_index" in batch
     keep = target != IGNORE
     if packed:
         owner = batch["example_index"][:, 1:][keep]
