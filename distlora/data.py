@@ -566,6 +566,16 @@ class PackedCollator:
         }
 
 
+def example_lengths(batch: dict):
+    """Token count of each real example (padding examples left out) in a padded or packed batch."""
+    import torch
+
+    if "example_index" in batch:
+        counts = torch.bincount(batch["example_index"][batch["real_tokens"]], minlength=len(batch["ids"]))
+        return counts[batch["ids"] >= 0]
+    return batch["attention_mask"][batch["ids"] >= 0].sum(dim=1)
+
+
 def input_tokens(batch: dict) -> int:
     """Tokens of real examples in a padded or packed batch (no padding, no padding examples)."""
     if "real_tokens" in batch:

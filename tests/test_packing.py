@@ -230,3 +230,15 @@ def test_packed_resume_is_exact(tiny, tmp_path):
     la = [r["loss"] for r in read_metrics(tmp_path / "straight" / "out") if "loss" in r]
     lb = [r["loss"] for r in read_metrics(tmp_path / "resumed" / "out") if "loss" in r]
     assert la[3:] == lb
+
+
+def test_example_lengths_and_tokens_agree_packed_and_padded():
+    recs = [{"input_ids": [1] * n, "labels": [1] * n, "id": i} for i, n in enumerate([5, 3, 7, 2])]
+    pad = D.Records([], 0)[-1]
+    padded = D.Collator(0)(recs + [pad])
+    packed = D.PackedCollator(0)([[recs[0], recs[1]], [recs[2], recs[3]], [pad]])
+    assert D.example_lengths(padded).tolist() == [5, 3, 7, 2]
+    assert sorted(D.example_lengths(packed).tolist()) == [2, 3, 5, 7]
+    assert D.input_tokens(padded) == D.input_tokens(packed) == 17
+    assert packed["position_ids"][0].tolist()[:8] == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert packed["labels"][0, 5] == D.IGNORE  # no target across the example boundary
