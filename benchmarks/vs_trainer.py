@@ -282,6 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 process, 2 repeats")
     p.add_argument("--repeats", type=int, help="runs per variant and process count")
     p.add_argument("--procs", type=int, nargs="+", help="process counts, e.g. 1 2")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
+                   help="override sizes, e.g. --set layers=4 hidden=256 steps=12 (keys: " + ", ".join(QUICK) + ")")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the table")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--cfg", help=argparse.SUPPRESS)
@@ -306,6 +308,11 @@ def main(argv=None) -> int:
         spec["repeats"] = a.repeats
     if a.procs:
         spec["procs"] = a.procs
+    for item in a.set:
+        key, value = item.split("=", 1)
+        if key not in spec or key == "procs":
+            raise SystemExit(f"--set: unknown size '{key}'; use one of {', '.join(k for k in spec if k != 'procs')}")
+        spec[key] = int(value)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="distlora-bench-") as tmp:
         work = Path(tmp)
