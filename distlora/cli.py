@@ -1,4 +1,4 @@
-"""`distlora` subcommands: train, launch, slurm, merge, plan, plot, tiny."""
+"""`distlora` subcommands: train, preprocess, launch, slurm, merge, plan, plot, tiny."""
 
 from __future__ import annotations
 
@@ -34,6 +34,23 @@ def merge(adapter: str, base: str, out: str, dtype: str = "float32", quantizatio
     AutoTokenizer.from_pretrained(tok_src).save_pretrained(out)
 
 
+def preprocess(config_path: str, overrides: list[str]) -> int:
+    """Tokenize the run's train/eval data into the cache (distlora.datacache); print where it is."""
+    from distlora import config as config_mod
+    from distlora import datacache
+    from distlora.model import load_tokenizer
+
+    try:
+        cfg = config_mod.load(config_path, overrides, check_model=False)
+    except config_mod.ConfigError as err:
+        print(err.render(), file=sys.stderr)
+        return 2
+    tok = load_tokenizer(cfg)
+    datacache.load_datasets(cfg, tok, log=print, write_cache=True)
+    print(f"data cache: {datacache.cache_root(cfg) / datacache.cache_key(cfg, tok)}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="distlora")
@@ -56,6 +73,9 @@ def main(argv=None) -> int:
     pt = sub.add_parser("plot", help="write PNG charts (loss, lr, tokens/s, memory) from output_dir/metrics.jsonl")
     pt.add_argument("output_dir")
     pt.add_argument("--out", default=None, help="where the PNGs go (default: output_dir/plots)")
+    pp = sub.add_parser("preprocess", help="tokenize the run's data once into the cache the trainer reuses")
+    pp.add_argument("--config", required=True)
+    pp.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     t = sub.add_parser("tiny", help="write the tiny local model, tokenizer and dataset used by the demo and tests")
     t.add_argument("out")
     if argv[:1] == ["train"]:
@@ -90,6 +110,8 @@ def main(argv=None) -> int:
         from distlora.plan import main as plan_main
 
         return plan_main(args)
+    elif args.cmd == "preprocess":
+        return preprocess(args.config, args.overrides)
     elif args.cmd == "tiny":
         from distlora.tiny import build_assets
 

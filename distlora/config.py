@@ -118,21 +118,23 @@ class DataConfig(_Section):
         "truncate", description="What to do with longer examples (both are counted in the log)."
     )
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completion only).")
-    packing: bool = Field(False, description="Pack several examples per row (not available yet).")
+    packing: bool = Field(
+        False, description="Pack examples into rows of <= max_seq_len tokens, attention kept per example; micro_batch_size counts rows."
+    )
     shuffle: bool = Field(True, description="Shuffle examples each epoch (order depends on seed and global batch only).")
+    cache: bool = Field(
+        False, description="Trainer also writes the tokenized-data cache (distlora preprocess always does; a matching one is always read)."
+    )
+    cache_dir: Optional[str] = Field(None, description="Tokenized-data cache directory; None = output_dir/data_cache.")
+    group_by_length: bool = Field(
+        False, description="Unpacked: batch examples of similar length together (less padding); still exactly once per epoch."
+    )
 
     @field_validator("eval")
     @classmethod
     def _eval_fraction(cls, v):
         if isinstance(v, float) and not (0.0 < v < 1.0):
             raise ValueError("a fraction must lie strictly between 0 and 1; or give a path, or null")
-        return v
-
-    @field_validator("packing")
-    @classmethod
-    def _no_packing_yet(cls, v):
-        if v:
-            raise ValueError("packing is not implemented yet; set data.packing: false")
         return v
 
 
@@ -161,6 +163,9 @@ class TrainConfig(_Section):
         "skip", description="On a non-finite loss/grad norm: skip that optimizer step (counted) or abort the run."
     )
     nonfinite_max_in_a_row: int = Field(3, gt=0, description="Abort after this many skipped steps in a row.")
+    loss_chunk_size: int = Field(
+        0, ge=0, description="Compute lm_head + cross-entropy this many target tokens at a time (less logits memory); 0 = all at once."
+    )
     log_every: int = Field(1, gt=0, description="Write a metrics row every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only at the end.")
     eval_at_start: bool = Field(False, description="Also evaluate before the first step (a baseline).")
@@ -364,6 +369,8 @@ def _check_world(s: dict, check_model: bool) -> list[str]:
     data = s.get("data")
     if data is not None:
         problems += data_mod.check_sources(data)
+        if data.packing and data.group_by_length:
+            problems.append("data.group_by_length: packing already removes padding; set data.packing or data.group_by_length, not both")
     tok = s.get("tokenizer")
     if tok is not None and tok.name_or_path and _looks_local(tok.name_or_path) and not Path(tok.name_or_path).exists():
         problems.append(f"tokenizer.name_or_path: '{tok.name_or_path}' does not exist")

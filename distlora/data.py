@@ -364,7 +364,9 @@ class Records:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i):
+        if isinstance(i, list):  # a packed row: several example indices
+            return [self[j] for j in i]
         return self.pad if i < 0 else self.records[i]
 
 
@@ -377,11 +379,15 @@ class GlobalBatchSampler:
     `iter()`, which would reset the position.
     """
 
-    def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
+    GROUP_SPAN = 32  # group_by_length sorts spans of this many global batches of the shuffled order
+
+    def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,
+                 lengths: Optional[list[int]] = None):
         self.n, self.micro, self.accum, self.world = n, micro, accum, world
         self.seed, self.shuffle = seed, shuffle
         self.global_batch = micro * accum * world
         self.epoch, self.start_step = 0, 0
+        self.lengths = lengths  # set: group by length (data.group_by_length)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -398,7 +404,27 @@ class GlobalBatchSampler:
             perm = torch.randperm(self.n, generator=g).tolist()
         else:
             perm = list(range(self.n))
+        if self.lengths is not None:
+            perm = self._grouped(perm)
         return perm + [-1] * (self.steps_per_epoch * self.global_batch - self.n)
+
+    def _grouped(self, perm: list[int]) -> list[int]:
+        """Length grouping: sort each span of GROUP_SPAN global batches of the shuffled order by length
+        (longest first, ties in shuffled order), cut into global batches, and shuffle the whole global
+        batches (the last, partial one stays last). Still a permutation of the epoch: exactly once, and a
+        function of (seed, epoch, global batch) only, so `position` resumes exactly."""
+        import torch
+
+        g, span = self.global_batch, self.global_batch * self.GROUP_SPAN
+        out: list[int] = []
+        for i in range(0, len(perm), span):
+            out += sorted(perm[i : i + span], key=lambda j: -self.lengths[j])
+        whole = len(out) // g
+        batches = [out[k * g : (k + 1) * g] for k in range(whole)]
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 2_000_000_011)
+            batches = [batches[k] for k in torch.randperm(whole, generator=gen).tolist()]
+        return [i for b in batches for i in b] + out[whole * g :]
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()
@@ -407,6 +433,70 @@ class GlobalBatchSampler:
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accum * self.world
+
+
+def pack_rows(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: take examples longest first (ties in `order`), put each into the row whose
+    free space fits it most tightly, else open a row. The rows' length structure depends only on the
+    multiset of lengths, so every epoch packs into the same number of rows; `order` decides which of
+    several equally long examples goes where."""
+    import bisect
+
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free tokens, row index)
+    for i in sorted(order, key=lambda j: -lengths[j]):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than the row capacity {capacity}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+        else:
+            r, room = len(rows), capacity
+            rows.append([i])
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+class PackedBatchSampler(GlobalBatchSampler):
+    """Like GlobalBatchSampler, over packed rows: each epoch's seeded permutation of the examples is
+    packed into rows of at most `capacity` tokens (`pack_rows`), the rows are shuffled with the same
+    seed and epoch, padded with padding rows ([-1]) to whole global batches, and cut into micro
+    batches of `micro` rows. Every example is in exactly one row per epoch; the order depends on
+    (seed, epoch, global batch in rows) only, and `position` resumes exactly as for unpacked data."""
+
+    def __init__(self, lengths: list[int], capacity: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
+        n_rows = len(pack_rows(list(range(len(lengths))), lengths, capacity))
+        super().__init__(n_rows, micro, accum, world, seed, shuffle)
+        self.example_lengths, self.capacity, self.n_examples = lengths, capacity, len(lengths)
+
+    def rows(self) -> list[list[int]]:
+        import torch
+
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            perm = torch.randperm(self.n_examples, generator=g).tolist()
+        else:
+            perm = list(range(self.n_examples))
+        rows = pack_rows(perm, self.example_lengths, self.capacity)
+        assert len(rows) == self.n, "packing gave a different row count this epoch"
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_000_007)
+            rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+        return rows
+
+    def order(self) -> list[list[int]]:
+        return self.rows() + [[-1]] * (self.steps_per_epoch * self.global_batch - self.n)
+
+    def summary(self) -> str:
+        used = sum(self.example_lengths)
+        return (
+            f"packing: {self.n_examples} examples in {self.n} rows of <= {self.capacity} tokens "
+            f"({self.n_examples / self.n:.2f} examples/row, {used / (self.n * self.capacity):.1%} of row tokens used); "
+            f"a step is {self.global_batch} rows, ~{self.global_batch * self.n_examples / self.n:.1f} examples"
+        )
 
 
 class Collator:
@@ -434,10 +524,78 @@ class Collator:
         }
 
 
-def make_loader(records: list[dict], pad_id: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
+class PackedCollator:
+    """Rows of examples -> one packed batch: `position_ids` restart at 0 for each example (the model
+    then keeps attention inside each example), each example's first label is IGNORE (never train on
+    the previous example's last token), `example_index` gives each token's slot in `ids` (one entry per
+    example, -1 for padding examples). Row padding: pad tokens, no labels, their own positions."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[list[dict]]) -> dict[str, Any]:
+        import torch
+
+        width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        example_index = torch.zeros((n, width), dtype=torch.long)
+        real = torch.zeros((n, width), dtype=torch.bool)  # tokens of real examples (for token counts)
+        ids: list[int] = []
+        for r, row in enumerate(rows):
+            at = 0
+            for e in row:
+                k = len(e["input_ids"])
+                input_ids[r, at : at + k] = torch.tensor(e["input_ids"])
+                labels[r, at + 1 : at + k] = torch.tensor(e["labels"][1:])
+                position_ids[r, at : at + k] = torch.arange(k)
+                example_index[r, at : at + k] = len(ids)
+                real[r, at : at + k] = e["id"] >= 0
+                ids.append(e["id"])
+                at += k
+            position_ids[r, at:] = torch.arange(width - at)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "example_index": example_index,
+            "real_tokens": real,
+            "ids": torch.tensor(ids, dtype=torch.long),
+        }
+
+
+def example_lengths(batch: dict):
+    """Token count of each real example (padding examples left out) in a padded or packed batch."""
+    import torch
+
+    if "example_index" in batch:
+        counts = torch.bincount(batch["example_index"][batch["real_tokens"]], minlength=len(batch["ids"]))
+        return counts[batch["ids"] >= 0]
+    return batch["attention_mask"][batch["ids"] >= 0].sum(dim=1)
+
+
+def input_tokens(batch: dict) -> int:
+    """Tokens of real examples in a padded or packed batch (no padding, no padding examples)."""
+    if "real_tokens" in batch:
+        return int(batch["real_tokens"].sum())
+    return int(batch["attention_mask"][batch["ids"] >= 0].sum())
+
+
+def make_loader(records: list[dict], pad_id: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,
+                pack: int = 0, group_by_length: bool = False):
+    """DataLoader + sampler; `pack` > 0 packs examples into rows of at most `pack` tokens;
+    `group_by_length` batches examples of similar length together (unpacked)."""
     from torch.utils.data import DataLoader
 
-    sampler = GlobalBatchSampler(len(records), micro, accum, world, seed, shuffle)
-    loader = DataLoader(Records(records, pad_id), batch_sampler=sampler, collate_fn=Collator(pad_id), num_workers=0)
+    if pack:
+        sampler = PackedBatchSampler([len(r["input_ids"]) for r in records], pack, micro, accum, world, seed, shuffle)
+        collate = PackedCollator(pad_id)
+    else:
+        lengths = [len(r["input_ids"]) for r in records] if group_by_length else None
+        sampler = GlobalBatchSampler(len(records), micro, accum, world, seed, shuffle, lengths)
+        collate = Collator(pad_id)
+    loader = DataLoader(Records(records, pad_id), batch_sampler=sampler, collate_fn=collate, num_workers=0)
     return loader, sampler
 

@@ -55,6 +55,7 @@ def main(argv=None) -> int:
         return 2
     try:
         run(cfg)
+        _end_process_group()
     except Stopped as stop:
         _say_once(str(stop))
         return EXIT_STOPPED
@@ -70,6 +71,16 @@ def main(argv=None) -> int:
             traceback.print_exc()
         return 1
     return 0
+
+
+def _end_process_group() -> None:
+    """Destroy the process group before exit: gloo's threads torn down at interpreter exit can abort
+    the process ("terminate called without an active exception") after a successful run."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
 
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after writing a checkpoint; rerun the same command
@@ -124,26 +135,15 @@ class StopRequest:
 # ---------------------------------------------------------------------------------------------
 
 
-def token_nll(logits, labels):
-    """Per-example summed NLL and target-token counts (labels are aligned with inputs; shift here)."""
-    import torch.nn.functional as F
+def forward_nll(model, batch, chunk: int = 0):
+    """Per-example summed NLL and target-token counts of a padded or packed batch; `chunk` > 0 computes
+    lm_head + cross-entropy `chunk` target tokens at a time (distlora.loss)."""
+    from distlora.loss import example_nll
 
-    from distlora.data import IGNORE
-
-    logits = logits[:, :-1, :].float()
-    target = labels[:, 1:]
-    b, t, v = logits.shape
-    # (tokens, vocab) layout, as transformers' loss: gradients then match Trainer's bit for bit
-    nll = F.cross_entropy(logits.reshape(-1, v), target.reshape(-1), ignore_index=IGNORE, reduction="none").view(b, t)
-    return nll.sum(dim=1), (target != IGNORE).sum(dim=1)
+    return example_nll(model, batch, chunk)
 
 
-def forward_nll(model, batch):
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return token_nll(out.logits, batch["labels"])
-
-
-def evaluate(acc, model, loader) -> dict:
+def evaluate(acc, model, loader, chunk: int = 0) -> dict:
     """Eval loss from per-example (NLL sum, token count) gathered across ranks, summed in example-id
     order in float64: the same value for any number of processes."""
     import torch
@@ -152,10 +152,11 @@ def evaluate(acc, model, loader) -> dict:
     ids, nlls, counts = [], [], []
     with torch.no_grad():
         for batch in loader:
-            nll, n = forward_nll(model, batch)
-            ids.append(acc.gather(batch["ids"]))
-            nlls.append(acc.gather(nll.double()))
-            counts.append(acc.gather(n))
+            nll, n = forward_nll(model, batch, chunk)
+            # packed rows hold different numbers of examples on each rank: pad (id -1) before gathering
+            ids.append(acc.gather(acc.pad_across_processes(batch["ids"], pad_index=-1)))
+            nlls.append(acc.gather(acc.pad_across_processes(nll.double())))
+            counts.append(acc.gather(acc.pad_across_processes(n)))
     from distlora import distributed as dist
 
     dist.release_gathered(acc, model)
@@ -210,7 +211,7 @@ def run(cfg) -> None:
     import torch
     from accelerate.utils import set_seed
 
-    from distlora import checkpoint, data, faults
+    from distlora import checkpoint, data, datacache, faults
     from distlora import distributed as dist
     from distlora.flops import device_peak_flops, flop_model
     from distlora.metrics import MetricsLog, Progress, peak_memory_mb, run_info, summary_table
@@ -233,7 +234,7 @@ def run(cfg) -> None:
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg)
-    train_records, eval_records, _ = data.build_datasets(cfg, tokenizer, acc.main_process_first, log=say)
+    train_records, eval_records, _ = datacache.load_datasets(cfg, tokenizer, acc.main_process_first, log=say)
     model = load_model(cfg, acc.mixed_precision)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base_sum_start = _checksum(frozen)
@@ -241,15 +242,21 @@ def run(cfg) -> None:
 
     dp = dist.data_parallel_size(acc)
     pad_id = tokenizer.pad_token_id
+    pack = cfg.data.max_seq_len if cfg.data.packing else 0
     train_loader, sampler = data.make_loader(
-        train_records, pad_id, t.micro_batch_size, t.gradient_accumulation_steps, dp, t.seed, cfg.data.shuffle
+        train_records, pad_id, t.micro_batch_size, t.gradient_accumulation_steps, dp, t.seed, cfg.data.shuffle, pack,
+        cfg.data.group_by_length,
     )
+    if pack:
+        say(f"distlora: {sampler.summary()}")
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     eval_loader = None
     if eval_records:
-        eval_loader, _ = data.make_loader(eval_records, pad_id, t.eval_micro_batch_size or t.micro_batch_size, 1, dp, t.seed, False)
+        eval_loader, _ = data.make_loader(
+            eval_records, pad_id, t.eval_micro_batch_size or t.micro_batch_size, 1, dp, t.seed, False, pack
+        )
         eval_loader = acc.prepare_data_loader(eval_loader)
     # The scheduler is not prepared: accelerate would step it once per process per step.
     model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
@@ -318,7 +325,7 @@ def run(cfg) -> None:
             nonlocal best_eval
             if eval_loader is None:
                 return None
-            ev = {"step": step, **evaluate(acc, model, eval_loader)}
+            ev = {"step": step, **evaluate(acc, model, eval_loader, t.loss_chunk_size)}
             best_eval = ev["eval_loss"] if best_eval is None else min(best_eval, ev["eval_loss"])
             metrics.log(ev)
             say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
@@ -367,7 +374,7 @@ def run(cfg) -> None:
             nll_total = torch.zeros((), dtype=torch.float64, device=device)
             for batch in window:
                 with acc.accumulate(model):
-                    nll, _ = forward_nll(model, batch)
+                    nll, _ = forward_nll(model, batch, t.loss_chunk_size)
                     nll = nll.sum() * (float("nan") if inject_nan else 1.0)
                     acc.backward(nll * scale)
                     nll_total += nll.detach().double()
@@ -394,7 +401,7 @@ def run(cfg) -> None:
             if trace_fh:
                 trace_fh.write(json.dumps({"step": done, "ids": [int(i) for b in window for i in b["ids"]]}) + "\n")
 
-            lengths = torch.cat([b["attention_mask"][b["ids"] >= 0].sum(dim=1) for b in window])
+            lengths = torch.cat([data.example_lengths(b) for b in window])  # real examples, padded or packed
             local_tokens = int(lengths.sum())
             local_flops = fm.step(local_tokens, lengths.tolist())
             totals += torch.tensor([local_tokens, local_flops], dtype=torch.float64)

@@ -54,7 +54,7 @@ BAD = [
     ("tracker", ["log.report_to=[mlflow]"], ["log.report_to"]),
     ("malformed override", ["train.lr"], ["train.lr", "dotted.key=value"]),
     ("resume path", ["train.resume=/nonexistent/ckpt"], ["train.resume"]),
-    ("packing not yet", ["data.packing=true"], ["data.packing"]),
+    ("negative loss chunk", ["train.loss_chunk_size=-1"], ["train.loss_chunk_size"]),
 ]
 
 

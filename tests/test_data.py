@@ -181,3 +181,46 @@ def test_gsm8k_detected_as_question_answer(tmp_path):
     rows = D.read_jsonl(str(GSM8K / "test.jsonl"))
     assert len(rows) == 1319
     assert D.detect_format(rows[0], "prompt", "completion") == ("completion", "question", "answer")
+
+
+# ------------------------------------------------------------------------------- group by length
+
+
+def _grouped_steps(lengths, micro, accum, world, epoch=0, seed=3):
+    s = D.GlobalBatchSampler(len(lengths), micro, accum, world, seed, shuffle=True, lengths=lengths)
+    s.position(epoch, 0)
+    mbs = list(s)
+    per_rank = [mbs[r::world] for r in range(world)]
+    return s, mbs, [[per_rank[r][k * accum:(k + 1) * accum] for r in range(world)] for k in range(s.steps_per_epoch)]
+
+
+def test_group_by_length_exactly_once_global_batch_only_resumable_and_less_padding():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(301)]
+    s, mbs, a = _grouped_steps(lengths, 2, 2, 1)
+    _, _, b = _grouped_steps(lengths, 2, 1, 2)
+    flat = lambda step: sorted(i for rank in step for mb in rank for i in mb)  # noqa: E731
+    assert [flat(x) for x in a] == [flat(x) for x in b], "order depends on the global batch only"
+    for epoch in range(2):
+        s.position(epoch, 0)
+        ids = [i for mb in s for i in mb]
+        assert sorted(i for i in ids if i >= 0) == list(range(301))
+    s.position(0, 5)
+    assert list(s) == mbs[5 * 2:], "resume skips whole steps of the same order"
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in mb if i >= 0) * len(mb) - sum(lengths[i] for i in mb if i >= 0)
+                   for mb in batches if any(i >= 0 for i in mb))
+
+    plain = D.GlobalBatchSampler(301, 2, 2, 1, 3, shuffle=True)
+    plain.position(0, 0)
+    # measured: 307 padded tokens grouped vs 10,619 in random order (micro batches of 2)
+    assert padding(mbs) < 0.3 * padding(list(plain))
+
+
+def test_group_by_length_and_packing_refused_together(tiny, tmp_path):
+    raw = base_config(tiny, tmp_path / "o", data={"packing": True, "group_by_length": True})
+    with pytest.raises(C.ConfigError, match="not both"):
+        C.load(write_config(tmp_path / "c.yaml", raw), check_model=False)

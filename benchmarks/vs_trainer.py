@@ -1,0 +1,337 @@
+"""distlora vs Hugging Face Trainer + PEFT on the same model, data slice, seed and hyperparameters.
+
+    python benchmarks/vs_trainer.py            # 4-layer 256-wide Llama, GSM8K slice, 1 and 2 processes, 5 repeats
+    python benchmarks/vs_trainer.py --quick    # tiny sizes, 1 process, 2 repeats (a few minutes on 2 cores)
+
+Variants (each run in its own process, runs alternated round-robin, threads pinned):
+  a    Trainer + PEFT, DataCollatorForSeq2Seq (padding), examples in distlora's order (sequential)
+  a'   Trainer + PEFT with train_sampling_strategy=group_by_length
+  a''  Trainer + PEFT with DataCollatorWithFlattening (padding-free, position ids)
+  b    distlora, unpacked
+  c    distlora, data.packing
+The model (LlamaConfig built here, random weights, the character-level tokenizer from distlora.tiny:
+nothing downloads), the GSM8K rows, the tokenization (distlora.data for every variant), LoRA init
+(seeded, distlora.model.load_model), optimizer and schedule are shared. Timing: the first `warmup`
+optimizer steps are dropped; tokens/s counts real (non-padding) input tokens over the timed steps;
+both sides log a loss every step (Trainer logging_steps=1, distlora log_every=1) and evaluate only
+after training. The final eval loss is computed the same way for every variant (sum of token NLL /
+target tokens over the eval slice, distlora.train.evaluate). Ratios are tokens/s vs variant a of the
+same process count, with a bootstrap 95% interval over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data/gsm8k next to the checkout (a git worktree one level deeper also finds it); or $DISTLORA_GSM8K
+_CANDIDATES = [Path(os.environ["DISTLORA_GSM8K"])] if os.environ.get("DISTLORA_GSM8K") else []
+_CANDIDATES += [ROOT.parent / "shared" / "data" / "gsm8k", ROOT.parent.parent / "shared" / "data" / "gsm8k"]
+GSM8K = next((c for c in _CANDIDATES if (c / "train.jsonl").is_file()), _CANDIDATES[0])
+VARIANTS = ["a", "a'", "a''", "b", "c"]
+NAMES = {
+    "a": "Trainer+PEFT",
+    "a'": "Trainer+PEFT group_by_length",
+    "a''": "Trainer+PEFT DataCollatorWithFlattening",
+    "b": "distlora unpacked",
+    "c": "distlora packed",
+}
+
+QUICK = dict(layers=2, hidden=64, n_train=32, n_eval=8, max_seq_len=512, micro=4, steps=5, warmup=1, repeats=2, procs=[1])
+FULL = dict(layers=4, hidden=256, n_train=1024, n_eval=128, max_seq_len=512, micro=8, steps=40, warmup=5, repeats=5, procs=[1, 2])
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def prepare(work: Path, spec: dict) -> None:
+    """Model + tokenizer under work/model, GSM8K slices under work/{train,eval}.jsonl."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distlora.tiny import build_tokenizer
+
+    tok = build_tokenizer(work / "model")
+    h = spec["hidden"]
+    conf = LlamaConfig(
+        vocab_size=len(tok), hidden_size=h, intermediate_size=4 * h, num_hidden_layers=spec["layers"],
+        num_attention_heads=max(4, h // 64), num_key_value_heads=max(4, h // 64), max_position_embeddings=2048,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_cache=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(conf).save_pretrained(work / "model", safe_serialization=True)
+    for name, n, out in (("train", spec["n_train"], "train"), ("test", spec["n_eval"], "eval")):
+        lines = (GSM8K / f"{name}.jsonl").read_text().splitlines()[:n]
+        (work / f"{out}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def run_config(work: Path, spec: dict, variant: str, out: Path, procs: int) -> dict:
+    return {
+        "model": {"name_or_path": str(work / "model"), "dtype": "float32", "attn_implementation": "sdpa"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {
+            "train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl"), "max_seq_len": spec["max_seq_len"],
+            "format": "completion", "prompt_field": "question", "completion_field": "answer",
+            "packing": variant == "c",
+        },
+        "train": {
+            "output_dir": str(out), "micro_batch_size": spec["micro"], "gradient_accumulation_steps": 1,
+            "max_steps": spec["steps"], "lr": 1e-3, "warmup_steps": 2, "lr_scheduler": "cosine",
+            "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": 0, "mixed_precision": "no", "seed": 7,
+            "log_every": 1,
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------- workers
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_distlora(cfg_dict: dict, result: Path, warmup: int) -> None:
+    from distlora import config as config_mod
+    from distlora.train import run
+
+    cfg = config_mod.validate(cfg_dict)
+    run(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    rows = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    timed = steps[warmup:]
+    ev = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    result.write_text(json.dumps({
+        "time_s": sum(r["step_time_s"] for r in timed),
+        "tokens": sum(r["input_tokens"] for r in timed),
+        "padded": sum(r["padded_tokens"] for r in timed),
+        "examples": sum(r["examples"] for r in timed),
+        "losses": [r["loss"] for r in steps],
+        "eval_loss": ev[-1],
+        "rss_mb": _rss_mb(),
+    }))
+
+
+def worker_trainer(cfg_dict: dict, variant: str, result: Path, warmup: int) -> None:
+    from accelerate import Accelerator
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
+
+    from distlora import config as config_mod
+    from distlora import data
+    from distlora.model import load_model, load_tokenizer
+    from distlora.train import evaluate
+
+    cfg = config_mod.validate(cfg_dict)
+    t = cfg.train
+    tok = load_tokenizer(cfg)
+    train, evals, _ = data.build_datasets(cfg, tok, log=lambda *_: None)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    # distlora's order (seeded permutation per epoch), fed sequentially: a and b see the same batches
+    sampler = data.GlobalBatchSampler(len(train), t.micro_batch_size, 1, world, t.seed, True)
+    order: list[int] = []
+    epoch = 0
+    while len(order) < t.max_steps * sampler.global_batch:
+        sampler.position(epoch, 0)
+        order += [i for i in sampler.order() if i >= 0]
+        epoch += 1
+    ds = Dataset.from_list([{"input_ids": train[i]["input_ids"], "labels": train[i]["labels"]} for i in order])
+    model = load_model(cfg, "no")
+    base = DataCollatorWithFlattening() if variant == "a''" else DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    counts: list[tuple[int, int]] = []  # (real tokens, padded tokens) per micro batch, in order
+
+    def collate(features):
+        counts.append((sum(len(f["input_ids"]) for f in features), 0))
+        batch = base(features)
+        counts[-1] = (counts[-1][0], int(batch["input_ids"].numel()))
+        return batch
+
+    marks: list[float] = []
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    args = TrainingArguments(
+        output_dir=t.output_dir, per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=1,
+        max_steps=t.max_steps, learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2, adam_epsilon=t.adam_eps, max_grad_norm=t.max_grad_norm, lr_scheduler_type="cosine",
+        warmup_steps=t.warmup_steps, optim="adamw_torch",
+        train_sampling_strategy="group_by_length" if variant == "a'" else "sequential",
+        dataloader_num_workers=0, remove_unused_columns=False, logging_steps=1, save_strategy="no",
+        eval_strategy="no", report_to="none", use_cpu=True, seed=t.seed, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[Clock()])
+    trainer.train()
+    # step k's batch is collated before step k's end mark; time the steps after the warm-up ones
+    timed = counts[warmup:t.max_steps]
+    acc = Accelerator(cpu=True)
+    loader, _ = data.make_loader(evals, tok.pad_token_id, t.micro_batch_size, 1, 1, 0, False)
+    ev = evaluate(acc, model, loader)
+    result.with_name(result.stem + f"-rank{rank}.json").write_text(json.dumps({
+        "time_s": marks[-1] - marks[warmup - 1],
+        "tokens": sum(c[0] for c in timed),
+        "padded": sum(c[1] for c in timed),
+        "examples": len(timed) * t.micro_batch_size,
+        "losses": losses,
+        "eval_loss": ev["eval_loss"],
+        "rss_mb": _rss_mb(),
+    }))
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def launch_run(work: Path, spec: dict, variant: str, procs: int, rep: int) -> dict:
+    out = work / "runs" / f"{variant.replace(chr(39), 'p')}-{procs}-{rep}"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = run_config(work, spec, variant, out / "out", procs)
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    result = out / "result.json"
+    threads = "2" if procs == 1 else "1"
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": str(ROOT),
+           "TOKENIZERS_PARALLELISM": "false"}
+    worker = [str(Path(__file__).resolve()), "--worker", variant, "--cfg", str(out / "cfg.json"),
+              "--result", str(result), "--warmup", str(spec["warmup"])]
+    if procs == 1:
+        cmd = [sys.executable, *worker]
+    else:
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "cpu_ddp.yaml"), "--num_processes", str(procs), *worker]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"run {variant} x{procs} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    if variant.startswith("a"):
+        parts = [json.loads(p.read_text()) for p in sorted(out.glob("result-rank*.json"))]
+        r = {
+            "time_s": max(p["time_s"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
+            "padded": sum(p["padded"] for p in parts), "examples": sum(p["examples"] for p in parts),
+            "losses": parts[0]["losses"], "eval_loss": parts[0]["eval_loss"], "rss_mb": max(p["rss_mb"] for p in parts),
+        }
+    else:
+        r = json.loads(result.read_text())
+    r["wall_s"] = wall
+    return r
+
+
+def bootstrap_ratio(xs: list[float], ys: list[float], n: int = 2000) -> tuple[float, float]:
+    """95% interval of mean(xs) / mean(ys), resampling each with replacement."""
+    rng = random.Random(0)
+    out = sorted(
+        statistics.fmean(rng.choices(xs, k=len(xs))) / statistics.fmean(rng.choices(ys, k=len(ys))) for _ in range(n)
+    )
+    return out[int(0.025 * n)], out[int(0.975 * n) - 1]
+
+
+def table(results: dict, spec: dict) -> str:
+    lines = [
+        f"distlora vs Trainer+PEFT: {spec['layers']}-layer {spec['hidden']}-wide Llama, GSM8K {spec['n_train']} train / "
+        f"{spec['n_eval']} eval rows, max_seq_len {spec['max_seq_len']}, micro batch {spec['micro']} per process, "
+        f"{spec['steps']} steps ({spec['warmup']} warm-up dropped), {spec['repeats']} repeats",
+        "",
+        "| variant | procs | input tok/s | examples/s | timed s | run wall s | peak RSS MB | final eval loss | padding | tok/s vs a [95% CI] |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for procs in spec["procs"]:
+        base = [r["tokens"] / r["time_s"] for r in results[("a", procs)]]
+        for v in VARIANTS:
+            rs = results[(v, procs)]
+            tps = [r["tokens"] / r["time_s"] for r in rs]
+            eps = [r["examples"] / r["time_s"] for r in rs]
+            pad = statistics.fmean(1 - r["tokens"] / r["padded"] for r in rs) if v in ("a", "a'", "b") else None
+            ratio = statistics.fmean(tps) / statistics.fmean(base)
+            lo, hi = bootstrap_ratio(tps, base) if len(rs) > 1 else (float("nan"), float("nan"))
+            sd = statistics.stdev(tps) if len(tps) > 1 else 0.0
+            lines.append(
+                f"| {v} {NAMES[v]} | {procs} | {statistics.fmean(tps):.0f} ± {sd:.0f} | {statistics.fmean(eps):.1f} | "
+                f"{statistics.fmean(r['time_s'] for r in rs):.2f} | {statistics.fmean(r['wall_s'] for r in rs):.1f} | "
+                f"{max(r['rss_mb'] for r in rs):.0f} | {statistics.fmean(r['eval_loss'] for r in rs):.5f} | "
+                f"{'' if pad is None else f'{pad:.1%}'} | {ratio:.2f}x [{lo:.2f}, {hi:.2f}] |"
+            )
+        la, lb = results[("a", procs)][0]["losses"], results[("b", procs)][0]["losses"]
+        n = min(len(la), len(lb))
+        diff = max(abs(x - y) for x, y in zip(la[:n], lb[:n])) if n else float("nan")
+        lines.append("")
+        lines.append(f"{procs} process(es): per-step training loss, a vs b (same batches): max |diff| {diff:.2e} over {n} steps")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 process, 2 repeats")
+    p.add_argument("--repeats", type=int, help="runs per variant and process count")
+    p.add_argument("--procs", type=int, nargs="+", help="process counts, e.g. 1 2")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
+                   help="override sizes, e.g. --set layers=4 hidden=256 steps=12 (keys: " + ", ".join(QUICK) + ")")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the table")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--cfg", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        cfg = json.loads(Path(a.cfg).read_text())
+        if a.worker.startswith("a"):
+            worker_trainer(cfg, a.worker, Path(a.result), a.warmup)
+        else:
+            worker_distlora(cfg, Path(a.result), a.warmup)
+        return 0
+    if not (GSM8K / "train.jsonl").is_file():
+        print(f"GSM8K not found at {GSM8K}: the benchmark needs ../shared/data/gsm8k", file=sys.stderr)
+        return 3
+    spec = dict(QUICK if a.quick else FULL)
+    if a.repeats:
+        spec["repeats"] = a.repeats
+    if a.procs:
+        spec["procs"] = a.procs
+    for item in a.set:
+        key, value = item.split("=", 1)
+        if key not in spec or key == "procs":
+            raise SystemExit(f"--set: unknown size '{key}'; use one of {', '.join(k for k in spec if k != 'procs')}")
+        spec[key] = int(value)
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="distlora-bench-") as tmp:
+        work = Path(tmp)
+        prepare(work, spec)
+        for rep in range(spec["repeats"]):  # alternate: one run of every variant per round
+            for procs in spec["procs"]:
+                for v in VARIANTS:
+                    r = launch_run(work, spec, v, procs, rep)
+                    results.setdefault((v, procs), []).append(r)
+                    print(f"round {rep + 1}/{spec['repeats']} {v:4} x{procs}: {r['tokens'] / r['time_s']:.0f} tok/s, "
+                          f"eval {r['eval_loss']:.5f}", flush=True)
+    text = table(results, spec)
+    print(text)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"vs_trainer-{'quick' if a.quick else 'full'}-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    (out / name).write_text(text + "\n")
+    print(f"written to {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

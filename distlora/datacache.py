@@ -1,0 +1,185 @@
+"""Tokenize once: `distlora preprocess --config run.yaml` writes the tokenized train/eval records to
+`<data.cache_dir or output_dir/data_cache>/<key>/`, and the trainer loads them when the key matches.
+
+The key is a sha256 over everything that decides the token ids and labels:
+- the data files' contents (every file each train source and the eval path expand to; a hub
+  dataset id is keyed by its name and split only: its contents cannot be hashed offline),
+- the tokenizer (its full serialized state for fast tokenizers, else its vocabulary), its special
+  tokens and pad token, and the chat template,
+- the format settings (sources with format, fields, split and weight; eval; format, fields,
+  max_seq_len, too_long, train_on_prompt; tokenizer.add_special_tokens; train.seed, which picks
+  the weighted samples and the held-out eval fraction),
+- the versions of transformers, tokenizers and datasets,
+- the data code's version: the sha256 of the source of distlora/data.py and of this module.
+Anything else (learning rate, batch sizes, packing...) does not change the records: same key.
+
+Records are stored as flat int32 arrays plus offsets in .npz files (no pickle), written to a
+temporary directory and renamed into place, so a reader never sees half a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from distlora import data as data_mod
+
+CODE_FILES = [data_mod.__file__, __file__]
+
+
+def _sha_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_part(cfg) -> list:
+    out = []
+    paths = [s["path"] for s in data_mod._sources(cfg.data)]
+    if isinstance(cfg.data.eval, str):
+        paths.append(cfg.data.eval)
+    for p in paths:
+        files = data_mod._expand(p)
+        if not files and data_mod._is_hub_id(p):
+            out.append({"hub": p})
+        out += [{"file": Path(f).name, "sha256": _sha_file(f)} for f in files]
+    return out
+
+
+def _tokenizer_part(tok) -> dict:
+    backend = getattr(tok, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return {
+        "state": hashlib.sha256(state.encode()).hexdigest(),
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+        "pad_token_id": tok.pad_token_id,
+        "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template),
+    }
+
+
+def _format_part(cfg) -> dict:
+    d = cfg.data.model_dump(mode="json")
+    keep = ("train", "eval", "format", "prompt_field", "completion_field", "max_seq_len", "too_long", "train_on_prompt")
+    return {
+        "data": {k: d[k] for k in keep},
+        "add_special_tokens": cfg.tokenizer.add_special_tokens,
+        "seed": cfg.train.seed,
+    }
+
+
+def _versions_part() -> dict:
+    import datasets
+    import tokenizers
+    import transformers
+
+    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "datasets": datasets.__version__}
+
+
+def _code_part() -> str:
+    h = hashlib.sha256()
+    for f in CODE_FILES:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def key_parts(cfg, tokenizer) -> dict:
+    return {
+        "files": _files_part(cfg),
+        "tokenizer": _tokenizer_part(tokenizer),
+        "format": _format_part(cfg),
+        "versions": _versions_part(),
+        "code": _code_part(),
+    }
+
+
+def cache_key(cfg, tokenizer) -> str:
+    return hashlib.sha256(json.dumps(key_parts(cfg, tokenizer), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_root(cfg) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.train.output_dir) / "data_cache"
+
+
+def _save_records(path: Path, records: list[dict]) -> None:
+    import numpy as np
+
+    lengths = np.array([len(r["input_ids"]) for r in records], dtype=np.int64)
+    np.savez(
+        path,
+        input_ids=np.array([t for r in records for t in r["input_ids"]], dtype=np.int32),
+        labels=np.array([t for r in records for t in r["labels"]], dtype=np.int32),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]),
+    )
+
+
+def _load_records(path: Path) -> list[dict]:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        ids, labels, off = z["input_ids"].tolist(), z["labels"].tolist(), z["offsets"].tolist()
+    return [{"input_ids": ids[a:b], "labels": labels[a:b], "id": i} for i, (a, b) in enumerate(zip(off[:-1], off[1:]))]
+
+
+def write(cfg, tokenizer, train, evals, stats, log=print) -> Path:
+    key = cache_key(cfg, tokenizer)
+    final = cache_root(cfg) / key
+    if (final / "meta.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+    try:
+        _save_records(tmp / "train.npz", train)
+        if evals is not None:
+            _save_records(tmp / "eval.npz", evals)
+        meta = {"key": key, "parts": key_parts(cfg, tokenizer), "stats": vars(stats), "has_eval": evals is not None}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / "meta.json").is_file():  # another process won the race: fine; else a real error
+            raise
+    log(f"data cache: wrote {final}")
+    return final
+
+
+def read(cfg, tokenizer, log=print):
+    """(train, eval, stats) from the cache, or None on a miss."""
+    key = cache_key(cfg, tokenizer)
+    d = cache_root(cfg) / key
+    if not (d / "meta.json").is_file():
+        log(f"data cache: miss (no {d})")
+        return None
+    meta = json.loads((d / "meta.json").read_text())
+    train = _load_records(d / "train.npz")
+    evals = _load_records(d / "eval.npz") if meta["has_eval"] else None
+    stats = data_mod.DataStats(**meta["stats"])
+    log(f"data cache: hit {d} ({len(train)} train, {len(evals) if evals else 0} eval examples)")
+    return train, evals, stats
+
+
+def load_datasets(cfg, tokenizer, main_process_first=None, log=print, write_cache: bool | None = None):
+    """The trainer's entry: read the cache when the key matches, else tokenize (and write the cache
+    when `data.cache` is set or `write_cache`). Under several processes the main process goes first,
+    so the others read what it wrote."""
+    import contextlib
+
+    first = main_process_first or contextlib.nullcontext
+    write_cache = cfg.data.cache if write_cache is None else write_cache
+    with first():
+        if cache_root(cfg).is_dir() or write_cache:
+            hit = read(cfg, tokenizer, log)
+            if hit is not None:
+                return hit
+        train, evals, stats = data_mod.build_datasets(cfg, tokenizer, None, log)
+        if write_cache:
+            try:
+                write(cfg, tokenizer, train, evals, stats, log)
+            except OSError as exc:
+                log(f"data cache: not written ({exc}); training goes on")
+        return train, evals, stats

@@ -1,0 +1,154 @@
+"""Per-example summed NLL and target-token counts, for padded or packed batches, plain or chunked.
+
+Every loss in distlora is sum(token NLL) / target tokens, so the forward returns per-example sums:
+the loop sums them over the accumulation window, eval gathers them per example id.
+
+- Padded batches (one example per row): `input_ids`, `attention_mask`, `labels`.
+- Packed batches (`data.packing`): several examples per row, `position_ids` restarting at 0 for each
+  example and no attention mask; transformers (>= 4.53, `masking_utils.find_packed_sequence_indices`)
+  then builds the block-diagonal causal mask, so no token attends across an example boundary. That
+  detection only runs without a KV cache, hence `use_cache=False` on every training forward.
+  `example_index` maps each token to its example's slot in `ids`; each example's first label is
+  IGNORE (the collator sets it), so no token is trained on the previous example's last token.
+- Chunked loss (`train.loss_chunk_size` > 0): the model runs with `logits_to_keep=1` (its own lm_head
+  sees one position), the body's final hidden states are captured with a forward hook, and lm_head +
+  cross-entropy run over the target positions only, `chunk` tokens at a time, each chunk under
+  `torch.utils.checkpoint`: backward recomputes one chunk's logits at a time instead of keeping
+  all of them. Peak logits memory: chunk x vocab instead of batch x seq x vocab in fp32. The call
+  still goes through the (DDP-/PEFT-wrapped) model's forward, so DDP's sync logic is untouched, and
+  lm_head is called as a module, so a LoRA-adapted or `modules_to_save` lm_head trains as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+def shifted_nll(logits, target):
+    """Token NLL (rows x positions) of logits[:, :-1] against `target` (= labels[:, 1:]), in the
+    (tokens, vocab) layout of transformers' own loss: gradients then match Trainer's bit for bit."""
+    b, t, v = logits[:, :-1, :].shape
+    flat = logits[:, :-1, :].float().reshape(-1, v)
+    return F.cross_entropy(flat, target.reshape(-1), ignore_index=IGNORE, reduction="none").view(b, t)
+
+
+def token_nll(logits, labels):
+    """Per-row summed NLL and target-token counts (labels are aligned with inputs; shift here)."""
+    target = labels[:, 1:]
+    return shifted_nll(logits, target).sum(dim=1), (target != IGNORE).sum(dim=1)
+
+
+def model_inputs(batch) -> dict:
+    """Forward kwargs for a padded or a packed batch (packed: position ids, no attention mask)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def _hf_model(model):
+    """The transformers model inside DDP / PEFT wrappers (its submodules carry the LoRA layers)."""
+    m = getattr(model, "module", model)  # DDP
+    if hasattr(m, "get_base_model"):  # PeftModel
+        m = m.get_base_model()
+    return m
+
+
+def _check_plain_head(hf) -> None:
+    conf = hf.config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        if getattr(conf, attr, None) not in (None, 1, 1.0):
+            raise ValueError(
+                f"train.loss_chunk_size: {type(hf).__name__} transforms its logits ({attr}={getattr(conf, attr)}), which "
+                "the chunked loss does not reproduce; set train.loss_chunk_size=0"
+            )
+
+
+def _chunk_nll(head, h, y):
+    return F.cross_entropy(head(h).float(), y, reduction="none")
+
+
+def chunked_target_nll(head, hidden, target, chunk: int):
+    """NLL of each row of `hidden` [N, H] for `target` [N], `chunk` rows at a time, logits recomputed in backward."""
+    out = []
+    for i in range(0, hidden.shape[0], chunk):
+        h, y = hidden[i : i + chunk], target[i : i + chunk]
+        if torch.is_grad_enabled():
+            out.append(checkpoint(_chunk_nll, head, h, y, use_reentrant=False))
+        else:
+            out.append(_chunk_nll(head, h, y))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _hidden_states(model, kwargs):
+    """Final hidden states of the model's body (what lm_head consumes), from a full forward of `model`."""
+    hf = _hf_model(model)
+    _check_plain_head(hf)
+    body = hf.get_decoder()
+    captured = {}
+
+    def hook(_module, _args, output):
+        h = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        dev = h.device.type
+        # the autocast state the model's own lm_head would run under (accelerate wraps forward only)
+        captured["h"], captured["autocast"] = h, (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
+
+    handle = body.register_forward_hook(hook)
+    try:
+        model(**kwargs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured["h"], hf.get_output_embeddings(), captured["autocast"]
+
+
+def example_nll(model, batch, chunk: int = 0):
+    """(summed NLL, target tokens) per example of `batch["ids"]`, in that order."""
+    kwargs = model_inputs(batch)
+    labels = batch["labels"]
+    target = labels[:, 1:]
+    packed = "example_index" in batch
+    if chunk <= 0:
+        logits = model(**kwargs, use_cache=False).logits
+        if not packed:
+            return token_nll(logits, labels)
+        nll = shifted_nll(logits, target)
+        return _per_example(nll.flatten(), target.flatten(), batch["example_index"][:, 1:].flatten(), len(batch["ids"]))
+    hidden, head, (dev, dtype, enabled) = _hidden_states(model, kwargs)
+    with torch.autocast(dev, dtype=dtype, enabled=enabled):
+        return _chunked_example_nll(hidden, head, batch, chunk)
+
+
+def _chunked_example_nll(hidden, head, batch, chunk):
+    labels = batch["labels"]
+    target = labels[:, 1:]
+    packed = "example_index" in batch
+    keep = target != IGNORE
+    if packed:
+        owner = batch["example_index"][:, 1:][keep]
+    else:
+        owner = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(target)[keep]
+    if not keep.any():
+        # A micro batch of padding examples: no target, but backward must still reach every trainable
+        # parameter (DDP expects each one's gradient, here zero), as the plain loss's graph does.
+        n = len(batch["ids"])
+        zero = 0.0 * chunked_target_nll(head, hidden[:1, 0], labels.new_zeros(1), chunk)
+        sums = torch.zeros(n, dtype=zero.dtype, device=zero.device).index_add(0, labels.new_zeros(1), zero)
+        return sums, torch.zeros(n, dtype=torch.long, device=labels.device)
+    h = hidden[:, :-1][keep]  # only target positions reach lm_head
+    nll = chunked_target_nll(head, h, target[keep], chunk)
+    return _sum_by_owner(nll, owner, len(batch["ids"]))
+
+
+def _per_example(nll, target, owner, n):
+    keep = target != IGNORE
+    return _sum_by_owner(nll[keep], owner[keep], n)
+
+
+def _sum_by_owner(nll, owner, n):
+    """Per-example sums of token NLLs and token counts; `owner` holds each token's slot in `ids`."""
+    sums = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, owner, nll)
+    counts = torch.zeros(n, dtype=torch.long, device=nll.device).index_add(0, owner, torch.ones_like(owner))
+    return sums, counts

@@ -1,0 +1,34 @@
+"""The benchmark (benchmarks/vs_trainer.py) runs end to end with --quick so it never rots. Not a
+timed test: it checks that every variant ran and the table was written, not any speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_vs_trainer_quick_end_to_end(tmp_path):
+    spec = importlib.util.spec_from_file_location("vs_trainer", ROOT / "benchmarks" / "vs_trainer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not (bench.GSM8K / "train.jsonl").is_file():
+        pytest.skip(f"GSM8K not found at {bench.GSM8K} (shared data absent on this machine)")
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vs_trainer.py"), "--quick", "--repeats", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    [written] = list(tmp_path.glob("vs_trainer-quick-*.md"))
+    text = written.read_text()
+    for v in bench.VARIANTS:
+        assert f"| {v} {bench.NAMES[v]} | 1 |" in text, v
+    assert "per-step training loss, a vs b" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "x [" in line]
+    assert len(rows) == len(bench.VARIANTS)
+    assert all("nan" not in line.split("|")[8] for line in rows), "every variant reports a final eval loss"
