@@ -528,3 +528,27 @@ def model_state_bytes(acc, model, optimizer) -> dict[str, int]:
             if torch.is_tensor(v):
                 out["optimizer_state"] += v.numel() * v.element_size()
     return out
+
+
+def ranks_not_sharing(acc, directory) -> list[int]:
+    """Ranks that do not see `directory` as rank 0 does (multi-node needs one shared filesystem for
+    checkpoints): rank 0 writes a fresh token there, every rank reads it back."""
+    import uuid
+    from pathlib import Path
+
+    if acc.num_processes == 1:
+        return []
+    probe = Path(directory) / ".shared-dir-probe"
+    token = gather_objects(acc, uuid.uuid4().hex if acc.is_main_process else None)[0]
+    if acc.is_main_process:
+        probe.write_text(token)
+    barrier(acc)
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    blind = [r for r, ok in enumerate(gather_objects(acc, seen)) if not ok]
+    barrier(acc)
+    if acc.is_main_process:
+        probe.unlink(missing_ok=True)
+    return blind

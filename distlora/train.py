@@ -230,6 +230,12 @@ def run(cfg) -> None:
         (out / "STOP").unlink(missing_ok=True)  # a leftover from the stop that ended the previous leg
         config_mod.dump(cfg, out / "config.yaml")
     dist.barrier(acc)
+    blind = dist.ranks_not_sharing(acc, out)
+    if blind:
+        raise dist.DistributedSetupError(
+            f"rank(s) {blind} do not see train.output_dir={out} as rank 0 does; checkpoints need one directory that "
+            "every node shares: put output_dir on a shared filesystem"
+        )
     stop = StopRequest(out)  # from here on a signal asks for a checkpoint at the next step boundary
     set_seed(t.seed)
 

@@ -320,3 +320,25 @@ def test_kill_anywhere_then_rerun_gives_same_adapter(tiny, tmp_path, reference, 
                for line in (res.stderr + res.stdout).splitlines() if "resumed from" in line]
     assert resumed == ([] if expected is None else [str(expected)]), (resumed, expected)
     assert _equal(load_adapter(out / "adapter"), reference), trial
+
+
+def test_output_dir_not_shared_between_machines_is_refused(tiny, tmp_path):
+    """Two "machines" whose output_dir resolves to different directories (a relative path, different
+    working directories: what node-local disks look like) are refused at start, naming the rank."""
+    raw = base_config(tiny, Path("out"), train={"max_steps": 2})
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    port = free_port()
+    procs = []
+    for machine in (0, 1):
+        cwd = tmp_path / f"node{machine}"
+        cwd.mkdir()
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
+               "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(machine),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "-m", "distlora.train", "--config", str(cfg)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                                      env=_env(PYTHONPATH=str(ROOT))))
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert "rank(s) [1] do not see train.output_dir=out as rank 0 does" in outs[0][1] + outs[1][1]
+    assert not (tmp_path / "node0" / "out" / "checkpoints").exists()
