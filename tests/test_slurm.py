@@ -104,8 +104,8 @@ def assert_same_adapter(a_dir: Path, b_dir: Path):
     assert all(torch.equal(a[k], b[k]) for k in a), f"not bitwise equal: max |diff| {max_abs_diff(a, b)}"
 
 
-def cfg_for(tiny: Path, tmp: Path) -> Path:
-    return write_config(tmp / "run.yaml", base_config(tiny, tmp / "out", train={"max_steps": STEPS}))
+def cfg_for(tiny: Path, tmp: Path, **sections) -> Path:
+    return write_config(tmp / "run.yaml", base_config(tiny, tmp / "out", train={"max_steps": STEPS}, **sections))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,9 @@ def test_sbatch_completes_and_equals_plain_run(slurm, tiny, reference, tmp_path,
 def test_preemption_checkpoints_requeues_resumes_exactly(slurm, tiny, reference, tmp_path):
     """sbatch -> srun -> accelerate launch -> workers on 2 nodes; USR1 to the batch shell mid-run."""
     out = tmp_path / "out"
-    script = render(cfg_for(tiny, tmp_path), "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
+    # wandb (offline: no credentials here) to check that both legs log into one run
+    cfg = cfg_for(tiny, tmp_path, log={"report_to": ["wandb"]})
+    script = render(cfg, "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
     job = sbatch(script, job_env(slurm))
     signalled = []
 
@@ -207,6 +209,10 @@ def test_preemption_checkpoints_requeues_resumes_exactly(slurm, tiny, reference,
     assert log.count("(restart 0)") == 1 and log.count("(restart 1)") == 1
     assert (out / "adapter" / "COMPLETE.json").is_file()
     assert_same_adapter(reference, out / "adapter")
+    # one wandb run for the job: offline, each leg writes a directory, both under the stored id
+    run_id = (out / "tracker_run_id").read_text().strip()
+    legs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(legs) == 2 and all(d.name.endswith("-" + run_id) for d in legs), legs
 
 
 def test_stop_asked_before_the_trainer_started_is_not_lost(slurm, tiny, reference, tmp_path):
@@ -216,7 +222,9 @@ def test_stop_asked_before_the_trainer_started_is_not_lost(slurm, tiny, referenc
     without stopping; with 1 s it stopped at step 26; at other times a rank saw the file before
     rank 0 deleted it (stop at step 0). Either way: a stop asked for is not lost."""
     out = tmp_path / "out"
-    script = render(cfg_for(tiny, tmp_path), "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
+    # wandb (offline: no credentials here) to check that both legs log into one run
+    cfg = cfg_for(tiny, tmp_path, log={"report_to": ["wandb"]})
+    script = render(cfg, "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
     job = sbatch(script, job_env(slurm))
     signalled = []
 
@@ -238,7 +246,9 @@ def test_stop_asked_before_the_trainer_started_is_not_lost(slurm, tiny, referenc
 
 def test_failing_rank_ends_the_whole_job_promptly(slurm, tiny, tmp_path):
     out = tmp_path / "out"
-    script = render(cfg_for(tiny, tmp_path), "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
+    # wandb (offline: no credentials here) to check that both legs log into one run
+    cfg = cfg_for(tiny, tmp_path, log={"report_to": ["wandb"]})
+    script = render(cfg, "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
     job = sbatch(script, job_env(slurm, DISTLORA_FAULT="rank1:step3:raise"))
     seen = {}
 
