@@ -280,11 +280,48 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE).read_text())
 
 
-def load(acc, model, optimizer, scheduler, ckpt: Path) -> dict:
-    """Restore adapter, optimizer and scheduler from `ckpt`; returns the trainer state. All ranks call."""
+def lora_shape(cfg) -> dict:
+    """What fixes the adapter tensors' keys and shapes."""
+    lo = cfg.lora
+    return {"r": lo.r, "target_modules": lo.target_modules, "use_dora": lo.use_dora,
+            "modules_to_save": lo.modules_to_save}
+
+
+def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, reshardable: bool) -> list[tuple[str, bool]]:
+    """Why `ckpt` cannot be resumed exactly by this run: (message, fixable by train.resume_weights_only)."""
+    t = cfg.train
+    problems = []
+    if state["global_batch"] != global_batch:
+        problems.append((
+            f"train: {ckpt.name} was written with global batch {state['global_batch']} (micro x accumulation x "
+            f"processes), this run has {global_batch} = {t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp}; "
+            "the data order depends on the global batch. Keep it equal (e.g. raise gradient_accumulation_steps when "
+            "using fewer processes), or set train.resume_weights_only=true, or train.resume=never", True))
+    if state.get("model", cfg.model.name_or_path) != cfg.model.name_or_path:
+        problems.append((f"model.name_or_path: {ckpt.name} trained on '{state['model']}', this run loads "
+                         f"'{cfg.model.name_or_path}'; set train.resume_weights_only=true to start from its adapter "
+                         "anyway, or train.resume=never", True))
+    old_shape = state.get("lora_shape", lora_shape(cfg))
+    if old_shape != lora_shape(cfg):
+        changed = {k: (old_shape.get(k), v) for k, v in lora_shape(cfg).items() if old_shape.get(k) != v}
+        problems.append((f"lora: {ckpt.name} holds an adapter of another shape ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
+                         "its tensors cannot load into this model: restore those settings, or set train.resume=never", False))
+    if state["dp_size"] != dp and not reshardable:
+        problems.append((f"train: {ckpt.name} holds optimizer state partitioned over {state['dp_size']} ranks (ZeRO), "
+                         f"which cannot be resharded to {dp}; resume on {state['dp_size']} processes, or set "
+                         "train.resume_weights_only=true (fresh optimizer)", True))
+    return problems
+
+
+def load_weights_only(acc, model, ckpt: Path) -> None:
     from safetensors.torch import load_file
 
     dist.load_adapter_state(acc, model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+
+
+def load(acc, model, optimizer, scheduler, ckpt: Path) -> dict:
+    """Restore adapter, optimizer and scheduler from `ckpt`; returns the trainer state. All ranks call."""
+    load_weights_only(acc, model, ckpt)
     dist.load_optimizer_state(acc, model, optimizer, ckpt)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     return read_state(ckpt)

@@ -174,6 +174,9 @@ class TrainConfig(_Section):
     save_every: int = Field(500, ge=0, description="Write a checkpoint every N steps; 0 = none (final adapter only).")
     keep_last: Optional[int] = Field(3, gt=0, description="Checkpoints kept; None = all.")
     resume: str = Field("auto", description="auto = newest checkpoint in output_dir if any; never; or a checkpoint path.")
+    resume_weights_only: bool = Field(
+        False, description="Take only the checkpoint's adapter (fresh optimizer, step 0): after changing batch or model."
+    )
 
     @property
     def effective_warmup_ratio(self) -> float:
@@ -202,7 +205,7 @@ class RunConfig(_Section):
         """Hash of everything that shapes the training trajectory (not logging or cadence)."""
         d = self.to_dict()
         for k in ("output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "eval_at_start",
-                  "peak_tflops"):
+                  "peak_tflops", "resume_weights_only"):
             d["train"].pop(k, None)
         d.pop("log", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -364,6 +367,9 @@ def _check_world(s: dict, check_model: bool) -> list[str]:
     train = s.get("train")
     if train is not None and train.warmup_ratio is not None and train.warmup_steps is not None:
         problems.append("train.warmup_steps: set warmup_ratio or warmup_steps, not both (remove one of them)")
+    if train is not None and train.resume_weights_only and train.resume in ("auto", "never"):
+        problems.append("train.resume_weights_only: needs train.resume set to the checkpoint directory to start from "
+                        "(with auto, every relaunch would start over from the newest checkpoint)")
     if train is not None and train.resume not in ("auto", "never") and not Path(train.resume).is_dir():
         problems.append(f"train.resume: '{train.resume}' is not a directory; use auto, never, or a checkpoint path")
     data = s.get("data")

@@ -278,6 +278,13 @@ def loss_scale(acc, n_target: float) -> float:
     return dp * accum / max(n_target, 1)
 
 
+def optimizer_reshardable(acc) -> bool:
+    """Whether a checkpoint's optimizer state loads on another number of ranks (not ZeRO partitions)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
 def can_skip_steps(acc) -> bool:
     """Whether a window can still be dropped after its backward. Not under DeepSpeed: the engine
     applies the update inside `accelerator.backward`, before the loop sees the gradient norm."""

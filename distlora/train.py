@@ -293,18 +293,21 @@ def run(cfg) -> None:
         resume_from = Path(t.resume)
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
-        if state["global_batch"] != sampler.global_batch:
-            raise ResumeError(
-                f"cannot resume from {resume_from}: it was written with global batch {state['global_batch']} "
-                f"(micro x accumulation x processes), this run has {sampler.global_batch} = {t.micro_batch_size} x "
-                f"{t.gradient_accumulation_steps} x {dp}; the data order depends on the global batch. Keep it equal "
-                "(e.g. raise gradient_accumulation_steps when using fewer processes), or set train.resume=never"
-            )
-        if state["dp_size"] != dp:
+        problems = checkpoint.resume_problems(
+            state, resume_from, cfg, sampler.global_batch, dp, dist.optimizer_reshardable(acc))
+        blocking = [msg for msg, weights_ok in problems if not (t.resume_weights_only and weights_ok)]
+        if blocking:
+            raise ResumeError(f"cannot resume from {resume_from}:\n  - " + "\n  - ".join(blocking))
+        if state["dp_size"] != dp and not problems:
             say(f"distlora: resuming a {state['dp_size']}-process checkpoint on {dp} processes with the same global "
                 "batch: same examples per step; results equal up to summation order, not bitwise")
         if state["config_hash"] != cfg.hash():
             say(f"distlora: warning: the run config changed since {resume_from.name}; resuming anyway")
+    if resume_from is not None and t.resume_weights_only:
+        checkpoint.load_weights_only(acc, model, resume_from)
+        say(f"distlora: loaded the adapter of {resume_from} (weights only): fresh optimizer, schedule and data "
+            "order from step 0")
+    elif resume_from is not None:
         state = checkpoint.load(acc, model, optimizer, scheduler, resume_from)
         start_step, best_eval = state["step"], state.get("best_eval_loss")
         skipped, in_a_row = state.get("nonfinite_skipped", 0), state.get("nonfinite_in_a_row", 0)
@@ -509,6 +512,8 @@ def _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_
         "global_batch": sampler.global_batch,
         "dp_size": sampler.world,
         "config_hash": cfg.hash(),
+        "model": cfg.model.name_or_path,
+        "lora_shape": checkpoint.lora_shape(cfg),
         "eval_loss": ev["eval_loss"] if ev else None,
         "best_eval_loss": best_eval,
     }

@@ -342,3 +342,41 @@ def test_output_dir_not_shared_between_machines_is_refused(tiny, tmp_path):
     assert all(p.returncode != 0 for p in procs)
     assert "rank(s) [1] do not see train.output_dir=out as rank 0 does" in outs[0][1] + outs[1][1]
     assert not (tmp_path / "node0" / "out" / "checkpoints").exists()
+
+
+def test_rotation_keeps_newest_and_best_and_only_complete(tmp_path):
+    """keep_last=2 over five complete checkpoints whose eval losses make step 2 the best: 4, 5 and
+    the best (2) stay; an incomplete directory never counts as one of the kept."""
+    root = checkpoint.ckpt_root(tmp_path)
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, None)]:
+        d = checkpoint.step_dir(tmp_path, step)
+        d.mkdir(parents=True)
+        (d / checkpoint.STATE).write_text(json.dumps({"step": step, "eval_loss": loss}))
+        (d / checkpoint.MARKER).write_text(json.dumps({"step": step, "files": {checkpoint.STATE: (d / checkpoint.STATE).stat().st_size}}))
+    (root / "step-00000006").mkdir()  # a half-written one (no marker)
+    checkpoint.rotate(tmp_path, keep_last=2)
+    done, partial = checkpoint.complete_checkpoints(tmp_path)
+    assert [d.name for d in done] == ["step-00000002", "step-00000004", "step-00000005"]
+    assert [p.name for p in partial] == ["step-00000006"]
+
+
+def test_resume_refuses_other_lora_shape_and_weights_only_takes_the_adapter(tiny, tmp_path, capsys):
+    cfg = _cfg(tiny, tmp_path, "shape", dropout=0.0, max_steps=2, save_every=2)
+    assert run_inprocess(cfg) == 0
+    ckpt = tmp_path / "shape" / "out" / "checkpoints" / "step-00000002"
+    capsys.readouterr()
+    # another rank: refused, naming what changed
+    assert run_inprocess(cfg, "lora.r=8", f"train.resume={ckpt}") == 1
+    err = capsys.readouterr().err
+    assert "lora: step-00000002 holds an adapter of another shape (r: 4 -> 8)" in err
+    # another global batch: refused, unless weights only
+    assert run_inprocess(cfg, "train.micro_batch_size=4", f"train.resume={ckpt}") == 1
+    assert "train.resume_weights_only=true" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert run_inprocess(cfg, "train.micro_batch_size=4", f"train.resume={ckpt}", "train.resume_weights_only=true",
+                         f"train.output_dir={other}", "train.eval_at_start=true") == 0
+    assert "(weights only)" in capsys.readouterr().out
+    rows = read_metrics(other)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # a fresh schedule from step 0
+    before = json.loads((tmp_path / "shape" / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows[0]["eval_loss"] == pytest.approx(before["eval_loss"], abs=1e-6)  # it started from that adapter
