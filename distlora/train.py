@@ -521,4 +521,13 @@ def _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without interpreter teardown: C++ threads (gloo, torch's pools) destroyed at exit have been
+    # seen to abort a finished worker ("terminate called without an active exception", exit -6), which
+    # the launcher reports as a failed job. Everything is written and closed by now.
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

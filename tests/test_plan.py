@@ -23,7 +23,7 @@ from conftest import ROOT, base_config, write_config
 
 def _saved_bytes(cfg) -> int:
     from distlora.model import load_model
-    from distlora.train import token_nll
+    from distlora.loss import token_nll
 
     model = load_model(cfg, "no")
     model.train()

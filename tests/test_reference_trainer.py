@@ -21,7 +21,7 @@ init: per-step losses within 4e-7 over 60 steps, adapters bitwise equal. This te
 transformers 5.24, peft 0.21, torch 2.13 CPU; printed with `pytest -s`) measured losses within
 3.1e-7, lrs equal, adapters bitwise equal (both cases). The loss gap is Trainer's: each micro step
 returns sum(NLL)/tokens as an fp32 scalar (~1e-7 rounding each), distlora sums in float64. (Before
-distlora.train.token_nll flattened the logits to (tokens, vocab) as Trainer's ForCausalLMLoss does,
+distlora.loss.token_nll flattened the logits to (tokens, vocab) as Trainer's ForCausalLMLoss does,
 cross_entropy over (batch, vocab, time) differed in the last fp32 bit and the adapters by 3e-6.)
 Bugs planted in a scratch copy of distlora, each of which fails this test: normalising per micro
 batch (loss off by 3.6e-2; in the gradient only, 5.6e-3 from step 3 on), no clipping (8.3e-2),
