@@ -95,8 +95,10 @@ def accelerate_config(shape: Shape, main_port: int | None = None) -> list[tuple[
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_reshard_after_forward": True,
             "fsdp_offload_params": False,
-            "fsdp_cpu_ram_efficient_loading": True,
-            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            # every rank loads the frozen base itself: LoRA is created on real weights on each rank
+            "fsdp_cpu_ram_efficient_loading": False,
+            # distlora gathers the adapter itself (full_tensor); accelerate's own state dicts are not used
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
             "fsdp_activation_checkpointing": False,
         }, "activation checkpointing comes from model.gradient_checkpointing in the run config"))
     rows += [

@@ -27,7 +27,11 @@ SHIPPED = {  # shipped file -> the launcher's shape arguments that write it
     "single_gpu.yaml": ["--nodes", "1", "--gpus-per-node", "1"],
     "multi_gpu.yaml": ["--nodes", "1", "--gpus-per-node", "8"],
     "multi_node.yaml": ["--nodes", "2", "--gpus-per-node", "8"],
+    "deepspeed_zero2.yaml": ["--nodes", "1", "--gpus-per-node", "8", "--backend", "zero2"],
+    "deepspeed_zero3.yaml": ["--nodes", "1", "--gpus-per-node", "8", "--backend", "zero3"],
+    "fsdp2.yaml": ["--nodes", "1", "--gpus-per-node", "8", "--backend", "fsdp2"],
 }
+BACKEND_TYPE = {"zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
 
 
 def cli(*args, cwd=ROOT, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -59,8 +63,10 @@ def test_shipped_accelerate_configs_are_the_launchers_output(name, run_cfg, tmp_
     conf = load_accelerate(written)
     nodes, per_node = int(SHIPPED[name][1]), int(SHIPPED[name][3])
     assert (conf.num_machines, conf.num_processes) == (nodes, nodes * per_node)
-    assert conf.distributed_type.value == ("NO" if nodes * per_node == 1 else "MULTI_GPU")
-    assert conf.mixed_precision == "no"
+    backend = SHIPPED[name][SHIPPED[name].index("--backend") + 1] if "--backend" in SHIPPED[name] else None
+    expected_type = BACKEND_TYPE[backend] if backend else ("NO" if nodes * per_node == 1 else "MULTI_GPU")
+    assert conf.distributed_type.value == expected_type
+    assert conf.mixed_precision in ("no", None)  # the run config owns precision (a DeepSpeed JSON must not set it)
     # the printed command uses that file and passes the run config untouched
     cmds = [shlex.split(line) for line in res.stdout.splitlines() if line.startswith("accelerate launch")]
     assert len(cmds) == nodes
