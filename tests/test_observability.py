@@ -136,6 +136,38 @@ def test_flop_formula_matches_flop_counter(tiny, lengths):
     assert fm.step(sum(lengths), lengths) <= predicted
 
 
+def test_flop_formula_matches_flop_counter_packed(tiny):
+    """A packed batch (position ids restarting per example, no attention mask): the linear layers
+    are counted per token as in the padded case; the kernels still multiply full row x row attention
+    matrices (the block-diagonal mask skips no work on CPU), which the formula gives with row spans.
+    MFU counts attention per example instead, the work a varlen kernel does."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    from distlora.data import PackedCollator
+    from distlora.flops import flop_model
+    from distlora.loss import model_inputs
+
+    base = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32, attn_implementation="eager")
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    g = torch.Generator().manual_seed(0)
+    rows = [[{"input_ids": torch.randint(10, 90, (n,), generator=g).tolist(), "labels": [-100] * n, "id": i}
+             for i, n in enumerate(lengths)] for lengths in ([9, 20, 4], [30])]
+    batch = PackedCollator(0)(rows)
+    width = batch["input_ids"].shape[1]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(**model_inputs(batch), use_cache=False)
+        out.logits.float().sum().backward()
+    measured = counter.get_total_flops()
+    fm = flop_model(model)
+    hardware = fm.step(2 * width, [width, width])
+    assert abs(hardware - measured) / measured < 0.05, (hardware, measured)
+    per_example = fm.step(9 + 20 + 4 + 30, [9, 20, 4, 30])
+    assert per_example < hardware
+
+
 def test_plots_are_real_images_of_the_series(tiny, tmp_path):
     raw = base_config(tiny, tmp_path / "out", train={"max_steps": 6, "eval_every": 3})
     assert run_inprocess(write_config(tmp_path / "c.yaml", raw)) == 0
