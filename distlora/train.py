@@ -1,10 +1,11 @@
 """`accelerate launch [--config_file X.yaml] -m distlora.train --config run.yaml [dotted.key=value ...]`
 
-main() validates the config before anything heavy, builds the pieces, and runs `fit()`, the one
-training loop, which reads top to bottom: per optimizer step, fetch the whole accumulation window,
-count its target tokens across ranks (one all-reduce), then forward/backward each micro batch with
-the loss scaled so the step's gradient is exactly sum(token NLL) / (target tokens in the window,
-all ranks), clip, step, log, evaluate, checkpoint.
+main() validates the config before anything heavy; run() builds the pieces, resumes if there is a
+checkpoint, and runs the one training loop, which reads top to bottom: per optimizer step, fetch
+the whole accumulation window, count its target tokens across ranks and the stop votes (one
+all-reduce), then forward/backward each micro batch with the loss scaled so the step's gradient is
+exactly sum(token NLL) / (target tokens in the window, all ranks), clip, step (or skip a
+non-finite one), log, evaluate, checkpoint.
 """
 
 from __future__ import annotations
@@ -324,7 +325,6 @@ def run(cfg) -> None:
         progress = Progress(acc.is_main_process, total_steps, start_step)
         trace = os.environ.get("DISTLORA_TRACE_IDS")  # test hook: per-rank example ids per step
         trace_fh = open(out / f"trace-ids-rank{acc.process_index}.jsonl", "a") if trace else None
-
 
         def save(step: int, ev: dict | None) -> None:
             _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev,
