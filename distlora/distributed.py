@@ -226,6 +226,8 @@ def build_accelerator(cfg):
         out = cfg.train.output_dir
         kwargs["project_config"] = ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "tensorboard"))
     ds = deepspeed_launch()
+    if ds:
+        CommCounter.install()  # before the engine's comm layer takes references to the collectives
     if ds and not torch.cuda.is_available():
         # DeepSpeed on CPU: gloo, or its batch-size check sees a world of 1 and fails
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
@@ -463,23 +465,71 @@ def barrier(acc) -> None:
 
 
 
-class GradCommCounter:
-    """Counts the gradient bytes DDP all-reduces (a comm hook around the default all-reduce)."""
+class CommCounter:
+    """Bytes the backend moves between ranks, counted at the collectives themselves.
 
-    def __init__(self, acc, model):
-        self.bytes = 0
+    DDP: a comm hook around the default all-reduce sees every gradient bucket. DeepSpeed: its comm
+    layer calls torch.distributed's collectives, which `install()` wraps before the engine starts
+    (it keeps references to all_gather_into_tensor / reduce_scatter_tensor). Per call the payload is
+    counted once: all-reduce and broadcast the tensor, reduce-scatter its full input, all-gather
+    its full output. distlora's own small reductions (`all_sum`) are not counted."""
+
+    bytes = 0
+    paused = False
+    _installed = False
+    _ARG = {  # collective -> (positional index, keyword) of the tensor whose size is the payload
+        "all_reduce": (0, "tensor"), "broadcast": (0, "tensor"), "reduce": (0, "tensor"),
+        "reduce_scatter_tensor": (1, "input"), "_reduce_scatter_base": (1, "input"),
+        "all_gather_into_tensor": (0, "output_tensor"), "_all_gather_base": (0, "output_tensor"),
+    }
+
+    @classmethod
+    def install(cls) -> None:
+        import functools
+
+        import torch.distributed as tdist
+
+        if cls._installed:
+            return
+        cls._installed = True
+        for name, (pos, kw) in cls._ARG.items():
+            fn = getattr(tdist, name, None)
+            if fn is None:
+                continue
+
+            @functools.wraps(fn)
+            def counted(*args, _fn=fn, _pos=pos, _kw=kw, **kwargs):
+                t = kwargs.get(_kw, args[_pos] if len(args) > _pos else None)
+                if t is not None and not CommCounter.paused:
+                    CommCounter.bytes += t.numel() * t.element_size()
+                return _fn(*args, **kwargs)
+
+            setattr(tdist, name, counted)
+
+    @classmethod
+    def watch_ddp(cls, model) -> None:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             def hook(state, bucket):
-                self.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
+                cls.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
                 return default_hooks.allreduce_hook(state, bucket)
 
             model.register_comm_hook(None, hook)
 
-    def take(self) -> int:
-        n, self.bytes = self.bytes, 0
+    @classmethod
+    def take(cls) -> int:
+        n, cls.bytes = cls.bytes, 0
         return n
+
+
+def all_sum(acc, tensor):
+    """Sum over ranks for distlora's own bookkeeping (token counts, metrics): not backend traffic."""
+    CommCounter.paused = True
+    try:
+        return acc.reduce(tensor, "sum")
+    finally:
+        CommCounter.paused = False
 
 
 def gather_objects(acc, obj) -> list:

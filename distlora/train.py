@@ -269,7 +269,7 @@ def run(cfg) -> None:
     model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
     dist.check_wrapped(acc, model)
     memory = {"after_prepare": dist.model_state_bytes(acc, model, optimizer)}  # per rank, into summary.json
-    comm = dist.GradCommCounter(acc, model)
+    dist.CommCounter.watch_ddp(model)
     counts = param_counts(model)
     if acc.is_main_process:  # the launcher's preflight again, now that the run is really here (not the port)
         problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every)
@@ -352,9 +352,10 @@ def run(cfg) -> None:
         if t.nonfinite == "skip" and not can_skip:
             say("distlora: train.nonfinite=skip is not possible under DeepSpeed (the engine steps inside backward); "
                 "a non-finite step aborts the run instead, and the last checkpoint stays good")
-        it, last_eval, row, last_logged = None, None, None, start_step
+        it, last_eval, row, last_logged, comm_bytes = None, None, None, start_step, 0
         for step in range(start_step, total_steps):
             faults.hit(f"step{step}")
+            dist.CommCounter.take()  # what eval or a save moved since the last step is not the step's
             t0 = time.perf_counter()
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if it is None or in_epoch == 0:
@@ -367,7 +368,7 @@ def run(cfg) -> None:
                 dtype=torch.float64,
                 device=device,
             )
-            n_target, stop_votes = acc.reduce(local, "sum").tolist()  # one all-reduce: the window's tokens, stop votes
+            n_target, stop_votes = dist.all_sum(acc, local).tolist()  # one all-reduce: the window's tokens, stop votes
             if stop_votes:  # every rank agrees here, so none enters a collective alone
                 if step != start_step or resume_from is None:
                     save(step, None)
@@ -404,6 +405,7 @@ def run(cfg) -> None:
                                     "train.lr, check the data, or resume from the last checkpoint"
                                 )
                         optimizer.zero_grad(set_to_none=True)
+            comm_bytes += dist.CommCounter.take()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()  # also on a skipped step: the lr stays a function of the step index
             done = step + 1
@@ -427,7 +429,7 @@ def run(cfg) -> None:
                     dtype=torch.float64,
                     device=device,
                 )
-                nll_sum, n_input, n_padded, n_examples, flops = acc.reduce(stats, "sum").tolist()
+                nll_sum, n_input, n_padded, n_examples, flops = dist.all_sum(acc, stats).tolist()
                 dt = time.perf_counter() - t0
                 row = {
                     "step": done,
@@ -447,11 +449,11 @@ def run(cfg) -> None:
                     "mfu": flops / dt / dp / peak if peak else None,
                     "step_time_s": dt,
                     "data_wait_s": t_data,
-                    "grad_comm_bytes": comm.take() // (done - last_logged),  # per optimizer step
+                    "comm_bytes": comm_bytes // (done - last_logged),  # per optimizer step
                     "peak_mem_mb": peak_memory_mb(),
                 }
                 metrics.log(row)
-                last_logged = done
+                last_logged, comm_bytes = done, 0
             progress.update(done, row)
 
             if t.eval_every and done % t.eval_every == 0 and done != total_steps:
@@ -475,7 +477,7 @@ def run(cfg) -> None:
         adapter_sum = _checksum(params)
         per_rank = acc.gather(torch.tensor(
             [[base_sum_start, base_sum_end, adapter_sum, peak_memory_mb()]], dtype=torch.float64, device=device))
-        tokens, flops = acc.reduce(totals.to(device), "sum").tolist()
+        tokens, flops = dist.all_sum(acc, totals.to(device)).tolist()
         if acc.is_main_process:
             summary = {
                 "steps": total_steps,

@@ -89,6 +89,21 @@ def test_zero_matches_ddp(backend, ddp, request):
     assert max(abs(a - b) / a for a, b in zip(ga, gb)) < 1e-5, (ga, gb)
 
 
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_comm_bytes_per_step_match_the_backend(backend, request):
+    """Bytes the collectives moved per optimizer step (accumulation 2, 2 processes), counted at the
+    collectives (distributed.CommCounter), against what each backend must move for an adapter of
+    A fp32 gradient bytes: DDP all-reduces the gradients once per step (no sync on the accumulation
+    micro step); ZeRO-2 reduces them on every micro step (DeepSpeed has no no_sync), all-gathers the
+    updated adapter partitions after the step, and all-reduces one fp32 grad norm (4 bytes).
+    Measured on this machine: DDP 32,768, ZeRO-2 98,308 for A = 32,768."""
+    out = request.getfixturevalue(backend)
+    adapter_bytes = sum(v.numel() * 4 for v in load_adapter(out / "adapter").values())
+    accum = 2
+    expected = {"ddp": adapter_bytes, "zero2": accum * adapter_bytes + adapter_bytes + 4}[backend]
+    assert {r["comm_bytes"] for r in read_metrics(out) if "loss" in r} == {expected}
+
+
 # ------------------------------------------------------------------------------ ZeRO-3 sharding
 
 

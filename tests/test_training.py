@@ -110,7 +110,7 @@ def test_ranks_in_sync_and_adapter_only_allreduced(tiny, two_proc):
     adapter = load_adapter(two_proc / "adapter")
     adapter_bytes = sum(v.numel() * 4 for v in adapter.values())  # fp32 gradients of the LoRA params only
     rows = [r for r in read_metrics(two_proc) if "loss" in r]
-    assert {r["grad_comm_bytes"] for r in rows} == {adapter_bytes}
+    assert {r["comm_bytes"] for r in rows} == {adapter_bytes}
 
 
 def test_accumulation_skips_sync_on_micro_steps(tiny, small_data, tmp_path):
@@ -119,7 +119,7 @@ def test_accumulation_skips_sync_on_micro_steps(tiny, small_data, tmp_path):
     launch(2, cfg)
     out = tmp_path / "acc" / "out"
     adapter_bytes = sum(v.numel() * 4 for v in load_adapter(out / "adapter").values())
-    assert {r["grad_comm_bytes"] for r in read_metrics(out) if "loss" in r} == {adapter_bytes}
+    assert {r["comm_bytes"] for r in read_metrics(out) if "loss" in r} == {adapter_bytes}
 
 
 def test_exactly_once_across_two_processes(two_proc):
