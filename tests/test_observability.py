@@ -30,12 +30,15 @@ def no_credentials(tmp_path, monkeypatch):
     return home
 
 
-def _wandb_history(run_dir: Path) -> list[dict]:
+def _wandb_records(run_dir: Path) -> list[dict]:
     res = subprocess.run([str(WANDB), "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
                          timeout=120, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr
-    recs = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    return [r["history"]["item"] for r in recs if r.get("type") == "history"]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def _wandb_history(run_dir: Path) -> list[dict]:
+    return [r["history"]["item"] for r in _wandb_records(run_dir) if r.get("type") == "history"]
 
 
 def _tb_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -48,7 +51,9 @@ def _tb_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_wandb_offline_and_tensorboard_equal_jsonl(tiny, tmp_path, no_credentials, capsys):
+def test_wandb_offline_and_tensorboard_equal_jsonl(tiny, tmp_path, no_credentials, capsys, monkeypatch):
+    for var, value in (("WANDB_PROJECT", "proj-from-env"), ("WANDB_ENTITY", "team"), ("WANDB_RUN_GROUP", "sweep-7")):
+        monkeypatch.setenv(var, value)
     raw = base_config(tiny, tmp_path / "out", log={"report_to": ["wandb", "tensorboard"], "tags": ["ci"]},
                       train={"max_steps": 4, "eval_every": 2})
     assert run_inprocess(write_config(tmp_path / "c.yaml", raw)) == 0
@@ -60,6 +65,9 @@ def test_wandb_offline_and_tensorboard_equal_jsonl(tiny, tmp_path, no_credential
     assert len(train_rows) == 4 and [r["step"] for r in eval_rows] == [2, 4]
 
     (run_dir,) = (out / "wandb").glob("offline-run-*")
+    (run,) = [r["run"] for r in _wandb_records(run_dir) if r.get("type") == "run"]
+    assert (run["project"], run["entity"], run["run_group"], run["tags"]) == ("proj-from-env", "team", "sweep-7", ["ci"])
+    assert run["run_id"] == (out / "tracker_run_id").read_text().strip()
     history = _wandb_history(run_dir)
     by_step: dict[int, dict] = {}
     for h in history:
