@@ -180,25 +180,33 @@ def test_sbatch_completes_and_equals_plain_run(slurm, tiny, reference, tmp_path,
     assert_same_adapter(reference, tmp_path / "out" / "adapter")
 
 
-def test_preemption_checkpoints_requeues_resumes_exactly(slurm, tiny, reference, tmp_path):
-    """sbatch -> srun -> accelerate launch -> workers on 2 nodes; USR1 to the batch shell mid-run."""
-    out = tmp_path / "out"
-    # wandb (offline: no credentials here) to check that both legs log into one run
-    cfg = cfg_for(tiny, tmp_path, log={"report_to": ["wandb"]})
+def _usr1_when(slurm, cfg: Path, out: Path, ready) -> tuple[str, dict, str]:
+    """Submit the 2-node script for `cfg`, send USR1 to its batch shell once `ready(job)` holds, wait
+    for the job to end; (job id, final job info, job log)."""
     script = render(cfg, "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
     job = sbatch(script, job_env(slurm))
     signalled = []
 
     def poll(info):
-        metrics = out / "metrics.jsonl"
-        rows = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
-        if not signalled and rows >= 2:
+        if not signalled and ready(job):
             subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
-            signalled.append(rows)
+            signalled.append(time.monotonic())
 
     info = wait_job(job, slurm, timeout=600, poll=poll)
-    log = log_of(out, job)
     assert signalled, "the run ended before it could be signalled"
+    return job, info, log_of(out, job)
+
+
+def test_preemption_checkpoints_requeues_resumes_exactly(slurm, tiny, reference, tmp_path):
+    """sbatch -> srun -> accelerate launch -> workers on 2 nodes; USR1 to the batch shell mid-run."""
+    out = tmp_path / "out"
+
+    def mid_run(job):
+        metrics = out / "metrics.jsonl"
+        return metrics.is_file() and len(metrics.read_text().splitlines()) >= 2
+
+    # wandb (offline: no credentials here) to check that both legs log into one run
+    job, info, log = _usr1_when(slurm, cfg_for(tiny, tmp_path, log={"report_to": ["wandb"]}), out, mid_run)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-5000:]
     stops = re.findall(r"checkpoints/step-(\d+)", log)
     assert "distlora-slurm: got USR1" in log and f"requeueing job {job}" in log, log[-5000:]
@@ -222,21 +230,12 @@ def test_stop_asked_before_the_trainer_started_is_not_lost(slurm, tiny, referenc
     without stopping; with 1 s it stopped at step 26; at other times a rank saw the file before
     rank 0 deleted it (stop at step 0). Either way: a stop asked for is not lost."""
     out = tmp_path / "out"
-    # wandb (offline: no credentials here) to check that both legs log into one run
-    cfg = cfg_for(tiny, tmp_path, log={"report_to": ["wandb"]})
-    script = render(cfg, "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
-    job = sbatch(script, job_env(slurm))
-    signalled = []
 
-    def poll(info):
+    def starting(job):
         log = out / f"slurm-{job}.log"
-        if not signalled and log.is_file() and "main node" in log.read_text():
-            subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
-            signalled.append(time.monotonic())
+        return log.is_file() and "main node" in log.read_text()
 
-    info = wait_job(job, slurm, timeout=600, poll=poll)
-    log = log_of(out, job)
-    assert signalled
+    job, info, log = _usr1_when(slurm, cfg_for(tiny, tmp_path), out, starting)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-5000:]
     assert "distlora-slurm: got USR1" in log and f"requeueing job {job}" in log
     resumed = re.findall(r"resumed from \S+step-(\d+) at step", log)
@@ -246,9 +245,7 @@ def test_stop_asked_before_the_trainer_started_is_not_lost(slurm, tiny, referenc
 
 def test_failing_rank_ends_the_whole_job_promptly(slurm, tiny, tmp_path):
     out = tmp_path / "out"
-    # wandb (offline: no credentials here) to check that both legs log into one run
-    cfg = cfg_for(tiny, tmp_path, log={"report_to": ["wandb"]})
-    script = render(cfg, "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
+    script = render(cfg_for(tiny, tmp_path), "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
     job = sbatch(script, job_env(slurm, DISTLORA_FAULT="rank1:step3:raise"))
     seen = {}
 
