@@ -160,7 +160,8 @@ class TrainConfig(_Section):
     )
     seed: int = Field(42, description="Seeds LoRA init, data order and dropout.")
     nonfinite: Literal["skip", "abort"] = Field(
-        "skip", description="On a non-finite loss/grad norm: skip that optimizer step (counted) or abort the run."
+        "skip", description="Non-finite loss (agreed across ranks before the update) or gradient: skip the step "
+        "(counted; the lr schedule still advances; an fp16 loss scale is lowered) or abort the run."
     )
     nonfinite_max_in_a_row: int = Field(3, gt=0, description="Abort after this many skipped steps in a row.")
     loss_chunk_size: int = Field(

@@ -186,6 +186,15 @@ def deepspeed_conflicts(cfg, mp: str) -> list[str]:
                 f"{where[key]}: the DeepSpeed config {path} sets {key}: {json.dumps(got)} but the run config gives "
                 f"{json.dumps(want)}; the run config owns it: set \"{key}\": \"auto\" in the JSON"
             )
+    if cfg.train.nonfinite == "skip":
+        # a skipped window is handed to the engine with a non-finite gradient, which ZeRO discards only
+        # when it checks (see step_applied)
+        for key, fix in (("bf16.check_grad_overflow", "true"), ("zero_optimization.compute_grad_norm", "true")):
+            if _ds_get(conf, key) is False:
+                problems.append(
+                    f"train.nonfinite: skip needs DeepSpeed to check gradients for inf/NaN, but {path} sets {key}: "
+                    f"false (a non-finite window would then be applied); set it to {fix} or use train.nonfinite: abort"
+                )
     for key in ("optimizer", "scheduler"):
         if key in conf:
             problems.append(
@@ -287,12 +296,25 @@ def optimizer_reshardable(acc) -> bool:
     return acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
-def can_skip_steps(acc) -> bool:
-    """Whether a window can still be dropped after its backward. Not under DeepSpeed: the engine
-    applies the update inside `accelerator.backward`, before the loop sees the gradient norm."""
+def steps_in_backward(acc) -> bool:
+    """Whether the optimizer update happens inside `accelerator.backward` of the window's last micro
+    batch (DeepSpeed: the engine steps there), so a window must be judged before that backward."""
     from accelerate.utils import DistributedType
 
-    return acc.distributed_type != DistributedType.DEEPSPEED
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def step_applied(acc) -> bool:
+    """Under DeepSpeed, whether the engine's last boundary step changed the parameters. ZeRO checks the
+    gradient for inf/NaN at the step (every dtype on stage 3; stages 1/2 unless bf16.check_grad_overflow
+    or zero_optimization.compute_grad_norm is off, which `deepspeed_conflicts` refuses under
+    train.nonfinite=skip) and then discards the window's gradients instead of updating."""
+    return bool(acc.deepspeed_engine_wrapped.engine.was_step_applied())
+
+
+def any_rank(acc, flag: torch.Tensor) -> bool:
+    """True on every rank if `flag` (a bool scalar) is true on any rank: one small all-reduce."""
+    return bool(all_sum(acc, flag.to(torch.float64).reshape(1)).item() > 0)
 
 
 def data_parallel_size(acc) -> int:

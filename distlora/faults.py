@@ -4,7 +4,9 @@ Each rule is `rank<R|*>:<point>[@<skip>]:<action>`. `point` is a glob over the n
 passes: `step<N>` (before the forward of the step after N finished steps) and named points in the
 checkpoint writer (`save.*`, `rotate.before_delete`). `@<skip>` lets the first <skip> hits pass.
 Actions: raise (an exception), kill (SIGKILL this process), exit (os._exit(1)), slow (sleep 0.5 s),
-nan (make this rank's loss non-finite for that step). Nothing happens when the variable is unset.
+nan (this rank's loss and gradients become NaN for that step), inf (this rank's loss becomes +inf
+while its gradient stays finite: only a decision on the loss catches it). Nothing happens when the
+variable is unset.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def active(point: str, action: str) -> bool:
 def hit(point: str) -> None:
     """Run the kill/exit/raise/slow rules registered for `point` on this rank."""
     for rule in _matching(point):
-        if rule["action"] == "nan":
+        if rule["action"] in ("nan", "inf"):
             continue
         if rule["skip"] > 0:
             rule["skip"] -= 1
@@ -67,3 +69,12 @@ def hit(point: str) -> None:
             os._exit(1)
         elif rule["action"] == "raise":
             raise InjectedFault(f"injected fault at {point} on rank {os.environ.get('RANK', '0')}")
+
+
+def corrupt_loss(point: str, loss):
+    """The loss as the nan/inf rules for `point` on this rank make it."""
+    if active(point, "nan"):
+        loss = loss * float("nan")
+    if active(point, "inf"):
+        loss = loss + float("inf")
+    return loss

@@ -348,10 +348,8 @@ def run(cfg) -> None:
         accum = t.gradient_accumulation_steps
         device = acc.device
         params = [p for p in model.parameters() if p.requires_grad]
-        can_skip = dist.can_skip_steps(acc)
-        if t.nonfinite == "skip" and not can_skip:
-            say("distlora: train.nonfinite=skip is not possible under DeepSpeed (the engine steps inside backward); "
-                "a non-finite step aborts the run instead, and the last checkpoint stays good")
+        in_backward = dist.steps_in_backward(acc)
+        fp16 = acc.mixed_precision == "fp16"
         it, last_eval, row, last_logged, comm_bytes = None, None, None, start_step, 0
         for step in range(start_step, total_steps):
             faults.hit(f"step{step}")
@@ -377,32 +375,54 @@ def run(cfg) -> None:
                     f"checkpoint in {checkpoint.step_dir(out, step)}; rerun the same command to resume"
                 )
             torch.manual_seed(_dropout_seed(t.seed, step, acc.process_index))
-            inject_nan = faults.active(f"step{step}", "nan")
             # the backend divides by `accum` and averages over ranks; the scale undoes both so the summed
             # gradient is d(sum NLL)/dθ / n_target exactly (under DeepSpeed the engine steps in backward)
             scale = dist.loss_scale(acc, n_target)
             nll_total = torch.zeros((), dtype=torch.float64, device=device)
+            loss_bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss on this rank's window
             for batch in window:
                 with acc.accumulate(model):
                     nll, _ = forward_nll(model, batch, t.loss_chunk_size)
-                    nll = nll.sum() * (float("nan") if inject_nan else 1.0)
+                    nll = faults.corrupt_loss(f"step{step}", nll.sum())
+                    loss_bad |= ~torch.isfinite(nll.detach())
+                    if acc.sync_gradients:
+                        # Decided before the backward that may apply the update (DeepSpeed steps inside
+                        # it), alike on every rank: a window with a non-finite loss anywhere gets a NaN
+                        # gradient, which every backend then discards (see below).
+                        window_bad = dist.any_rank(acc, loss_bad)
+                        if window_bad:
+                            nll = nll * float("nan")
                     acc.backward(nll * scale)
                     nll_total += nll.detach().double()
                     if acc.sync_gradients:
                         # The norm is taken on all-reduced gradients: every rank decides alike.
                         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-                        if math.isfinite(float(grad_norm)):  # a tensor, or a float under DeepSpeed
-                            optimizer.step()
+                        if in_backward:
+                            applied = dist.step_applied(acc)
+                        elif math.isfinite(float(grad_norm)) or acc.scaler is not None:
+                            optimizer.step()  # an fp16 grad scaler skips a non-finite step itself, lowering its scale
+                            applied = not optimizer.step_was_skipped
+                        else:
+                            applied = False
+                        if window_bad and applied:
+                            raise NonFiniteError(
+                                f"step {step + 1}: the backend applied an update from a non-finite loss; the "
+                                "adapter is now corrupt: resume from the last checkpoint"
+                            )
+                        if applied:
                             in_a_row = 0
+                        elif fp16 and not window_bad:
+                            say(f"distlora: fp16 gradient overflow at step {step + 1}: step skipped, loss scale lowered")
                         else:
                             skipped, in_a_row = skipped + 1, in_a_row + 1
-                            say(f"distlora: non-finite gradient at step {step + 1}: step skipped ({skipped} so far)")
-                            if t.nonfinite == "abort" or in_a_row >= t.nonfinite_max_in_a_row or not can_skip:
+                            what = "loss" if window_bad else "gradient"
+                            say(f"distlora: non-finite {what} at step {step + 1}: step skipped ({skipped} so far)")
+                            if t.nonfinite == "abort" or in_a_row >= t.nonfinite_max_in_a_row:
                                 raise NonFiniteError(
-                                    f"non-finite loss/gradient at step {step + 1} ({in_a_row} in a row, "
-                                    f"train.nonfinite={t.nonfinite}, nonfinite_max_in_a_row={t.nonfinite_max_in_a_row}"
-                                    f"{'' if can_skip else ', and this backend cannot skip a step'}); lower "
-                                    "train.lr, check the data, or resume from the last checkpoint"
+                                    f"non-finite {what} at step {step + 1} ({in_a_row} in a row, "
+                                    f"train.nonfinite={t.nonfinite}, nonfinite_max_in_a_row={t.nonfinite_max_in_a_row}); "
+                                    "the update was not applied; lower train.lr, check the data, or resume from the "
+                                    "last checkpoint"
                                 )
                         optimizer.zero_grad(set_to_none=True)
             comm_bytes += dist.CommCounter.take()

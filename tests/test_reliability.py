@@ -92,7 +92,8 @@ def test_nonfinite_abort(tiny, tmp_path):
     cfg = _cfg(tiny, tmp_path, "abort", save_every=0, nonfinite="abort")
     res = launch(2, cfg, env={"DISTLORA_FAULT": "rank0:step1:nan"}, check=False)
     assert res.returncode != 0
-    assert "non-finite loss/gradient at step 2" in res.stderr and "train.nonfinite=abort" in res.stderr
+    assert "non-finite loss at step 2" in res.stderr and "train.nonfinite=abort" in res.stderr
+    assert "the update was not applied" in res.stderr
 
 
 def test_nonfinite_abort_after_too_many_in_a_row(tiny, tmp_path):
@@ -100,6 +101,80 @@ def test_nonfinite_abort_after_too_many_in_a_row(tiny, tmp_path):
     fault = "rank0:step1:nan,rank0:step2:nan"
     res = launch(1, cfg, env={"DISTLORA_FAULT": fault}, check=False)
     assert res.returncode != 0 and "(2 in a row" in res.stderr
+
+
+ZERO2 = ROOT / "configs" / "accelerate" / "cpu_deepspeed_zero2.yaml"
+ZERO3 = ROOT / "configs" / "accelerate" / "cpu_deepspeed_zero3.yaml"
+NAN_ON_RANK1_STEP3 = {"DISTLORA_FAULT": "rank1:step2:nan"}
+
+
+def _nan_run(tiny, tmp: Path, name: str, config_file=None, **train) -> Path:
+    """6 steps, accumulation 2, dropout 0 (so DDP and ZeRO runs are comparable), NaN loss on rank 1 in
+    both micro batches of step 3."""
+    cfg = _cfg(tiny, tmp, name, dropout=0.0, max_steps=6, gradient_accumulation_steps=2, save_every=0, **train)
+    launch(2, cfg, env=NAN_ON_RANK1_STEP3, config_file=config_file, timeout=600)
+    return tmp / name / "out"
+
+
+@pytest.fixture(scope="module")
+def nan_ddp(tiny, tmp_path_factory) -> Path:
+    return _nan_run(tiny, tmp_path_factory.mktemp("nan_ddp"), "ddp")
+
+
+@pytest.mark.parametrize("config_file", [ZERO2, ZERO3], ids=["zero2", "zero3"])
+def test_nonfinite_window_is_skipped_under_deepspeed_like_ddp(config_file, tiny, tmp_path, nan_ddp):
+    """DeepSpeed applies the update inside the last micro batch's backward, so the loop agrees on the
+    window's losses across ranks before that backward and hands the engine a NaN gradient, which ZeRO
+    discards (engine.was_step_applied() is False). The result must equal DDP's skip of the same step
+    (proven to leave the adapter unchanged above) within the ZeRO-vs-DDP summation-order difference
+    (~5e-8, tests/test_backends.py); a step applied with NaN would make every tensor NaN."""
+    out = _nan_run(tiny, tmp_path, config_file.stem, config_file=config_file)
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 0, 1, 1, 1, 1]
+    assert rows[2]["loss"] is None and all(r["loss"] is not None for i, r in enumerate(rows) if i != 2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == config_file.stem.split("_")[-1]
+    assert max_abs_diff(load_adapter(nan_ddp / "adapter"), load_adapter(out / "adapter")) < 1e-5
+    ddp_losses = [r["loss"] for r in read_metrics(nan_ddp) if "loss" in r]
+    for a, b in zip(ddp_losses, [r["loss"] for r in rows]):
+        assert (a is None and b is None) or abs(a - b) < 1e-5 * abs(a)
+
+
+@pytest.mark.parametrize("config_file", [None, ZERO2], ids=["ddp", "zero2"])
+def test_infinite_loss_with_finite_gradient_is_skipped(config_file, tiny, tmp_path, nan_ddp):
+    """`inf` makes rank 1's loss +inf while its gradient stays finite: a check on the gradient norm alone
+    would apply that step. Deciding on the loss before the update skips it, exactly as the NaN run."""
+    cfg = _cfg(tiny, tmp_path, "inf", dropout=0.0, max_steps=6, gradient_accumulation_steps=2, save_every=0)
+    res = launch(2, cfg, env={"DISTLORA_FAULT": "rank1:step2:inf"}, config_file=config_file, timeout=600)
+    assert "non-finite loss at step 3: step skipped" in res.stdout + res.stderr
+    out = tmp_path / "inf" / "out"
+    assert [r["nonfinite_skipped"] for r in read_metrics(out) if "loss" in r] == [0, 0, 1, 1, 1, 1]
+    assert max_abs_diff(load_adapter(nan_ddp / "adapter"), load_adapter(out / "adapter")) < 1e-5
+
+
+def test_nonfinite_abort_under_deepspeed_applies_nothing(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path, "dsabort", dropout=0.0, max_steps=6, save_every=0, nonfinite="abort")
+    res = launch(2, cfg, env=NAN_ON_RANK1_STEP3, config_file=ZERO2, check=False, timeout=600)
+    assert res.returncode != 0
+    assert "non-finite loss at step 3" in res.stderr and "the update was not applied" in res.stderr
+
+
+def test_deepspeed_json_that_would_apply_a_nan_step_is_refused(tiny, tmp_path, monkeypatch):
+    """nonfinite=skip relies on ZeRO's inf/NaN check at the step; a JSON that turns it off is refused."""
+    from distlora import config as C
+    from distlora import distributed as dist
+
+    conf = json.loads((ROOT / "configs" / "deepspeed" / "cpu_zero2.json").read_text())
+    conf["bf16"]["check_grad_overflow"] = False
+    conf["zero_optimization"]["compute_grad_norm"] = False
+    (tmp_path / "ds.json").write_text(json.dumps(conf))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    cfg = C.load(_cfg(tiny, tmp_path, "dsjson"))
+    problems = dist.deepspeed_conflicts(cfg, "bf16")
+    assert sum("train.nonfinite: skip needs DeepSpeed to check gradients" in p for p in problems) == 2, problems
+    cfg.train.nonfinite = "abort"
+    assert not any("train.nonfinite" in p for p in dist.deepspeed_conflicts(cfg, "bf16"))
 
 
 # ------------------------------------------------------------------------------------ failing ranks
