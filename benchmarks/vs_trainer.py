@@ -2,6 +2,7 @@
 
     python benchmarks/vs_trainer.py            # 4-layer 256-wide Llama, GSM8K slice, 1 and 2 processes, 5 repeats
     python benchmarks/vs_trainer.py --quick    # tiny sizes, 1 process, 2 repeats (a few minutes on 2 cores)
+    python benchmarks/vs_trainer.py --profile  # where the time goes: self CPU ms per op for a, b, c
 
 Variants (each run in its own process, runs alternated round-robin, threads pinned):
   a    Trainer + PEFT, DataCollatorForSeq2Seq (padding), examples in distlora's order (sequential)
@@ -16,7 +17,10 @@ optimizer steps are dropped; tokens/s counts real (non-padding) input tokens ove
 both sides log a loss every step (Trainer logging_steps=1, distlora log_every=1) and evaluate only
 after training. The final eval loss is computed the same way for every variant (sum of token NLL /
 target tokens over the eval slice, distlora.train.evaluate). Ratios are tokens/s vs variant a of the
-same process count, with a bootstrap 95% interval over the repeats.
+same process count, with a bootstrap 95% interval over the repeats. Round i runs every variant with
+seed 7 + i (a and b of a round see the same batches and LoRA init), so the eval-loss spread over
+rounds is the seed-to-seed variance. Threads: 2 for one process; with 2 processes each rank is
+pinned to its own core with 1 thread. The table ends with the issue's targets, each met or MISSED.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def prepare(work: Path, spec: dict) -> None:
         (work / f"{out}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def run_config(work: Path, spec: dict, variant: str, out: Path, procs: int) -> dict:
+def run_config(work: Path, spec: dict, variant: str, out: Path, procs: int, seed: int = 7) -> dict:
     return {
         "model": {"name_or_path": str(work / "model"), "dtype": "float32", "attn_implementation": "sdpa"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
@@ -87,7 +91,7 @@ def run_config(work: Path, spec: dict, variant: str, out: Path, procs: int) -> d
         "train": {
             "output_dir": str(out), "micro_batch_size": spec["micro"], "gradient_accumulation_steps": 1,
             "max_steps": spec["steps"], "lr": 1e-3, "warmup_steps": 2, "lr_scheduler": "cosine",
-            "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": 0, "mixed_precision": "no", "seed": 7,
+            "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": 0, "mixed_precision": "no", "seed": seed,
             "log_every": 1,
         },
     }
@@ -100,18 +104,36 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _profiled(fn, result: Path):
+    """Run fn(); with DISTLORA_BENCH_PROFILE=1, under torch.profiler, writing self CPU ms per op family."""
+    if not os.environ.get("DISTLORA_BENCH_PROFILE"):
+        return fn()
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        out = fn()
+        wall = time.perf_counter() - t0
+    ops = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    ops["(wall of the whole run, ms)"] = wall * 1e3
+    result.with_name("profile.json").write_text(json.dumps(ops))
+    return out
+
+
 def worker_distlora(cfg_dict: dict, result: Path, warmup: int) -> None:
     from distlora import config as config_mod
     from distlora.train import run
 
+    if os.environ.get("DISTLORA_BENCH_PROFILE"):
+        cfg_dict["data"]["eval"] = None  # profile the training steps only, as for Trainer below
     cfg = config_mod.validate(cfg_dict)
-    run(cfg)
+    _profiled(lambda: run(cfg), result)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     rows = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     timed = steps[warmup:]
-    ev = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    ev = [r["eval_loss"] for r in rows if "eval_loss" in r] or [float("nan")]  # no eval when profiling
     result.write_text(json.dumps({
         "time_s": sum(r["step_time_s"] for r in timed),
         "tokens": sum(r["input_tokens"] for r in timed),
@@ -179,7 +201,7 @@ def worker_trainer(cfg_dict: dict, variant: str, result: Path, warmup: int) -> N
         eval_strategy="no", report_to="none", use_cpu=True, seed=t.seed, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[Clock()])
-    trainer.train()
+    _profiled(trainer.train, result)
     # step k's batch is collated before step k's end mark; time the steps after the warm-up ones
     timed = counts[warmup:t.max_steps]
     acc = Accelerator(cpu=True)
@@ -202,7 +224,7 @@ def worker_trainer(cfg_dict: dict, variant: str, result: Path, warmup: int) -> N
 def launch_run(work: Path, spec: dict, variant: str, procs: int, rep: int) -> dict:
     out = work / "runs" / f"{variant.replace(chr(39), 'p')}-{procs}-{rep}"
     out.mkdir(parents=True, exist_ok=True)
-    cfg = run_config(work, spec, variant, out / "out", procs)
+    cfg = run_config(work, spec, variant, out / "out", procs, seed=7 + rep)  # every variant of a round: one seed
     (out / "cfg.json").write_text(json.dumps(cfg))
     result = out / "result.json"
     threads = "2" if procs == 1 else "1"
@@ -243,6 +265,38 @@ def bootstrap_ratio(xs: list[float], ys: list[float], n: int = 2000) -> tuple[fl
     return out[int(0.025 * n)], out[int(0.975 * n) - 1]
 
 
+def _mean_sd(xs: list[float], digits: int) -> str:
+    return f"{statistics.fmean(xs):.{digits}f}" + (f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else "")
+
+
+def targets(results: dict, procs: int, loss_diff: float) -> list[str]:
+    """The issue's targets for this process count, each with its numbers and met / MISSED."""
+    def tps(v):
+        return [r["tokens"] / r["time_s"] for r in results[(v, procs)]]
+
+    def ratio(v, base):
+        return statistics.fmean(tps(v)) / statistics.fmean(tps(base))
+
+    def lower(v, base):
+        return bootstrap_ratio(tps(v), tps(base))[0] if len(tps(v)) > 1 else float("nan")
+
+    ev_b = [r["eval_loss"] for r in results[("b", procs)]]
+    ev_c = [r["eval_loss"] for r in results[("c", procs)]]
+    sd_b = statistics.stdev(ev_b) if len(ev_b) > 1 else float("nan")
+    gap = abs(statistics.fmean(ev_c) - statistics.fmean(ev_b))
+    c_vs_flat = ratio("c", "a''")
+    rows = [
+        ("b >= 1.0x a, lower 95% bound >= 0.95", ratio("b", "a") >= 1.0 and lower("b", "a") >= 0.95,
+         f"{ratio('b', 'a'):.2f}x, lower {lower('b', 'a'):.2f}"),
+        ("b losses equal a's (max |diff| < 1e-4)", loss_diff < 1e-4, f"{loss_diff:.1e}"),
+        ("c >= 1.5x a", ratio("c", "a") >= 1.5, f"{ratio('c', 'a'):.2f}x"),
+        ("c >= 1.0x a''", c_vs_flat >= 1.0, f"{c_vs_flat:.2f}x"),
+        ("c eval loss within seed-to-seed spread of b (|mean diff| <= 2 sd of b over seeds)",
+         gap <= 2 * sd_b, f"|diff| {gap:.4f}, sd(b) {sd_b:.4f}"),
+    ]
+    return [f"target {name}: {'met' if ok else 'MISSED'} ({detail})" for name, ok, detail in rows]
+
+
 def table(results: dict, spec: dict) -> str:
     lines = [
         f"distlora vs Trainer+PEFT: {spec['layers']}-layer {spec['hidden']}-wide Llama, GSM8K {spec['n_train']} train / "
@@ -265,15 +319,42 @@ def table(results: dict, spec: dict) -> str:
             lines.append(
                 f"| {v} {NAMES[v]} | {procs} | {statistics.fmean(tps):.0f} ± {sd:.0f} | {statistics.fmean(eps):.1f} | "
                 f"{statistics.fmean(r['time_s'] for r in rs):.2f} | {statistics.fmean(r['wall_s'] for r in rs):.1f} | "
-                f"{max(r['rss_mb'] for r in rs):.0f} | {statistics.fmean(r['eval_loss'] for r in rs):.5f} | "
+                f"{max(r['rss_mb'] for r in rs):.0f} | {_mean_sd([r['eval_loss'] for r in rs], 5)} | "
                 f"{'' if pad is None else f'{pad:.1%}'} | {ratio:.2f}x [{lo:.2f}, {hi:.2f}] |"
             )
-        la, lb = results[("a", procs)][0]["losses"], results[("b", procs)][0]["losses"]
-        n = min(len(la), len(lb))
-        diff = max(abs(x - y) for x, y in zip(la[:n], lb[:n])) if n else float("nan")
+        n_rounds = min(len(results[("a", procs)]), len(results[("b", procs)]))
+        diffs = []
+        for i in range(n_rounds):  # round i: a and b with the same seed, so the same batches and init
+            la, lb = results[("a", procs)][i]["losses"], results[("b", procs)][i]["losses"]
+            diffs += [abs(x - y) for x, y in zip(la, lb)]
         lines.append("")
-        lines.append(f"{procs} process(es): per-step training loss, a vs b (same batches): max |diff| {diff:.2e} over {n} steps")
+        lines.append(f"{procs} process(es): per-step training loss, a vs b (same seed, batches and init per round): "
+                     f"max |diff| {max(diffs) if diffs else float('nan'):.2e} over {len(diffs)} steps")
+        lines += [f"  {t}" for t in targets(results, procs, max(diffs) if diffs else float("nan"))]
     return "\n".join(lines)
+
+
+def profile(spec: dict) -> int:
+    """Self CPU time per op over training (warm-up steps included, no eval) for a, b and c, one process."""
+    os.environ["DISTLORA_BENCH_PROFILE"] = "1"
+    profs, runs = {}, {}
+    with tempfile.TemporaryDirectory(prefix="distlora-prof-") as tmp:
+        work = Path(tmp)
+        prepare(work, spec)
+        for v in ("a", "b", "c"):
+            runs[v] = launch_run(work, spec, v, 1, 0)
+            profs[v] = json.loads((work / "runs" / f"{v}-1-0" / "profile.json").read_text())
+    top = sorted({k for pr in profs.values() for k in sorted(pr, key=pr.get, reverse=True)[:14]},
+                 key=lambda k: -profs["a"].get(k, 0))
+    print(f"self CPU ms per op over all {spec['steps']} training steps (profiler on: slower than the timed runs); "
+          f"timed tok/s: " + ", ".join(f"{v} {r['tokens'] / r['time_s']:.0f}" for v, r in runs.items()))
+    print(f"| op | {' | '.join(NAMES[v] for v in profs)} |")
+    print("| --- | --- | --- | --- |")
+    for k in top:
+        print(f"| {k} | " + " | ".join(f"{profs[v].get(k, 0):.0f}" for v in profs) + " |")
+    total = {v: sum(x for k, x in pr.items() if not k.startswith("(")) for v, pr in profs.items()}
+    print("| all ops | " + " | ".join(f"{total[v]:.0f}" for v in profs) + " |")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -284,6 +365,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
                    help="override sizes, e.g. --set layers=4 hidden=256 steps=12 (keys: " + ", ".join(QUICK) + ")")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the table")
+    p.add_argument("--profile", action="store_true",
+                   help="one 1-process run of a, b, c under torch.profiler: where the time goes, op by op")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--cfg", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -292,7 +375,12 @@ def main(argv=None) -> int:
     if a.worker:
         import torch
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+        torch.set_num_threads(threads)
+        cores = sorted(os.sched_getaffinity(0))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and len(cores) >= int(os.environ["WORLD_SIZE"]) * threads:
+            rank = int(os.environ.get("LOCAL_RANK", "0"))  # pin: rank r on its own core(s)
+            os.sched_setaffinity(0, cores[rank * threads:(rank + 1) * threads])
         cfg = json.loads(Path(a.cfg).read_text())
         if a.worker.startswith("a"):
             worker_trainer(cfg, a.worker, Path(a.result), a.warmup)
@@ -312,6 +400,8 @@ def main(argv=None) -> int:
         if key not in spec or key == "procs":
             raise SystemExit(f"--set: unknown size '{key}'; use one of {', '.join(k for k in spec if k != 'procs')}")
         spec[key] = int(value)
+    if a.profile:
+        return profile(spec)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="distlora-bench-") as tmp:
         work = Path(tmp)
