@@ -136,15 +136,16 @@ class StopRequest:
 # ---------------------------------------------------------------------------------------------
 
 
-def forward_nll(model, batch, chunk: int = 0):
-    """Per-example summed NLL and target-token counts of a padded or packed batch; `chunk` > 0 computes
-    lm_head + cross-entropy `chunk` target tokens at a time (distlora.loss)."""
-    from distlora.loss import example_nll
+def forward_nll(model, batch, chunk: int = 0, impl: str = "torch", total: bool = False):
+    """Per-example summed NLL and target-token counts of a padded or packed batch (`total`: the batch's
+    summed NLL alone); `chunk` > 0 computes lm_head + cross-entropy `chunk` target tokens at a time,
+    impl="liger" in liger-kernel's fused kernel (distlora.loss)."""
+    from distlora.loss import batch_nll, example_nll
 
-    return example_nll(model, batch, chunk)
+    return batch_nll(model, batch, chunk, impl) if total else example_nll(model, batch, chunk, impl)
 
 
-def evaluate(acc, model, loader, chunk: int = 0) -> dict:
+def evaluate(acc, model, loader, chunk: int = 0, impl: str = "torch") -> dict:
     """Eval loss from per-example (NLL sum, token count) gathered across ranks, summed in example-id
     order in float64: the same value for any number of processes."""
     import torch
@@ -153,7 +154,7 @@ def evaluate(acc, model, loader, chunk: int = 0) -> dict:
     ids, nlls, counts = [], [], []
     with torch.no_grad():
         for batch in loader:
-            nll, n = forward_nll(model, batch, chunk)
+            nll, n = forward_nll(model, batch, chunk, impl)
             # packed rows hold different numbers of examples on each rank: pad (id -1) before gathering
             ids.append(acc.gather(acc.pad_across_processes(batch["ids"], pad_index=-1)))
             nlls.append(acc.gather(acc.pad_across_processes(nll.double())))
@@ -334,7 +335,7 @@ def run(cfg) -> None:
             nonlocal best_eval
             if eval_loader is None:
                 return None
-            ev = {"step": step, **evaluate(acc, model, eval_loader, t.loss_chunk_size)}
+            ev = {"step": step, **evaluate(acc, model, eval_loader, t.loss_chunk_size, t.loss_impl)}
             best_eval = ev["eval_loss"] if best_eval is None else min(best_eval, ev["eval_loss"])
             metrics.log(ev)
             say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
@@ -384,8 +385,8 @@ def run(cfg) -> None:
             nll_total = torch.zeros((), dtype=torch.float64, device=device)
             for batch in window:
                 with acc.accumulate(model):
-                    nll, _ = forward_nll(model, batch, t.loss_chunk_size)
-                    nll = nll.sum() * (float("nan") if inject_nan else 1.0)
+                    nll = forward_nll(model, batch, t.loss_chunk_size, t.loss_impl, total=True)
+                    nll = nll * (float("nan") if inject_nan else 1.0)
                     acc.backward(nll * scale)
                     nll_total += nll.detach().double()
                     if acc.sync_gradients:
