@@ -39,7 +39,7 @@ def _say_once(msg: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = config_mod.load(args.config, args.overrides)
+        cfg = config_mod.load(args.config, args.overrides, check_device=True)
         from distlora import distributed as dist
 
         conflicts = dist.launcher_conflicts(cfg)

@@ -254,3 +254,26 @@ def test_default_loss_path_is_untouched(tiny, tmp_path, monkeypatch):
         with torch.no_grad():
             assert torch.equal(L.batch_nll(model, batch, chunk), L.example_nll(model, batch, chunk)[0].sum())
     assert "liger_kernel" not in sys.modules
+
+
+def test_loop_with_fused_loss_matches_chunked_run(tiny, tmp_path, monkeypatch):
+    """The training loop and eval pass train.loss_impl through: a 6-step run with the (stand-in) fused
+    loss logs the chunked run's losses and eval loss (fp32, CPU; same bound as above)."""
+    from conftest import read_metrics, run_inprocess
+
+    from distlora import config as C
+    from distlora import loss as L
+
+    calls = []
+    monkeypatch.setattr(L, "_liger_ce", lambda device: torch_fused_ce(calls))
+    monkeypatch.setattr(C, "_check_liger", lambda train, check_device: [])  # no liger or CUDA here: the stand-in runs
+    runs = {}
+    for name, train in (("chunked", {"loss_chunk_size": 16}), ("fused", {"loss_impl": "liger"})):
+        raw = base_config(tiny, tmp_path / name, train={**train, "max_steps": 6})
+        assert run_inprocess(write_config(tmp_path / f"{name}.yaml", raw)) == 0
+        runs[name] = read_metrics(tmp_path / name)
+    assert {c["reduction"] for c in calls} == {"sum", "none"}  # training steps and eval both went through it
+    for key in ("loss", "eval_loss"):
+        a = [r[key] for r in runs["chunked"] if key in r]
+        b = [r[key] for r in runs["fused"] if key in r]
+        assert len(a) == len(b) > 0 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (key, a, b)
