@@ -3,7 +3,9 @@
 `load(path, overrides)` reads a YAML file that holds only overrides of these defaults, applies
 `dotted.key=value` overrides on top, and validates everything. Every problem is collected and
 raised as one `ConfigError` that names each field and says how to fix it. Nothing here imports
-torch or touches a process group: this runs before either.
+torch at module level or touches a process group: this runs before either. `check_device` adds the
+checks that only hold on the machine that trains (a CUDA GPU for `train.loss_impl: liger`): the
+trainer asks for them; launchers and `distlora plan` may run elsewhere (a login node).
 """
 
 from __future__ import annotations
@@ -167,6 +169,9 @@ class TrainConfig(_Section):
     loss_chunk_size: int = Field(
         0, ge=0, description="Compute lm_head + cross-entropy this many target tokens at a time (less logits memory); 0 = all at once."
     )
+    loss_impl: Literal["torch", "liger"] = Field(
+        "torch", description="torch (plain or chunked, see loss_chunk_size); liger = liger-kernel's fused lm_head + CE (CUDA, distlora[liger])."
+    )
     log_every: int = Field(1, gt=0, description="Write a metrics row every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only at the end.")
     eval_at_start: bool = Field(False, description="Also evaluate before the first step (a baseline).")
@@ -322,16 +327,18 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load(path: str | os.PathLike | None, overrides: list[str] | None = None, check_model: bool = True) -> RunConfig:
+def load(path: str | os.PathLike | None, overrides: list[str] | None = None, check_model: bool = True,
+         check_device: bool = False) -> RunConfig:
     """Read, override, validate. Raises ConfigError listing every problem found."""
     problems: list[str] = []
     raw = read_yaml(path) if path is not None else {}
     for key, value in parse_overrides(overrides or [], problems):
         _set_dotted(raw, key, value, problems)
-    return validate(raw, problems, check_model=check_model)
+    return validate(raw, problems, check_model=check_model, check_device=check_device)
 
 
-def validate(raw: dict, problems: list[str] | None = None, check_model: bool = True) -> RunConfig:
+def validate(raw: dict, problems: list[str] | None = None, check_model: bool = True,
+             check_device: bool = False) -> RunConfig:
     problems = list(problems or [])
     cfg = None
     bad_fields: dict[str, set] = {}
@@ -354,14 +361,14 @@ def validate(raw: dict, problems: list[str] | None = None, check_model: bool = T
                 sections[name] = cls.model_validate(clean)
             except ValidationError:
                 pass
-    problems += _check_world(sections, check_model=check_model)
+    problems += _check_world(sections, check_model=check_model, check_device=check_device)
     if problems:
         raise ConfigError(problems)
     assert cfg is not None
     return cfg
 
 
-def _check_world(s: dict, check_model: bool) -> list[str]:
+def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list[str]:
     from distlora import data as data_mod  # light: no torch
 
     problems: list[str] = []
@@ -387,11 +394,36 @@ def _check_world(s: dict, check_model: bool) -> list[str]:
     model = s.get("model")
     if model is not None and model.quantization is not None:
         problems += _check_quantization(model, train)
+    liger = train is not None and train.loss_impl == "liger"
+    if liger:
+        problems += _check_liger(train, check_device)
     if model is not None:
         if _looks_local(model.name_or_path) and not Path(model.name_or_path).exists():
             problems.append(f"model.name_or_path: '{model.name_or_path}' does not exist")
         elif check_model and lora is not None:
-            problems += _check_target_modules(model, lora)
+            problems += _check_target_modules(model, lora, liger)
+    return problems
+
+
+def _check_liger(train: TrainConfig, check_device: bool) -> list[str]:
+    """train.loss_impl=liger: liger-kernel (and the triton it runs on) installed; with `check_device`,
+    a CUDA GPU on this machine (its kernels are triton GPU kernels)."""
+    import importlib.util
+
+    problems = []
+    if train.loss_chunk_size:
+        problems.append("train.loss_chunk_size: liger chooses its own chunks; set train.loss_chunk_size=0 "
+                        "with train.loss_impl=liger (or train.loss_impl=torch to keep the chunk size)")
+    missing = [m for m in ("liger_kernel", "triton") if importlib.util.find_spec(m) is None]
+    if missing:
+        problems.append(f"train.loss_impl: liger needs {' and '.join(missing)}, not installed here; "
+                        "`pip install 'distlora[liger]'` (CUDA GPUs), or set train.loss_impl=torch")
+    if check_device:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("train.loss_impl: liger runs on CUDA GPUs only and this machine has none; set "
+                            "train.loss_impl=torch (train.loss_chunk_size bounds the logits memory on any device)")
     return problems
 
 
@@ -426,31 +458,49 @@ def _looks_local(p: str) -> bool:
     return Path(p).exists() or p.startswith((".", "/", "~")) or p.count("/") > 1
 
 
-def linear_module_names(model_cfg: ModelConfig) -> list[str]:
-    """Leaf names of the model's nn.Linear modules, from its config alone (meta device, no weights)."""
+def _meta_model(model_cfg: ModelConfig):
+    """The model built from its config alone (meta device, no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     conf = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(conf, trust_remote_code=model_cfg.trust_remote_code)
-    names = {n.rsplit(".", 1)[-1] for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
-    return sorted(names)
+        return AutoModelForCausalLM.from_config(conf, trust_remote_code=model_cfg.trust_remote_code)
 
 
-def _check_target_modules(model: ModelConfig, lora: LoraConfig) -> list[str]:
+def _linear_names(m) -> list[str]:
+    import torch
+
+    return sorted({n.rsplit(".", 1)[-1] for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)})
+
+
+def linear_module_names(model_cfg: ModelConfig) -> list[str]:
+    """Leaf names of the model's nn.Linear modules, from its config alone (meta device, no weights)."""
+    return _linear_names(_meta_model(model_cfg))
+
+
+def _check_target_modules(model: ModelConfig, lora: LoraConfig, liger: bool = False) -> list[str]:
     if lora.target_modules == "all-linear":
-        return []
+        return []  # PEFT's all-linear leaves the output layer out
     try:
-        names = linear_module_names(model)
+        m = _meta_model(model)
     except Exception as exc:  # noqa: BLE001 - reported as a config problem, with the cause
         return [f"model.name_or_path: cannot read the model config at '{model.name_or_path}': {exc}"]
+    names = _linear_names(m)
     missing = [t for t in lora.target_modules if t not in names]
     if missing:
         return [
             f"lora.target_modules: {missing} not found in the model; its linear modules are: {', '.join(names)} "
             "(or use 'all-linear')"
         ]
+    head = m.get_output_embeddings()
+    head_name = next((n.rsplit(".", 1)[-1] for n, mod in m.named_modules() if mod is head), None)
+    if liger and head_name in lora.target_modules:
+        return [(
+            f"lora.target_modules: LoRA on the output layer '{head_name}' with train.loss_impl=liger, whose fused kernel "
+            f"uses the layer's weight alone (not its adapter); drop '{head_name}' (lora.modules_to_save trains it in "
+            "full, which liger supports), or set train.loss_impl=torch"
+        )]
     return []
 
 

@@ -342,6 +342,9 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
     else:
         notes.append("not in a SLURM job: the other nodes' GPUs and the shared output dir cannot be checked from here")
 
+    if shape.cpu and t.loss_impl == "liger":
+        problems.append("train.loss_impl: liger's fused loss runs on CUDA GPUs only; fix: train.loss_impl=torch "
+                        "with --cpu (train.loss_chunk_size bounds the logits memory), or launch on GPUs")
     if shape.cpu and shape.backend == "fsdp2":
         problems.append("backend: accelerate's FSDP path needs GPUs (on CPU it fails or silently does not shard); "
                         "fix: --backend ddp on CPU")

@@ -17,6 +17,14 @@ the loop sums them over the accumulation window, eval gathers them per example i
   all of them. Peak logits memory: chunk x vocab instead of batch x seq x vocab in fp32. The call
   still goes through the (DDP-/PEFT-wrapped) model's forward, so DDP's sync logic is untouched, and
   lm_head is called as a module, so a LoRA-adapted or `modules_to_save` lm_head trains as usual.
+- Fused loss (`train.loss_impl: liger`, CUDA only, `pip install 'distlora[liger]'`): the same hidden
+  states and target positions go to liger-kernel's fused lm_head + cross-entropy
+  (`liger_fused_linear_cross_entropy`: logits in chunks inside the kernel, gradients of the hidden
+  states and of lm_head's weight computed in the forward). The training loop asks for the micro
+  batch's sum (`batch_nll`: reduction "sum", liger's fast path); per-example sums (eval) use
+  reduction "none". It takes lm_head's weight and bias, not the module: lm_head must be a plain
+  `nn.Linear` (or a `modules_to_save` copy of one), held whole by this process. A LoRA-adapted,
+  quantized or sharded (ZeRO-3, FSDP) lm_head is refused with a message naming the field.
 """
 
 from __future__ import annotations
@@ -57,13 +65,13 @@ def _hf_model(model):
     return m
 
 
-def _check_plain_head(hf) -> None:
+def _check_plain_head(hf, field: str, fix: str) -> None:
     conf = hf.config
     for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
         if getattr(conf, attr, None) not in (None, 1, 1.0):
             raise ValueError(
-                f"train.loss_chunk_size: {type(hf).__name__} transforms its logits ({attr}={getattr(conf, attr)}), which "
-                "the chunked loss does not reproduce; set train.loss_chunk_size=0"
+                f"{field}: {type(hf).__name__} transforms its logits ({attr}={getattr(conf, attr)}), which "
+                f"this loss does not reproduce; {fix}"
             )
 
 
@@ -83,10 +91,10 @@ def chunked_target_nll(head, hidden, target, chunk: int):
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _hidden_states(model, kwargs):
+def _hidden_states(model, kwargs, field="train.loss_chunk_size", fix="set train.loss_chunk_size=0"):
     """Final hidden states of the model's body (what lm_head consumes), from a full forward of `model`."""
     hf = _hf_model(model)
-    _check_plain_head(hf)
+    _check_plain_head(hf, field, fix)
     body = hf.get_decoder()
     captured = {}
 
@@ -104,8 +112,10 @@ def _hidden_states(model, kwargs):
     return captured["h"], hf.get_output_embeddings(), captured["autocast"]
 
 
-def example_nll(model, batch, chunk: int = 0):
+def example_nll(model, batch, chunk: int = 0, impl: str = "torch"):
     """(summed NLL, target tokens) per example of `batch["ids"]`, in that order."""
+    if impl == "liger":
+        return _liger_nll(model, batch, per_example=True)
     kwargs = model_inputs(batch)
     labels = batch["labels"]
     target = labels[:, 1:]
@@ -121,15 +131,25 @@ def example_nll(model, batch, chunk: int = 0):
         return _chunked_example_nll(hidden, head, batch, chunk)
 
 
+def batch_nll(model, batch, chunk: int = 0, impl: str = "torch"):
+    """Summed target-token NLL of the whole micro batch (a 0-d fp32 tensor): what the loop back-propagates."""
+    if impl == "liger":
+        return _liger_nll(model, batch, per_example=False)
+    return example_nll(model, batch, chunk)[0].sum()
+
+
+def _target_owner(batch, keep):
+    """Each target token's slot in `ids` (row-major over `keep`, the target mask of labels[:, 1:])."""
+    if "example_index" in batch:  # packed
+        return batch["example_index"][:, 1:][keep]
+    return torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+
+
 def _chunked_example_nll(hidden, head, batch, chunk):
     labels = batch["labels"]
     target = labels[:, 1:]
-    packed = "example_index" in batch
     keep = target != IGNORE
-    if packed:
-        owner = batch["example_index"][:, 1:][keep]
-    else:
-        owner = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(target)[keep]
+    owner = _target_owner(batch, keep)
     if not keep.any():
         # A micro batch of padding examples: no target, but backward must still reach every trainable
         # parameter (DDP expects each one's gradient, here zero), as the plain loss's graph does.
@@ -152,3 +172,78 @@ def _sum_by_owner(nll, owner, n):
     sums = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, owner, nll)
     counts = torch.zeros(n, dtype=torch.long, device=nll.device).index_add(0, owner, torch.ones_like(owner))
     return sums, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# liger-kernel's fused lm_head + cross-entropy (train.loss_impl: liger)
+
+
+def _liger_nll(model, batch, per_example: bool):
+    """The fused loss over the batch's target positions, chosen exactly as the chunked path chooses them
+    (labels[:, 1:] against the hidden state one position earlier; packed rows' first label per example
+    is IGNORE): per-example (sums, counts), or the batch's summed NLL."""
+    hidden, head, (dev, dtype, enabled) = _hidden_states(
+        model, model_inputs(batch), field="train.loss_impl", fix="set train.loss_impl=torch"
+    )
+    labels = batch["labels"]
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    n = len(batch["ids"])
+    if keep.any():
+        h, y = hidden[:, :-1][keep], target[keep]  # only target positions reach lm_head
+    else:
+        # A micro batch of padding examples: one ignored row (NLL 0, zero gradient) keeps every trainable
+        # parameter in the graph, as the plain and chunked losses do (DDP expects each one's gradient).
+        h, y = hidden[:1, 0], labels.new_full((1,), IGNORE)
+    with torch.autocast(dev, dtype=dtype, enabled=enabled):  # the state the model's own lm_head runs under
+        nll = fused_linear_nll(head, h, y, "none" if per_example else "sum")
+    if not per_example:
+        return nll
+    if not keep.any():
+        sums = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, labels.new_zeros(1), 0.0 * nll)
+        return sums, torch.zeros(n, dtype=torch.long, device=labels.device)
+    return _sum_by_owner(nll, _target_owner(batch, keep), n)
+
+
+def fused_linear_nll(head, hidden, target, reduction: str):
+    """liger-kernel's fused `head` + cross-entropy of `hidden` [N, H] for `target` [N] (IGNORE rows give 0):
+    fp32 per-row NLL (reduction "none") or their sum ("sum")."""
+    lin = _plain_linear(head)
+    w = lin.weight
+    if type(w) not in (torch.Tensor, torch.nn.Parameter) or w.dim() != 2 or w.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"train.loss_impl: liger reads lm_head's weight directly and needs all of it in this process, but here it is "
+            f"a {type(w).__name__} of shape {tuple(w.shape)} (sharded by ZeRO-3 / FSDP, or quantized); "
+            "set train.loss_impl=torch (train.loss_chunk_size bounds the logits memory)"
+        )
+    fused = _liger_ce(hidden.device)
+    return fused(input=hidden, weight=w, target=target, bias=lin.bias, ignore_index=IGNORE, reduction=reduction)
+
+
+def _plain_linear(head) -> torch.nn.Linear:
+    """The nn.Linear whose weight and bias `head(x)` applies, or a ValueError naming the field."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    inner = head
+    if isinstance(head, ModulesToSaveWrapper):  # lora.modules_to_save: the trained copy, unless adapters are off
+        active = head.active_adapters
+        inner = head.original_module if head.disable_adapters or not active else head.modules_to_save[active[0]]
+    if type(inner) is not torch.nn.Linear:
+        raise ValueError(
+            f"train.loss_impl: liger computes lm_head from its weight and bias alone, but lm_head here is a "
+            f"{type(inner).__name__} (LoRA on lm_head, or a quantized head); drop lm_head from lora.target_modules "
+            "(lora.modules_to_save trains it in full), or set train.loss_impl=torch"
+        )
+    return inner
+
+
+def _liger_ce(device: torch.device):
+    """liger-kernel's functional fused linear + cross-entropy, imported on first use (it needs triton and CUDA)."""
+    if device.type != "cuda":
+        raise ValueError(
+            f"train.loss_impl: liger runs on CUDA GPUs only, and this process computes on {device.type}; "
+            "set train.loss_impl=torch"
+        )
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy

@@ -39,7 +39,7 @@ def _say_once(msg: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = config_mod.load(args.config, args.overrides)
+        cfg = config_mod.load(args.config, args.overrides, check_device=True)
         from distlora import distributed as dist
 
         conflicts = dist.launcher_conflicts(cfg)
@@ -136,15 +136,16 @@ class StopRequest:
 # ---------------------------------------------------------------------------------------------
 
 
-def forward_nll(model, batch, chunk: int = 0):
-    """Per-example summed NLL and target-token counts of a padded or packed batch; `chunk` > 0 computes
-    lm_head + cross-entropy `chunk` target tokens at a time (distlora.loss)."""
-    from distlora.loss import example_nll
+def forward_nll(model, batch, chunk: int = 0, impl: str = "torch", total: bool = False):
+    """Per-example summed NLL and target-token counts of a padded or packed batch (`total`: the batch's
+    summed NLL alone); `chunk` > 0 computes lm_head + cross-entropy `chunk` target tokens at a time,
+    impl="liger" in liger-kernel's fused kernel (distlora.loss)."""
+    from distlora.loss import batch_nll, example_nll
 
-    return example_nll(model, batch, chunk)
+    return batch_nll(model, batch, chunk, impl) if total else example_nll(model, batch, chunk, impl)
 
 
-def evaluate(acc, model, loader, chunk: int = 0) -> dict:
+def evaluate(acc, model, loader, chunk: int = 0, impl: str = "torch") -> dict:
     """Eval loss from per-example (NLL sum, token count) gathered across ranks, summed in example-id
     order in float64: the same value for any number of processes."""
     import torch
@@ -153,7 +154,7 @@ def evaluate(acc, model, loader, chunk: int = 0) -> dict:
     ids, nlls, counts = [], [], []
     with torch.no_grad():
         for batch in loader:
-            nll, n = forward_nll(model, batch, chunk)
+            nll, n = forward_nll(model, batch, chunk, impl)
             # packed rows hold different numbers of examples on each rank: pad (id -1) before gathering
             ids.append(acc.gather(acc.pad_across_processes(batch["ids"], pad_index=-1)))
             nlls.append(acc.gather(acc.pad_across_processes(nll.double())))
@@ -334,7 +335,7 @@ def run(cfg) -> None:
             nonlocal best_eval
             if eval_loader is None:
                 return None
-            ev = {"step": step, **evaluate(acc, model, eval_loader, t.loss_chunk_size)}
+            ev = {"step": step, **evaluate(acc, model, eval_loader, t.loss_chunk_size, t.loss_impl)}
             best_eval = ev["eval_loss"] if best_eval is None else min(best_eval, ev["eval_loss"])
             metrics.log(ev)
             say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
@@ -382,8 +383,8 @@ def run(cfg) -> None:
             loss_bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss on this rank's window
             for batch in window:
                 with acc.accumulate(model):
-                    nll, _ = forward_nll(model, batch, t.loss_chunk_size)
-                    nll = faults.corrupt_loss(f"step{step}", nll.sum())
+                    nll = forward_nll(model, batch, t.loss_chunk_size, t.loss_impl, total=True)
+                    nll = faults.corrupt_loss(f"step{step}", nll)
                     loss_bad |= ~torch.isfinite(nll.detach())
                     if acc.sync_gradients:
                         # Decided before the backward that may apply the update (DeepSpeed steps inside

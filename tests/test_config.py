@@ -127,3 +127,82 @@ def test_shipped_accelerate_configs_load(path):
     assert first.startswith("# accelerate launch --config_file configs/accelerate/" + path.name), first
     conf = load_config_from_file(str(path))
     assert conf.mixed_precision in ("no", None), "the run config owns precision"
+
+
+# ------------------------------------------------------------------------------ train.loss_impl: liger
+# liger-kernel is a GPU-only extra: where it cannot run it is refused as a config problem, before any
+# process group or model load. Availability is patched, so these hold on any machine (CI has neither
+# the package nor a GPU; a GPU machine may have both).
+
+
+def _liger_world(monkeypatch, package: bool, cuda: bool):
+    import importlib.util
+
+    import torch
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if package else None) if name in ("liger_kernel", "triton") else real(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+
+
+def test_liger_default_is_torch(tiny, tmp_path):
+    cfg = C.load(write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "o")))
+    assert cfg.train.loss_impl == "torch" and cfg.train.loss_chunk_size == 0
+
+
+def test_liger_refused_without_the_package_or_a_gpu(tiny, tmp_path, monkeypatch):
+    path = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "o", train={"loss_impl": "liger"}))
+    _liger_world(monkeypatch, package=False, cuda=False)
+    with pytest.raises(C.ConfigError) as exc:
+        C.load(path, check_device=True)
+    package, gpu = exc.value.problems
+    assert package.startswith("train.loss_impl: liger needs liger_kernel and triton") and "pip install 'distlora[liger]'" in package
+    assert gpu.startswith("train.loss_impl: liger runs on CUDA GPUs only") and "train.loss_impl=torch" in gpu
+    # launchers and `distlora plan` may run on a machine without the GPU (a login node): no device check there
+    with pytest.raises(C.ConfigError) as exc:
+        C.load(path)
+    assert [p.split(":")[0] for p in exc.value.problems] == ["train.loss_impl"] and "pip install" in exc.value.problems[0]
+    _liger_world(monkeypatch, package=True, cuda=False)
+    assert C.load(path).train.loss_impl == "liger"
+    with pytest.raises(C.ConfigError, match="CUDA GPUs only"):
+        C.load(path, check_device=True)
+    _liger_world(monkeypatch, package=True, cuda=True)
+    assert C.load(path, check_device=True).train.loss_impl == "liger"
+
+
+def test_liger_config_problems_reported_at_once(tiny, tmp_path, monkeypatch):
+    """A chunk size liger would ignore and LoRA on the output layer (the kernel takes lm_head's weight, not
+    its adapter; modules_to_save is fine) are refused with the rest."""
+    _liger_world(monkeypatch, package=True, cuda=True)
+    path = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "o", train={"loss_impl": "liger"}))
+    with pytest.raises(C.ConfigError) as exc:
+        C.load(path, ["train.loss_chunk_size=16", "lora.target_modules=[q_proj,lm_head]", "train.lr=-1"], check_device=True)
+    fields = sorted(p.split(":")[0] for p in exc.value.problems)
+    assert fields == ["lora.target_modules", "train.loss_chunk_size", "train.lr"], exc.value.problems
+    lm = next(p for p in exc.value.problems if p.startswith("lora.target_modules"))
+    assert "output layer 'lm_head'" in lm and "lora.modules_to_save" in lm and "train.loss_impl=torch" in lm
+    ok = C.load(path, ["lora.target_modules=[q_proj]", "lora.modules_to_save=[lm_head]"], check_device=True)
+    assert ok.lora.modules_to_save == ["lm_head"]
+    # the same LoRA targets are fine with the torch loss
+    assert C.load(path, ["train.loss_impl=torch", "lora.target_modules=[q_proj,lm_head]"]).lora.target_modules[-1] == "lm_head"
+
+
+def test_trainer_refuses_liger_before_any_process_group(tiny, tmp_path, monkeypatch, capsys):
+    _liger_world(monkeypatch, package=True, cuda=False)
+    path = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "o", train={"loss_impl": "liger"}))
+    assert run_inprocess(path) == 2
+    err = capsys.readouterr().err
+    assert "train.loss_impl: liger runs on CUDA GPUs only" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cpu_launch_refuses_liger(tiny, tmp_path, monkeypatch):
+    from distlora.launch import Shape, preflight
+
+    _liger_world(monkeypatch, package=True, cuda=True)
+    cfg = C.load(write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "o", train={"loss_impl": "liger"})))
+    probs, _ = preflight(cfg, Shape(1, 2, cpu=True), main_port=None)
+    assert len(probs) == 1 and probs[0].startswith("train.loss_impl: liger's fused loss runs on CUDA GPUs only"), probs
+    assert preflight(cfg.model_copy(update={"train": cfg.train.model_copy(update={"loss_impl": "torch"})}),
+                     Shape(1, 2, cpu=True), main_port=None)[0] == []

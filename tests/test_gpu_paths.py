@@ -1,6 +1,7 @@
-"""FSDP2 and QLoRA: the GPU-only backends. On CPU (CI): their configs are validated through the
-real launcher and config loader, and launching them where they cannot run is refused with a
-clear message. On a CUDA machine: opt-in tests (`pytest --gpu`) train with them and compare.
+"""FSDP2, QLoRA and the liger fused loss: the GPU-only paths. On CPU (CI): their configs are validated
+through the real launcher and config loader, and launching them where they cannot run is refused
+with a clear message (liger's refusals: tests/test_config.py, tests/test_loss.py). On a CUDA machine:
+opt-in tests (`pytest --gpu`) train with them and compare.
 
 Facts behind this split (shared/reference/cpu-distributed-facts.md): accelerate's FSDP path
 refuses CPU ("There are currently no available devices found"); bitsandbytes is not installed
@@ -152,3 +153,173 @@ def test_qlora_merge_into_dequantized_base(tiny, tmp_path):
     with torch.no_grad():
         a, b = merged(x).logits.float(), trained(x).logits.float()
     assert torch.allclose(a, b, atol=5e-2, rtol=2e-2), float((a - b).abs().max())  # bf16 rounding of the merged weights
+
+
+# ------------------------------------------------------------------------------ liger fused loss (GPU, opt in: --gpu)
+# train.loss_impl=liger against distlora's chunked loss on the same model and batch.
+# Tolerances. fp32: the two differ only in summation order (cuBLAS tiling of the lm_head matmul, triton's
+# online softmax vs torch's log_softmax, the lm_head weight gradient accumulated over liger's chunks vs
+# autograd's): fp32 unit roundoff 6e-8 times sums of ~1e3 terms. The CPU chunked-vs-plain difference, of
+# the same kind, measured 9.7e-8 on losses and 5.5e-7 on gradients (tests/test_loss.py). Bounds: 1e-5
+# relative on losses, 1e-4 of each gradient's largest entry (GPU reductions add nondeterministic order);
+# a wrong shift, a lost token or a missing lm_head gradient moves them by more than 1e-2.
+# bf16: both round the logits (and the logits' gradient) to bf16 under autocast and take the softmax in
+# fp32, but round at different places (one matmul per liger chunk vs per distlora chunk; the lm_head
+# weight gradient summed over chunks in fp32 or bf16), so each carries its own bf16 rounding error.
+# |fused - chunked| <= |fused - exact| + |chunked - exact|: the bound is twice our own bf16 error, measured
+# here as the chunked loss in bf16 vs the same weights in fp32 (the fused kernel may not be less accurate
+# than ours), and never below one bf16 ulp (2^-7 relative: two roundings of one value may differ by that).
+BF16_ULP = 2.0**-7
+
+
+def _has_liger() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
+
+
+def _needs_liger():
+    if not torch.cuda.is_available() or not _has_liger():
+        pytest.skip("needs CUDA and liger-kernel (pip install 'distlora[liger]')")
+
+
+def _rel(a, b) -> float:
+    """Largest difference relative to b's largest entry."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_liger_kernel_equals_chunked_cross_entropy_on_gpu(precision):
+    """One lm_head, liger's own chunking exercised (V/H = 125: chunks of 8 rows), one row in 7 ignored:
+    the summed NLL and the gradients of the hidden states and of lm_head's weight."""
+    _needs_liger()
+    from distlora.loss import IGNORE, chunked_target_nll, fused_linear_nll
+
+    torch.manual_seed(0)
+    n, hidden, vocab = 1000, 256, 32000
+    head = torch.nn.Linear(hidden, vocab, bias=False, device="cuda")
+    x = torch.randn(n, hidden, device="cuda")
+    y = torch.randint(0, vocab, (n,), device="cuda")
+    y[::7] = IGNORE
+
+    def run(fn, bf16):
+        h = x.clone().requires_grad_()
+        head.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = fn(h)
+        loss.backward()
+        return [loss.detach(), h.grad, head.weight.grad]
+
+    bf16 = precision == "bf16"
+    fused = run(lambda h: fused_linear_nll(head, h, y, "sum"), bf16)
+    chunked = run(lambda h: chunked_target_nll(head, h, y, 64).sum(), bf16)
+    if bf16:
+        fp32 = run(lambda h: chunked_target_nll(head, h, y, 64).sum(), False)
+        bounds = [max(BF16_ULP, 2 * _rel(c, r)) for c, r in zip(chunked, fp32)]
+    else:
+        bounds = [1e-5, 1e-4, 1e-4]
+    for name, a, b, bound in zip(("loss", "hidden grad", "lm_head grad"), fused, chunked, bounds):
+        assert _rel(a, b) <= bound, (precision, name, _rel(a, b), bound)
+
+
+def _liger_model(tiny, tmp_path, bf16: bool, lm_head: str):
+    """The tiny model on CUDA (bf16: base weights in bf16, adapters fp32), a padded and a packed batch of
+    the same 8 examples; lora_B drawn at random so lora_A's gradient is not zero."""
+    from distlora import config as C
+    from distlora import data as D
+    from distlora.model import load_model, load_tokenizer
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    if lm_head == "modules_to_save":
+        lora.update(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    raw = base_config(tiny, tmp_path / "out", model={"dtype": "bfloat16" if bf16 else "float32"}, lora=lora)
+    cfg = C.load(write_config(tmp_path / "c.yaml", raw))
+    tok = load_tokenizer(cfg)
+    recs = D.build_datasets(cfg, tok, log=lambda *_: None)[0][:8]
+    model = load_model(cfg, "bf16" if bf16 else "no").cuda()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    rows = D.pack_rows(list(range(len(recs))), [len(r["input_ids"]) for r in recs], 160)
+    assert max(len(r) for r in rows) >= 2, "the packed batch must hold rows of several examples"
+    padded = D.Collator(tok.pad_token_id)(recs)
+    packed = D.PackedCollator(tok.pad_token_id)([[recs[i] for i in row] for row in rows])
+    return model, {k: v.cuda() for k, v in padded.items()}, {k: v.cuda() for k, v in packed.items()}
+
+
+def _nll_and_grads(model, batch, impl, chunk, bf16):
+    """[batch NLL sum, per-example NLL sums (no grad)] and the trainable parameters' gradients."""
+    from distlora.train import forward_nll
+
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        total = forward_nll(model, batch, chunk, impl, total=True)
+    total.backward()
+    grads = {k: p.grad.detach().float().clone() for k, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        per_example, counts = forward_nll(model, batch, chunk, impl)
+    return [total.detach(), per_example], counts, grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("lm_head", ["frozen", "modules_to_save"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_liger_loss_and_gradients_equal_chunked_on_gpu(tiny, tmp_path, precision, lm_head, layout):
+    _needs_liger()
+    import copy
+
+    bf16 = precision == "bf16"
+    model, padded, packed = _liger_model(tiny, tmp_path, bf16, lm_head)
+    batch = padded if layout == "padded" else packed
+    nll, n, g = _nll_and_grads(model, batch, "liger", 0, bf16)
+    nll0, n0, g0 = _nll_and_grads(model, batch, "torch", 16, bf16)
+    assert torch.equal(n, n0) and int(n.sum()) > 0
+    assert g.keys() == g0.keys() and len(g) > 0 and all(float(v.abs().max()) > 0 for v in g0.values())
+    if lm_head == "modules_to_save":
+        assert any("lm_head" in k for k in g0)
+    if bf16:
+        ref = copy.deepcopy(model).float()
+        nll32, _, g32 = _nll_and_grads(ref, batch, "torch", 16, False)
+        nll_bounds = [max(BF16_ULP, 2 * _rel(a, b)) for a, b in zip(nll0, nll32)]
+        g_bounds = {k: max(BF16_ULP, 2 * _rel(g0[k], g32[k])) for k in g0}
+    else:
+        nll_bounds, g_bounds = [1e-5, 1e-5], dict.fromkeys(g0, 1e-4)
+    for name, a, b, bound in zip(("batch sum", "per-example sums"), nll, nll0, nll_bounds):
+        assert _rel(a, b) <= bound, (name, _rel(a, b), bound)
+    for k in g0:
+        assert _rel(g[k], g0[k]) <= g_bounds[k], (k, _rel(g[k], g0[k]), g_bounds[k])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_liger_training_run_matches_chunked_on_gpu(tiny, tmp_path, monkeypatch, packing):
+    """6 optimizer steps and the final eval, fp32: per-step losses and eval loss of the fused run equal
+    the chunked run's within 1e-4 relative (the bound test_fsdp2_matches_ddp_on_2_gpus uses for a run
+    whose gradients differ in summation order only), and the kernel really ran on CUDA."""
+    _needs_liger()
+    from distlora import loss as L
+
+    devices = []
+    real = L._liger_ce
+
+    def spy(device):
+        devices.append(device.type)
+        return real(device)
+
+    monkeypatch.setattr(L, "_liger_ce", spy)
+    runs = {}
+    for name, train in (("chunked", {"loss_chunk_size": 16}), ("liger", {"loss_impl": "liger"})):
+        raw = base_config(tiny, tmp_path / name / "out", data={"packing": packing}, train={**train, "max_steps": 6})
+        assert run_inprocess(write_config(tmp_path / name / "c.yaml", raw)) == 0
+        runs[name] = read_metrics(tmp_path / name / "out")
+    assert devices and set(devices) == {"cuda"}
+    for key in ("loss", "eval_loss"):
+        a = [r[key] for r in runs["chunked"] if key in r]
+        b = [r[key] for r in runs["liger"] if key in r]
+        assert len(a) == len(b) > 0, key
+        assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-4, (key, a, b)
