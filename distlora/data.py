@@ -465,7 +465,9 @@ class PackedBatchSampler(GlobalBatchSampler):
     packed into rows of at most `capacity` tokens (`pack_rows`), the rows are shuffled with the same
     seed and epoch, padded with padding rows ([-1]) to whole global batches, and cut into micro
     batches of `micro` rows. Every example is in exactly one row per epoch; the order depends on
-    (seed, epoch, global batch in rows) only, and `position` resumes exactly as for unpacked data."""
+    (seed, epoch, global batch in rows, capacity) only, and `position` resumes exactly as for unpacked
+    data. A token budget (train.micro_batch_tokens) is capacity = the budget with micro = 1: each micro
+    batch is one row, and a micro batch never holds more than the budget's tokens."""
 
     def __init__(self, lengths: list[int], capacity: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
         n_rows = len(pack_rows(list(range(len(lengths))), lengths, capacity))
@@ -495,8 +497,17 @@ class PackedBatchSampler(GlobalBatchSampler):
         return (
             f"packing: {self.n_examples} examples in {self.n} rows of <= {self.capacity} tokens "
             f"({self.n_examples / self.n:.2f} examples/row, {used / (self.n * self.capacity):.1%} of row tokens used); "
-            f"a step is {self.global_batch} rows, ~{self.global_batch * self.n_examples / self.n:.1f} examples"
+            f"a micro batch is {self.micro} row(s); a step is {self.global_batch} rows, "
+            f"~{self.global_batch * self.n_examples / self.n:.1f} examples"
         )
+
+
+def row_capacity(cfg) -> int:
+    """Tokens per packed row: train.micro_batch_tokens (a micro batch is then one row) or data.max_seq_len;
+    0 when data.packing is off."""
+    if not cfg.data.packing:
+        return 0
+    return cfg.train.micro_batch_tokens or cfg.data.max_seq_len
 
 
 class Collator:

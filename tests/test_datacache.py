@@ -56,6 +56,7 @@ def test_preprocess_then_hit_with_identical_records(setup, capsys):
     assert cached[0] == fresh[0] and cached[1] == fresh[1] and vars(cached[2]) == vars(fresh[2])
     # unrelated settings keep the hit
     assert _hit(tmp_path, raw, "train.lr=1e-3", "train.micro_batch_size=2", "data.packing=true", "lora.r=8")
+    assert _hit(tmp_path, raw, "data.packing=true", "train.micro_batch_size=1", "train.micro_batch_tokens=256")
 
 
 def test_each_key_part_turns_a_hit_into_a_miss(setup, tiny, monkeypatch):
