@@ -102,6 +102,9 @@ class DataSource(_Section):
     prompt_field: Optional[str] = Field(None, description="Prompt field for 'completion'; None = data.prompt_field.")
     completion_field: Optional[str] = Field(None, description="Completion field; None = data.completion_field.")
     split: str = Field("train", description="Split to read from a hub dataset.")
+    truncation_side: Literal["right", "left"] | None = Field(
+        None, description="Which end of a too-long example this source cuts; None = data.truncation_side."
+    )
     weight: float = Field(1.0, gt=0, description="Mixing weight: examples are sampled in proportion (1 = use as is).")
 
 
@@ -115,7 +118,10 @@ class DataConfig(_Section):
     completion_field: str = Field("completion", description="Field holding the completion in 'completion' data.")
     max_seq_len: int = Field(2048, gt=1, description="Longest example in tokens.")
     too_long: Literal["truncate", "drop"] = Field(
-        "truncate", description="What to do with longer examples (both are counted in the log)."
+        "truncate", description="What to do with longer examples: truncate (see truncation_side) or drop; counted in the log."
+    )
+    truncation_side: Literal["right", "left"] = Field(
+        "right", description="right cuts the end; left keeps the end (BOS kept; chat drops whole early turns first)."
     )
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completion only).")
     packing: bool = Field(

@@ -61,6 +61,7 @@ BAD = [
      ["train.micro_batch_tokens: 32 is less than data.max_seq_len 64", "at least 64"]),
     ("token budget micro batch", ["data.packing=true", "train.micro_batch_tokens=128"],
      ["train.micro_batch_size: 4 with train.micro_batch_tokens", "train.micro_batch_size=1"]),
+    ("truncation side", ["data.truncation_side=middle"], ["data.truncation_side"]),
 ]
 
 
