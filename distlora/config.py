@@ -104,6 +104,9 @@ class DataSource(_Section):
     prompt_field: Optional[str] = Field(None, description="Prompt field for 'completion'; None = data.prompt_field.")
     completion_field: Optional[str] = Field(None, description="Completion field; None = data.completion_field.")
     split: str = Field("train", description="Split to read from a hub dataset.")
+    truncation_side: Literal["right", "left"] | None = Field(
+        None, description="Which end of a too-long example this source cuts; None = data.truncation_side."
+    )
     weight: float = Field(1.0, gt=0, description="Mixing weight: examples are sampled in proportion (1 = use as is).")
 
 
@@ -117,11 +120,14 @@ class DataConfig(_Section):
     completion_field: str = Field("completion", description="Field holding the completion in 'completion' data.")
     max_seq_len: int = Field(2048, gt=1, description="Longest example in tokens.")
     too_long: Literal["truncate", "drop"] = Field(
-        "truncate", description="What to do with longer examples (both are counted in the log)."
+        "truncate", description="What to do with longer examples: truncate (see truncation_side) or drop; counted in the log."
+    )
+    truncation_side: Literal["right", "left"] = Field(
+        "right", description="right cuts the end; left keeps the end (BOS kept; chat drops whole early turns first)."
     )
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completion only).")
     packing: bool = Field(
-        False, description="Pack examples into rows of <= max_seq_len tokens, attention kept per example; micro_batch_size counts rows."
+        False, description="Pack examples into rows of <= max_seq_len tokens (or train.micro_batch_tokens), attention kept per example; micro_batch_size counts rows."
     )
     shuffle: bool = Field(True, description="Shuffle examples each epoch (order depends on seed and global batch only).")
     cache: bool = Field(
@@ -142,7 +148,10 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     output_dir: str = Field(..., description="Where adapter/, checkpoints/, metrics.jsonl and config.yaml go.")
-    micro_batch_size: int = Field(4, gt=0, description="Examples per forward pass per process.")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per forward pass per process (packed rows under data.packing).")
+    micro_batch_tokens: int | None = Field(
+        None, gt=1, description="Packing token budget: each micro batch is one row of up to this many tokens (micro_batch_size 1); None = off."
+    )
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro batches per optimizer step per process.")
     epochs: float = Field(1, gt=0, description="Passes over the training data (ignored if max_steps is set).")
     max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to run; None = derived from epochs.")
@@ -385,6 +394,8 @@ def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list
         problems += data_mod.check_sources(data)
         if data.packing and data.group_by_length:
             problems.append("data.group_by_length: packing already removes padding; set data.packing or data.group_by_length, not both")
+    if train is not None and train.micro_batch_tokens is not None:
+        problems += _check_token_budget(train, data)
     tok = s.get("tokenizer")
     if tok is not None and tok.name_or_path and _looks_local(tok.name_or_path) and not Path(tok.name_or_path).exists():
         problems.append(f"tokenizer.name_or_path: '{tok.name_or_path}' does not exist")
@@ -424,6 +435,24 @@ def _check_liger(train: TrainConfig, check_device: bool) -> list[str]:
         if not torch.cuda.is_available():
             problems.append("train.loss_impl: liger runs on CUDA GPUs only and this machine has none; set "
                             "train.loss_impl=torch (train.loss_chunk_size bounds the logits memory on any device)")
+    return problems
+
+
+def _check_token_budget(train: TrainConfig, data: DataConfig | None) -> list[str]:
+    """train.micro_batch_tokens: each micro batch is one packed row of up to that many tokens."""
+    budget = train.micro_batch_tokens
+    problems = []
+    if data is not None and not data.packing:
+        problems.append(f"train.micro_batch_tokens: a token budget ({budget}) packs examples into one row per micro batch "
+                        "and needs data.packing: true; set data.packing=true, or remove train.micro_batch_tokens")
+    if data is not None and budget < data.max_seq_len:
+        problems.append(f"train.micro_batch_tokens: {budget} is less than data.max_seq_len {data.max_seq_len}, so an "
+                        f"example of max_seq_len tokens would not fit a micro batch; raise train.micro_batch_tokens to at "
+                        f"least {data.max_seq_len}, or lower data.max_seq_len")
+    if train.micro_batch_size != 1:
+        problems.append(f"train.micro_batch_size: {train.micro_batch_size} with train.micro_batch_tokens; under a token "
+                        "budget a micro batch is one packed row, so set train.micro_batch_size=1 (accumulation and "
+                        "processes make the global batch)")
     return problems
 
 

@@ -47,6 +47,7 @@ def _sources(data_cfg) -> list[dict]:
             "prompt_field": s.prompt_field or data_cfg.prompt_field,
             "completion_field": s.completion_field or data_cfg.completion_field,
             "split": s.split,
+            "truncation_side": s.truncation_side or data_cfg.truncation_side,
             "weight": s.weight,
         }
         for s in items
@@ -178,7 +179,8 @@ class Tokenized:
 class Renderer:
     """Turns one row into token ids and labels for its format."""
 
-    def __init__(self, tokenizer, fmt: str, prompt_field: str, completion_field: str, data_cfg, add_bos: bool):
+    def __init__(self, tokenizer, fmt: str, prompt_field: str, completion_field: str, data_cfg, add_bos: bool,
+                 truncation_side: str):
         self.tok = tokenizer
         self.fmt = fmt
         self.pf = prompt_field
@@ -186,6 +188,7 @@ class Renderer:
         self.train_on_prompt = data_cfg.train_on_prompt
         self.bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
         self.eos = tokenizer.eos_token_id
+        self.side = truncation_side
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -226,12 +229,13 @@ class Renderer:
             return self._chat(row["messages"])
         raise DataError(f"unknown format {self.fmt}")
 
+    def _render(self, messages: list[dict], gen: bool = False) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
     def _chat(self, messages: list[dict]) -> Tokenized:
         if self.tok.chat_template is None:
             raise DataError("chat data needs a chat template: set tokenizer.chat_template")
-        render = lambda msgs, gen=False: self.tok.apply_chat_template(  # noqa: E731
-            msgs, tokenize=False, add_generation_prompt=gen
-        )
+        render = self._render
         full = render(messages)
         spans = []  # character spans of assistant turns in the full rendering
         for i, m in enumerate(messages):
@@ -249,17 +253,54 @@ class Renderer:
             labels.append(tid if trained else IGNORE)
         return Tokenized(ids, labels)
 
+    def truncate(self, row: dict, t: Tokenized, limit: int) -> Tokenized:
+        """Cut a too-long example to `limit` tokens; labels stay with their tokens (masking unchanged).
+
+        right: keep the first `limit` tokens (the end, EOS included, is lost).
+        left: keep the end (a completion and its EOS, the last assistant turn) and a leading BOS; the
+        tokens right after the BOS go. Chat first drops whole turns from the start (a leading system
+        message stays) and keeps the longest rest that starts at a user turn, still holds an assistant
+        turn and fits; only when even the last exchange does not fit is the rendering cut token-wise.
+        """
+        if self.side == "right":
+            return Tokenized(t.input_ids[:limit], t.labels[:limit])
+        if self.fmt == "chat":
+            fewer = self._chat_fewer_turns(row["messages"], limit)
+            if fewer is not None:
+                return fewer
+        ids, labels = t.input_ids, t.labels
+        bos = self.tok.bos_token_id
+        head = 1 if bos is not None and ids[:1] == [bos] else 0
+        start = len(ids) - (limit - head)
+        return Tokenized(ids[:head] + ids[start:], labels[:head] + labels[start:])
+
+    def _chat_fewer_turns(self, messages: list[dict], limit: int) -> Tokenized | None:
+        head = messages[:1] if messages and messages[0].get("role") == "system" else []
+        rest = messages[len(head):]
+        for k in range(1, len(rest)):
+            if not any(m.get("role") == "assistant" for m in rest[k:]):
+                break
+            if rest[k].get("role") == "user" and len(self._ids(self._render(head + rest[k:]))) <= limit:
+                return self._chat(head + rest[k:])
+        return None
+
 
 @dataclass
 class DataStats:
     examples: int = 0
-    truncated: int = 0
+    truncated_right: int = 0  # cut at the end (data.truncation_side: right)
+    truncated_left: int = 0  # cut at the start (left)
     dropped_too_long: int = 0
     dropped_no_target: int = 0
 
+    @property
+    def truncated(self) -> int:
+        return self.truncated_right + self.truncated_left
+
     def line(self, name: str) -> str:
         return (
-            f"{name}: {self.examples} examples; truncated {self.truncated}, dropped {self.dropped_too_long} too long, "
+            f"{name}: {self.examples} examples; truncated {self.truncated} (right {self.truncated_right}, "
+            f"left {self.truncated_left}), dropped {self.dropped_too_long} too long, "
             f"dropped {self.dropped_no_target} with no trained token"
         )
 
@@ -276,8 +317,12 @@ def tokenize_rows(rows: list[dict], renderer: Renderer, data_cfg, stats: DataSta
             if data_cfg.too_long == "drop":
                 stats.dropped_too_long += 1
                 continue
-            ids, labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
-            stats.truncated += 1
+            t = renderer.truncate(row, t, data_cfg.max_seq_len)
+            ids, labels = t.input_ids, t.labels
+            if renderer.side == "left":
+                stats.truncated_left += 1
+            else:
+                stats.truncated_right += 1
         if not any(lab != IGNORE for lab in labels[1:]):
             stats.dropped_no_target += 1
             continue
@@ -335,7 +380,8 @@ def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
             if fmt == "auto":
                 fmt, pf, cf = detect_format(rows[0], pf, cf)
                 log(f"data: {s['path']}: detected format '{fmt}'" + (f" ({pf} -> {cf})" if fmt == "completion" else ""))
-            renderer = Renderer(tokenizer, fmt, pf, cf, data_cfg, add_bos=cfg.tokenizer.add_special_tokens)
+            renderer = Renderer(tokenizer, fmt, pf, cf, data_cfg, add_bos=cfg.tokenizer.add_special_tokens,
+                                truncation_side=s["truncation_side"])
             with first():  # rank discipline: the main process goes first (a future on-disk cache is written once)
                 out += tokenize_rows(rows, renderer, data_cfg, stats, s["path"])
         if not out:
@@ -465,7 +511,9 @@ class PackedBatchSampler(GlobalBatchSampler):
     packed into rows of at most `capacity` tokens (`pack_rows`), the rows are shuffled with the same
     seed and epoch, padded with padding rows ([-1]) to whole global batches, and cut into micro
     batches of `micro` rows. Every example is in exactly one row per epoch; the order depends on
-    (seed, epoch, global batch in rows) only, and `position` resumes exactly as for unpacked data."""
+    (seed, epoch, global batch in rows, capacity) only, and `position` resumes exactly as for unpacked
+    data. A token budget (train.micro_batch_tokens) is capacity = the budget with micro = 1: each micro
+    batch is one row, and a micro batch never holds more than the budget's tokens."""
 
     def __init__(self, lengths: list[int], capacity: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
         n_rows = len(pack_rows(list(range(len(lengths))), lengths, capacity))
@@ -495,8 +543,17 @@ class PackedBatchSampler(GlobalBatchSampler):
         return (
             f"packing: {self.n_examples} examples in {self.n} rows of <= {self.capacity} tokens "
             f"({self.n_examples / self.n:.2f} examples/row, {used / (self.n * self.capacity):.1%} of row tokens used); "
-            f"a step is {self.global_batch} rows, ~{self.global_batch * self.n_examples / self.n:.1f} examples"
+            f"a micro batch is {self.micro} row(s); a step is {self.global_batch} rows, "
+            f"~{self.global_batch * self.n_examples / self.n:.1f} examples"
         )
+
+
+def row_capacity(cfg) -> int:
+    """Tokens per packed row: train.micro_batch_tokens (a micro batch is then one row) or data.max_seq_len;
+    0 when data.packing is off."""
+    if not cfg.data.packing:
+        return 0
+    return cfg.train.micro_batch_tokens or cfg.data.max_seq_len
 
 
 class Collator:

@@ -6,12 +6,13 @@ The key is a sha256 over everything that decides the token ids and labels:
   dataset id is keyed by its name and split only: its contents cannot be hashed offline),
 - the tokenizer (its full serialized state for fast tokenizers, else its vocabulary), its special
   tokens and pad token, and the chat template,
-- the format settings (sources with format, fields, split and weight; eval; format, fields,
-  max_seq_len, too_long, train_on_prompt; tokenizer.add_special_tokens; train.seed, which picks
-  the weighted samples and the held-out eval fraction),
+- the format settings (sources with format, fields, split, truncation side and weight; eval;
+  format, fields, max_seq_len, too_long, truncation_side, train_on_prompt;
+  tokenizer.add_special_tokens; train.seed, which picks the weighted samples and the held-out eval
+  fraction),
 - the versions of transformers, tokenizers and datasets,
 - the data code's version: the sha256 of the source of distlora/data.py and of this module.
-Anything else (learning rate, batch sizes, packing...) does not change the records: same key.
+Anything else (learning rate, batch sizes, packing, token budget...) does not change the records: same key.
 
 Records are stored as flat int32 arrays plus offsets in .npz files (no pickle), written to a
 temporary directory and renamed into place, so a reader never sees half a cache.
@@ -65,7 +66,8 @@ def _tokenizer_part(tok) -> dict:
 
 def _format_part(cfg) -> dict:
     d = cfg.data.model_dump(mode="json")
-    keep = ("train", "eval", "format", "prompt_field", "completion_field", "max_seq_len", "too_long", "train_on_prompt")
+    keep = ("train", "eval", "format", "prompt_field", "completion_field", "max_seq_len", "too_long", "truncation_side",
+            "train_on_prompt")
     return {
         "data": {k: d[k] for k in keep},
         "add_special_tokens": cfg.tokenizer.add_special_tokens,

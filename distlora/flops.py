@@ -6,7 +6,9 @@ weight gradient), so 4N. Each LoRA pair (A: d_in -> r, B: r -> d_out) has P = r 
 parameters: forward 2P, backward 2P (activations) + 2P (weight gradients), so 6P. Attention per
 layer for an example of length L: QK^T and AV are 2 L^2 d each forward (d = heads x head dim),
 backward twice that, so 12 L^2 d; counted per example, not per packed row, and over the full
-L x L product as the kernels compute it. Recomputation from gradient checkpointing is not counted
+L x L product as the kernels compute it. (sdpa and eager run a packed row's attention over the whole
+row, masked, e.g. a token budget's row: hardware work beyond these model FLOPs; flash_attention_2
+runs it per example.) Recomputation from gradient checkpointing is not counted
 (model FLOPs, not hardware FLOPs). Checked against torch.utils.flop_counter.FlopCounterMode in
 tests/test_observability.py.
 """

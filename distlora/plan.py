@@ -19,8 +19,13 @@ against torch.autograd.graph.saved_tensors_hooks on CPU.
 
 Activations (decoder layers of the Llama family: RMSNorm, rotary attention, gated MLP), per layer
 per token, in the compute dtype: layer input and RMSNorm output (x2 norms), q after RoPE, k and v
-(repeated to all heads for GQA), attention output, o_proj input, the attention residual, gate,
+(repeated to all heads for GQA), attention output (also o_proj's input: one tensor, measured), gate,
 SiLU(gate), up and their product (4 x intermediate), and each adapted layer's LoRA-A output (r).
+Per layer and row, quadratic in the row length L: sdpa keeps the additive [L, L] mask it makes of
+the boolean one transformers passes (padded batches; packed rows' block-diagonal mask), eager keeps
+the attention probabilities per head (the fp32 softmax output, plus its cast under 16-bit compute),
+flash/flex attention neither. Under a token budget (train.micro_batch_tokens) a micro batch is one
+packed row of the budget's length, so this term grows with the square of the budget.
 With gradient checkpointing only each layer's input is kept, plus one layer's activations while
 it is recomputed in backward. Logits: the [micro, seq, vocab] output plus the fp32 log-softmax
 the loss keeps (and an fp32 copy when the compute dtype is 16-bit).
@@ -167,16 +172,25 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
     else:  # fsdp2
         adapter, master, grads, opt = 4 * math.ceil(T / n), 0, 4 * math.ceil(T / n), 8 * math.ceil(T / n)
 
-    b, L = t.micro_batch_size, cfg.data.max_seq_len
+    budget = t.micro_batch_tokens if cfg.data.packing else None
+    b, L = (1, budget) if budget else (t.micro_batch_size, cfg.data.max_seq_len)  # a budget: one packed row
     tok = b * L
     h, i, a, d = s.hidden, s.intermediate, s.heads, s.head_dim
     r_per_layer = s.lora_r * s.adapted_layers / max(s.layers, 1)
     norm_bytes = 4 if compute < 4 else 0  # RMSNorm keeps an fp32 copy of its input under 16-bit compute
+    attn = cfg.model.attn_implementation or "sdpa"  # transformers' choice for Llama-family models when unset
+    eager = attn == "eager"
+    if "flash" in attn or "flex" in attn:
+        square = 0  # varlen / block-sparse kernels: no [L, L] tensor is kept
+    elif eager:
+        square = a * (4 + (compute if compute < 4 else 0))  # probabilities per head: fp32 softmax (+ its cast)
+    else:
+        square = compute  # sdpa: the additive mask, one per layer
     per_layer = tok * (
-        compute * (4 * h + 5 * a * d + 4 * i + r_per_layer)  # see the module doc
+        compute * (4 * h + 4 * a * d + 4 * i + r_per_layer)  # see the module doc
         + norm_bytes * 2 * h
         + 2 * 4  # two RMSNorm rsqrt values per token (fp32)
-    ) + b * a * L * 4  # attention log-sum-exp per head and token
+    ) + (0 if eager else b * a * L * 4) + b * L * L * square  # log-sum-exp per head and token; the [L, L] term
     rest = tok * (compute * h + norm_bytes * h + 4) + tok * 8  # final norm (input, rsqrt), token ids
     rope = tok * d * 2 * compute  # cos/sin tables, kept by every layer's RoPE (not outside checkpointed layers)
     per_layer, rest = int(per_layer), int(rest)
@@ -205,6 +219,13 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
     )
     if backend in ("zero2", "zero3"):
         plan.notes.append("ZeRO keeps fp32 master copies of the adapter partition; gradients include one reduce bucket")
+    if budget:
+        plan.notes.append(f"token budget: each micro batch is one packed row of up to {budget} tokens "
+                          "(train.micro_batch_tokens), the shape used above")
+    if square:
+        per = s.layers * b * L * L * square
+        plan.notes.append(f"attention ({attn}) keeps an [L, L] tensor per layer and row: {per / MIB:,.1f} MiB of the "
+                          "activations at this length; flash_attention_2 keeps none")
     plan.notes.append("framework overhead (CUDA context, allocator fragmentation, NCCL buffers) is not included")
     return plan
 

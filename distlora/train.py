@@ -250,7 +250,7 @@ def run(cfg) -> None:
 
     dp = dist.data_parallel_size(acc)
     pad_id = tokenizer.pad_token_id
-    pack = cfg.data.max_seq_len if cfg.data.packing else 0
+    pack = data.row_capacity(cfg)  # 0: no packing
     train_loader, sampler = data.make_loader(
         train_records, pad_id, t.micro_batch_size, t.gradient_accumulation_steps, dp, t.seed, cfg.data.shuffle, pack,
         cfg.data.group_by_length,

@@ -55,6 +55,13 @@ BAD = [
     ("malformed override", ["train.lr"], ["train.lr", "dotted.key=value"]),
     ("resume path", ["train.resume=/nonexistent/ckpt"], ["train.resume"]),
     ("negative loss chunk", ["train.loss_chunk_size=-1"], ["train.loss_chunk_size"]),
+    ("token budget unpacked", ["train.micro_batch_tokens=128", "train.micro_batch_size=1"],
+     ["train.micro_batch_tokens", "needs data.packing: true", "set data.packing=true"]),
+    ("token budget too small", ["data.packing=true", "train.micro_batch_tokens=32", "train.micro_batch_size=1"],
+     ["train.micro_batch_tokens: 32 is less than data.max_seq_len 64", "at least 64"]),
+    ("token budget micro batch", ["data.packing=true", "train.micro_batch_tokens=128"],
+     ["train.micro_batch_size: 4 with train.micro_batch_tokens", "train.micro_batch_size=1"]),
+    ("truncation side", ["data.truncation_side=middle"], ["data.truncation_side"]),
 ]
 
 
@@ -77,6 +84,16 @@ def test_all_problems_reported_at_once(tiny, tmp_path):
     assert sorted(fields) == sorted(
         ["train.lr", "lora.r", "model.dtpye", "train.warmup_steps", "data.train", "lora.target_modules"]
     ), exc.value.problems
+
+
+def test_token_budget_problems_reported_at_once(tiny, tmp_path):
+    path = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "o"))
+    with pytest.raises(C.ConfigError) as exc:
+        C.load(path, ["train.micro_batch_tokens=32"])  # unpacked, below max_seq_len 64, micro batch 4
+    fields = [p.split(":")[0] for p in exc.value.problems]
+    assert sorted(fields) == ["train.micro_batch_size", "train.micro_batch_tokens", "train.micro_batch_tokens"], fields
+    cfg = C.load(path, ["data.packing=true", "train.micro_batch_tokens=64", "train.micro_batch_size=1"])
+    assert cfg.train.micro_batch_tokens == 64  # a budget equal to max_seq_len is allowed
 
 
 def test_cli_exit_2_clean_message_no_traceback(tiny, tmp_path):

@@ -92,9 +92,18 @@ def test_alpaca_and_text(tiny, tmp_path, tok):
 def test_too_long_truncated_or_dropped_and_counted(tiny, tmp_path, tok):
     rows = [{"prompt": "p", "completion": "x" * 100}, {"prompt": "p", "completion": "y"}]
     recs, _, stats = _build(tiny, tmp_path, tok, rows, max_seq_len=16)
-    assert stats.truncated == 1 and len(recs) == 2 and len(recs[0]["input_ids"]) == 16
-    recs, _, stats = _build(tiny, tmp_path / "d", tok, rows, max_seq_len=16, too_long="drop")
-    assert stats.dropped_too_long == 1 and len(recs) == 1
+    assert stats.truncated == stats.truncated_right == 1 and len(recs) == 2 and len(recs[0]["input_ids"]) == 16
+    assert recs[0]["input_ids"][-1] != tok.eos_token_id  # right: the end (EOS included) is cut
+    recs, _, stats = _build(tiny, tmp_path / "l", tok, rows, max_seq_len=16, truncation_side="left")
+    assert stats.truncated == stats.truncated_left == 1 and len(recs[0]["input_ids"]) == 16
+    assert recs[0]["input_ids"][0] == tok.bos_token_id and recs[0]["input_ids"][-1] == tok.eos_token_id
+    assert recs[0]["labels"][1:] == recs[0]["input_ids"][1:]  # all completion now: every kept token trained
+    assert stats.line("train data") == ("train data: 2 examples; truncated 1 (right 0, left 1), dropped 0 too long, "
+                                        "dropped 0 with no trained token")
+    for side in ("right", "left"):
+        recs, _, stats = _build(tiny, tmp_path / f"d{side}", tok, rows, max_seq_len=16, too_long="drop",
+                                truncation_side=side)
+        assert stats.dropped_too_long == 1 and stats.truncated == 0 and len(recs) == 1
 
 
 def test_examples_without_target_dropped_and_counted(tiny, tmp_path, tok):

@@ -56,6 +56,7 @@ def test_preprocess_then_hit_with_identical_records(setup, capsys):
     assert cached[0] == fresh[0] and cached[1] == fresh[1] and vars(cached[2]) == vars(fresh[2])
     # unrelated settings keep the hit
     assert _hit(tmp_path, raw, "train.lr=1e-3", "train.micro_batch_size=2", "data.packing=true", "lora.r=8")
+    assert _hit(tmp_path, raw, "data.packing=true", "train.micro_batch_size=1", "train.micro_batch_tokens=256")
 
 
 def test_each_key_part_turns_a_hit_into_a_miss(setup, tiny, monkeypatch):
@@ -63,9 +64,13 @@ def test_each_key_part_turns_a_hit_into_a_miss(setup, tiny, monkeypatch):
     assert cli_main(["preprocess", "--config", str(write_config(tmp_path / "c.yaml", raw))]) == 0
     assert _hit(tmp_path, raw)
     # format settings
-    for override in ("data.max_seq_len=48", "data.train_on_prompt=true", "data.too_long=drop",
+    for override in ("data.max_seq_len=48", "data.train_on_prompt=true", "data.too_long=drop", "data.truncation_side=left",
                      "tokenizer.add_special_tokens=false", "train.seed=1", "data.eval=0.2"):
         assert not _hit(tmp_path, raw, override), override
+    # a source's own settings (here its truncation side)
+    per_source = json.loads(json.dumps(raw))
+    per_source["data"]["train"][1]["truncation_side"] = "left"
+    assert not _hit(tmp_path, per_source)
     # chat template (the chat source renders with it)
     assert not _hit(tmp_path, raw, "tokenizer.chat_template='{% for m in messages %}{{ m.content }}{% endfor %}'")
     # tokenizer: the same files with one more token

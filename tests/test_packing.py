@@ -109,8 +109,8 @@ def test_pack_rows_fills_rows_and_keeps_every_example():
     assert len(rows) <= lower * 1.03, (len(rows), lower)  # best-fit decreasing: within 3% of the bound here
 
 
-def _rows_per_step(lengths, micro, accum, world, epoch=0, seed=3):
-    s = D.PackedBatchSampler(lengths, 64, micro, accum, world, seed, shuffle=True)
+def _rows_per_step(lengths, micro, accum, world, epoch=0, seed=3, capacity=64):
+    s = D.PackedBatchSampler(lengths, capacity, micro, accum, world, seed, shuffle=True)
     s.position(epoch, 0)
     mbs = list(s)
     per_rank = [mbs[r::world] for r in range(world)]
@@ -156,12 +156,18 @@ def test_eval_loss_packed_equals_unpacked(tiny, tmp_path):
     assert abs(ev_u["eval_loss"] - ev_c["eval_loss"]) < 1e-6 * ev_u["eval_loss"]
 
 
-def test_packed_runs_1_and_2_processes_agree(tiny, tmp_path):
+@pytest.mark.parametrize("budget", [False, True], ids=["rows", "token-budget"])
+def test_packed_runs_1_and_2_processes_agree(tiny, tmp_path, budget):
     """1 process x micro 2 rows x accumulation 2 vs 2 processes x micro 2 rows (the second one with the
     chunked loss): same adapter and losses within 1e-5, every example once per epoch, examples logged.
-    Measured: adapter within 6.6e-7, per-step losses within 5.1e-7, final eval loss within 2.1e-8."""
+    Measured: adapter within 6.6e-7, per-step losses within 5.1e-7, final eval loss within 2.1e-8.
+    With a token budget (micro batches of one row of <= 320 tokens: 1 process x accumulation 2 vs 2
+    processes): adapter within 4.8e-8, losses within 2.5e-7, eval loss within 4.3e-8."""
     raw = base_config(tiny, tmp_path / "one" / "out", data={"packing": True, "max_seq_len": 160},
                       train={"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": None, "epochs": 2})
+    if budget:
+        raw["train"].update(micro_batch_size=1, micro_batch_tokens=320)
+    rows_per_step = 2 * raw["train"]["micro_batch_size"]
     raw["data"]["train"] = str(tiny / "data" / "eval.jsonl")  # 64 examples: a few steps per epoch
     raw["data"]["eval"] = str(tiny / "data" / "eval.jsonl")
     one = write_config(tmp_path / "one" / "c.yaml", raw)
@@ -176,13 +182,18 @@ def test_packed_runs_1_and_2_processes_agree(tiny, tmp_path):
     r1 = [r for r in read_metrics(out1) if "loss" in r]
     r2 = [r for r in read_metrics(out2) if "loss" in r]
     assert len(r1) == len(r2) >= 4
+    print("adapter", max_abs_diff(load_adapter(out1 / "adapter"), load_adapter(out2 / "adapter")),
+          "losses", max(abs(x["loss"] - y["loss"]) for x, y in zip(r1, r2)))
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(r1, r2)) < 1e-5
     assert [x["examples"] for x in r1] == [y["examples"] for y in r2]
     assert sum(x["examples"] for x in r1) == 2 * 64  # 2 epochs, each example once
     full_steps = [x for i, x in enumerate(r1) if (i + 1) % (len(r1) // 2)]  # the last step of an epoch has padding rows
-    assert all(x["examples"] > 4 for x in full_steps)  # a step of 4 rows holds more than 4 examples
+    assert all(x["examples"] > rows_per_step for x in full_steps)  # a step's rows hold more examples than rows
+    if budget:  # each micro batch within the budget: a step's padded tensors hold <= 2 x 320 tokens
+        assert all(x["padded_tokens"] <= 2 * 320 for x in r1 + r2)
     e1 = [r["eval_loss"] for r in read_metrics(out1) if "eval_loss" in r]
     e2 = [r["eval_loss"] for r in read_metrics(out2) if "eval_loss" in r]
+    print("eval", abs(e1[-1] - e2[-1]))
     assert abs(e1[-1] - e2[-1]) < 1e-5
     steps: dict[int, list[int]] = {}
     for rank in (0, 1):
@@ -207,16 +218,20 @@ def test_group_by_length_run_pads_less(tiny, tmp_path):
     assert pads[True] < 0.5 * pads[False], pads
 
 
-def test_packed_resume_is_exact(tiny, tmp_path):
+@pytest.mark.parametrize("budget", [False, True], ids=["rows", "token-budget"])
+def test_packed_resume_is_exact(tiny, tmp_path, budget):
     """Packed, 1 process: 6 steps straight (checkpoint at 3) vs a fresh run resumed from that checkpoint:
-    bitwise-equal adapter and the same losses for the resumed steps."""
+    bitwise-equal adapter and the same losses for the resumed steps. With a token budget (micro batches
+    of one row of <= 320 tokens, accumulation 2) the 6 steps cross an epoch boundary after the resume."""
     import shutil
 
     def cfg(name):
         raw = base_config(tiny, tmp_path / name / "out", data={"packing": True, "max_seq_len": 160, "eval": None},
                           train={"micro_batch_size": 2, "max_steps": 6, "save_every": 3},
                           lora={"r": 4, "alpha": 8, "dropout": 0.2})
-        raw["data"]["train"] = str(tiny / "data" / "eval.jsonl")  # 21 rows: 11 steps per epoch
+        if budget:
+            raw["train"].update(micro_batch_size=1, micro_batch_tokens=320, gradient_accumulation_steps=2)
+        raw["data"]["train"] = str(tiny / "data" / "eval.jsonl")  # 21 rows: 11 steps per epoch (budget: 5)
         return write_config(tmp_path / name / "c.yaml", raw)
 
     assert run_inprocess(cfg("straight")) == 0
@@ -230,6 +245,10 @@ def test_packed_resume_is_exact(tiny, tmp_path):
     la = [r["loss"] for r in read_metrics(tmp_path / "straight" / "out") if "loss" in r]
     lb = [r["loss"] for r in read_metrics(tmp_path / "resumed" / "out") if "loss" in r]
     assert la[3:] == lb
+    if budget:  # the budget holds end to end: a step's padded tensors are at most accumulation x budget tokens
+        rows = [r for r in read_metrics(tmp_path / "straight" / "out") if "loss" in r]
+        assert all(r["padded_tokens"] <= 2 * 320 for r in rows) and max(r["padded_tokens"] for r in rows) > 2 * 160
+        assert all(r["examples"] > 2 for r in rows[:4])  # two rows hold more than two examples
 
 
 def test_example_lengths_and_tokens_agree_packed_and_padded():
@@ -242,3 +261,82 @@ def test_example_lengths_and_tokens_agree_packed_and_padded():
     assert D.input_tokens(padded) == D.input_tokens(packed) == 17
     assert packed["position_ids"][0].tolist()[:8] == [0, 1, 2, 3, 4, 0, 1, 2]
     assert packed["labels"][0, 5] == D.IGNORE  # no target across the example boundary
+
+
+# ------------------------------------------------------------------------------ token budget
+
+
+def test_token_budget_rows_exact(tiny, tmp_path):
+    """train.micro_batch_tokens: each micro batch is one packed row of up to the budget; the rows are
+    worked out by hand with best-fit decreasing (no shuffle): lengths [5, 9, 3, 7, 4, 6, 2], budget 16:
+    9 (#1) opens row A (7 left), 7 (#3) fills it, 6 (#5) opens B, 5 (#0) and 4 (#4) join B (1 left),
+    3 (#2) opens C, 2 (#6) joins C."""
+    from distlora import config as C
+
+    raw = base_config(tiny, tmp_path / "o", data={"packing": True, "max_seq_len": 10},
+                      train={"micro_batch_size": 1, "micro_batch_tokens": 16, "gradient_accumulation_steps": 2})
+    cfg = C.load(write_config(tmp_path / "c.yaml", raw), check_model=False)
+    assert D.row_capacity(cfg) == 16
+    assert D.row_capacity(C.load(write_config(tmp_path / "d.yaml", base_config(tiny, tmp_path / "o", data={"packing": True})),
+                                 check_model=False)) == 64  # no budget: rows of max_seq_len
+    lengths = [5, 9, 3, 7, 4, 6, 2]
+    recs = [{"input_ids": [10 + i] * n, "labels": [10 + i] * n, "id": i} for i, n in enumerate(lengths)]
+    t = cfg.train
+    loader, sampler = D.make_loader(recs, 0, t.micro_batch_size, t.gradient_accumulation_steps, 1, t.seed, False,
+                                    pack=D.row_capacity(cfg))
+    assert list(sampler) == [[[1, 3]], [[5, 0, 4]], [[2, 6]], [[-1]]]  # 2 steps of 2 rows; a padding row last
+    batches = list(loader)
+    assert [b["ids"].tolist() for b in batches] == [[1, 3], [5, 0, 4], [2, 6], [-1]]
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(1, 16), (1, 15), (1, 5), (1, 1)]
+    assert batches[1]["position_ids"][0].tolist() == [*range(6), *range(5), *range(4)]
+    assert batches[1]["input_ids"][0].tolist() == [15] * 6 + [10] * 5 + [14] * 4
+    assert "a micro batch is 1 row(s); a step is 2 rows" in sampler.summary()
+    # shuffled: still one row per micro batch, within the budget, every example once per epoch, and the
+    # same examples per step for 2 processes x accumulation 1 as for 1 process x accumulation 2
+    import random
+
+    rng = random.Random(2)
+    lengths = [rng.randint(3, 40) for _ in range(101)]
+    s, a = _rows_per_step(lengths, 1, 2, 1, capacity=96)
+    _, b = _rows_per_step(lengths, 1, 1, 2, capacity=96)
+    assert [sorted(i for rank in x for mb in rank for row in mb for i in row) for x in a] == \
+        [sorted(i for rank in x for mb in rank for row in mb for i in row) for x in b]
+    rows = [mb[0] for mb in s]
+    assert all(sum(lengths[i] for i in row if i >= 0) <= 96 for row in rows)
+    assert sorted(i for row in rows for i in row if i >= 0) == list(range(101))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_token_budget_equals_unpacked_per_example_and_gradient(tiny, tmp_path, attn):
+    """One epoch of budget micro batches (one row of <= 160 tokens each, examples <= max_seq_len 64),
+    gradients accumulated with the token-weighted loss, against all 12 examples unpacked. Measured:
+    per-example NLL within 1.8e-7 (sdpa) / 9e-8 (eager) relative, adapter gradients within 7.8e-7 /
+    6.1e-7 of each tensor's largest entry; the bound is 1e-5, as for packing."""
+    from distlora.train import forward_nll
+
+    model, tok, recs, _, _ = _setup(tiny, tmp_path, attn)
+    loader, sampler = D.make_loader(recs, tok.pad_token_id, 1, 1, 1, 0, True, pack=160)
+    batches = list(loader)
+    assert len(batches) == sampler.n < len(recs) / 2  # several examples per micro batch
+    assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= 160 for b in batches)
+    model.zero_grad(set_to_none=True)
+    nlls, ns, ids = [], [], []
+    for b in batches:  # d(sum NLL)/dθ accumulated over micro batches, then / all target tokens
+        nll, n = forward_nll(model, b)
+        nll.sum().backward()
+        nlls.append(nll.detach())
+        ns.append(n)
+        ids.append(b["ids"])
+    n_all = int(torch.cat(ns).sum())
+    g_b = {k: p.grad / n_all for k, p in model.named_parameters() if p.requires_grad}
+    nll_u, n_u, g_u = _grads(model, D.Collator(tok.pad_token_id)(recs))
+    order = torch.argsort(torch.cat(ids))
+    assert torch.cat(ids)[order].tolist() == list(range(len(recs)))
+    assert torch.equal(torch.cat(ns)[order], n_u)
+    rel = float((torch.cat(nlls)[order] - nll_u).abs().max() / nll_u.abs().max())
+    print(f"{attn}: nll {rel:.2g}", max(float((g_b[k] - g_u[k]).abs().max() / g_u[k].abs().max()) for k in g_u))
+    assert rel < 1e-5, rel
+    for k in g_u:
+        scale = float(g_u[k].abs().max())
+        assert scale > 0
+        assert float((g_b[k] - g_u[k]).abs().max()) / scale < 1e-5, k

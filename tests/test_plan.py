@@ -5,8 +5,11 @@ tests/test_backends.py. Here the activation rows are checked against the bytes o
 autograd saves for backward (torch.autograd.graph.saved_tensors_hooks, unique storages, parameters
 excluded) in one forward + loss of the trainer's own model on CPU, fp32. Measured on this machine
 (micro 4, seq 64, tiny Llama): 2,411,892 bytes without and 303,476 with gradient checkpointing;
-the plan says 2,504,704 (+3.8%) and 305,152 (+0.6%). The tolerance, 10%, is far below what a
-missing term costs (one missing h per layer is 10%; the MLP's 4 x intermediate is 44%).
+the plan says 2,504,704 (+3.8%) and 305,152 (+0.6%). Under a token budget (one packed row of 512
+tokens, 8 examples of 64, the block-diagonal mask from position ids): 6,710,888 / 609,896 measured
+(sdpa), 12,985,960 (eager); the plan says +2.0% / +0.1%, +1.0%. Before the [L, L] term (sdpa's
+additive mask, eager's probabilities) the plan said -25% and -61% there. The tolerance, 10%, is far
+below what a missing term costs (one missing h per layer is 10%; the MLP's 4 x intermediate is 44%).
 """
 
 from __future__ import annotations
@@ -38,29 +41,49 @@ def _saved_bytes(cfg) -> int:
 
     b, s = cfg.train.micro_batch_size, cfg.data.max_seq_len
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, 90, (b, s), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, s * 5 // 8:] = 0  # a padded row, as in every variable-length training batch (an all-ones
-    # mask lets attention take its mask-free path, which keeps 131,072 bytes less per layer here)
+    if cfg.train.micro_batch_tokens:  # a token budget: one packed row of examples of max_seq_len tokens, as
+        # PackedCollator builds it (position ids restart per example, no attention mask)
+        budget = cfg.train.micro_batch_tokens
+        ids = torch.randint(10, 90, (1, budget), generator=g)
+        inputs = {"position_ids": torch.arange(s).repeat(budget // s).unsqueeze(0)}
+    else:
+        ids = torch.randint(10, 90, (b, s), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, s * 5 // 8:] = 0  # a padded row, as in every variable-length training batch (an all-ones
+        # mask lets attention take its mask-free path, which keeps 131,072 bytes less per layer here)
+        inputs = {"attention_mask": mask}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        out = model(input_ids=ids, **inputs, use_cache=False)
         token_nll(out.logits, ids)
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("gc", [False, True], ids=["no-checkpointing", "checkpointing"])
-def test_activation_estimate_matches_saved_tensors(tiny, tmp_path, gc):
+CASES = [  # (id, attention, token budget, gradient checkpointing)
+    ("padded", None, None, False),
+    ("padded-checkpointing", None, None, True),
+    ("budget", "sdpa", 512, False),
+    ("budget-checkpointing", "sdpa", 512, True),
+    ("budget-eager", "eager", 512, False),
+]
+
+
+@pytest.mark.parametrize("attn,budget,gc", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_activation_estimate_matches_saved_tensors(tiny, tmp_path, attn, budget, gc):
     from distlora import config as C
     from distlora.plan import estimate
 
-    raw = base_config(tiny, tmp_path / "o", model={"gradient_checkpointing": gc}, train={"micro_batch_size": 4})
+    train = {"micro_batch_size": 1, "micro_batch_tokens": budget} if budget else {"micro_batch_size": 4}
+    raw = base_config(tiny, tmp_path / "o", model={"gradient_checkpointing": gc, "attn_implementation": attn},
+                      data={"packing": bool(budget)}, train=train)
     cfg = C.load(write_config(tmp_path / "c.yaml", raw))
     measured = _saved_bytes(cfg)
-    p = estimate(cfg, gpus=1, backend="ddp").rows
-    b, s, vocab = cfg.train.micro_batch_size, cfg.data.max_seq_len, 103
+    plan = estimate(cfg, gpus=1, backend="ddp")
+    p = plan.rows
+    (b, s), vocab = (1, budget) if budget else (4, cfg.data.max_seq_len), 103
+    assert (plan.micro_batch_size, plan.seq_len) == (b, s)
     output_logits = b * s * vocab * 4  # the model's output is not a saved tensor; the log-softmax is
     planned = (p["activations_checkpointed"] if gc else p["activations"]) + p["logits"] - output_logits
-    print(f"gc={gc}: measured {measured:,} planned {planned:,}")
+    print(f"attn={attn} budget={budget} gc={gc}: measured {measured:,} planned {planned:,}")
     assert planned == pytest.approx(measured, rel=0.10)
 
 
@@ -82,5 +105,10 @@ def test_plan_cli(tiny, tmp_path, capsys):
     assert main(["plan", "--config", str(path), "--gpus", "8", "--backend", "zero3"]) == 0
     out = capsys.readouterr().out
     assert "zero3 on 8 GPU(s)" in out and "frozen_base" in out and "total, gradient checkpointing on" in out
+    # a token budget: the plan's shape is one packed row of the budget
+    assert main(["plan", "--config", str(path), "--gpus", "1", "--backend", "ddp", "data.packing=true",
+                 "train.micro_batch_size=1", "train.micro_batch_tokens=256"]) == 0
+    out = capsys.readouterr().out
+    assert "micro batch 1 x seq 256" in out and "one packed row of up to 256 tokens" in out, out
     assert main(["plan", "--config", str(path), "--gpus", "2", "train.lr=-1"]) == 2
     assert "train.lr" in capsys.readouterr().err

@@ -293,7 +293,8 @@ BAD_DATA = [
     ("fields.jsonl", b'{"question": "a", "reply": "b"}\n', r"cannot tell the format from the fields \['question', 'reply'\]"),
     ("empty.jsonl", b"\n\n", r"empty.jsonl' holds no examples"),
     ("masked.jsonl", b'{"prompt": "' + b"x" * 80 + b'", "completion": "b"}\n',
-     r"no usable examples \(train data: 0 examples; truncated 1, dropped 0 too long, dropped 1 with no trained token\)"),
+     (r"no usable examples \(train data: 0 examples; truncated 1 \(right 1, left 0\), dropped 0 too long, "
+      r"dropped 1 with no trained token\)")),
     ("array.jsonl", b'[1, 2]\n', r"array.jsonl:1: each line must be a JSON object"),
 ]
 
