@@ -287,10 +287,21 @@ def lora_shape(cfg) -> dict:
             "modules_to_save": lo.modules_to_save}
 
 
-def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, reshardable: bool) -> list[tuple[str, bool]]:
+def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, reshardable: bool,
+                    data_order: dict | None = None) -> list[tuple[str, bool]]:
     """Why `ckpt` cannot be resumed exactly by this run: (message, fixable by train.resume_weights_only)."""
     t = cfg.train
     problems = []
+    old_order = state.get("data_order")  # absent in checkpoints written before it was recorded
+    if data_order is not None and old_order is not None and old_order != data_order:
+        where = {"seed": "train.seed", "shuffle": "data.shuffle", "group_by_length": "data.group_by_length",
+                 "row_capacity": "data.packing / train.micro_batch_tokens / data.max_seq_len (packed row tokens)",
+                 "items": "the training data (examples, or packed rows, after filtering)"}
+        changed = [f"{where[k]}: {old_order.get(k)} -> {v}" for k, v in data_order.items() if old_order.get(k) != v]
+        problems.append((
+            f"data: {ckpt.name} was trained on another data order ({'; '.join(changed)}), so the remaining steps would "
+            "not hold the examples an uninterrupted run would; restore those settings, or set "
+            "train.resume_weights_only=true (fresh schedule and order), or train.resume=never", True))
     if state["global_batch"] != global_batch:
         problems.append((
             f"train: {ckpt.name} was written with global batch {state['global_batch']} (micro x accumulation x "

@@ -296,7 +296,7 @@ def run(cfg) -> None:
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
         problems = checkpoint.resume_problems(
-            state, resume_from, cfg, sampler.global_batch, dp, dist.optimizer_reshardable(acc))
+            state, resume_from, cfg, sampler.global_batch, dp, dist.optimizer_reshardable(acc), _data_order(cfg, sampler))
         blocking = [msg for msg, weights_ok in problems if not (t.resume_weights_only and weights_ok)]
         if blocking:
             raise ResumeError(f"cannot resume from {resume_from}:\n  - " + "\n  - ".join(blocking))
@@ -525,6 +525,14 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _data_order(cfg, sampler) -> dict:
+    """What, besides the global batch, fixes which examples each step holds: an exact resume needs it equal."""
+    from distlora import data
+
+    return {"seed": cfg.train.seed, "shuffle": cfg.data.shuffle, "group_by_length": cfg.data.group_by_length,
+            "row_capacity": data.row_capacity(cfg), "items": sampler.n}
+
+
 def _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev, extra) -> None:
     from distlora import checkpoint
 
@@ -533,6 +541,7 @@ def _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_
         "step": step,
         "examples_seen": step * sampler.global_batch,
         "global_batch": sampler.global_batch,
+        "data_order": _data_order(cfg, sampler),
         "dp_size": sampler.world,
         "config_hash": cfg.hash(),
         "model": cfg.model.name_or_path,

@@ -331,6 +331,23 @@ def test_resume_on_other_world_size_same_global_batch(tiny, tmp_path, reference)
     assert res.returncode != 0 and "global batch 4" in res.stderr and "this run has 2" in res.stderr
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("train.seed=43", "train.seed: 42 -> 43"),
+    ("data.packing=true", "packed row tokens): 0 -> 64"),
+    ("data.group_by_length=true", "data.group_by_length: False -> True"),
+], ids=["seed", "packing", "group_by_length"])
+def test_resume_with_another_data_order_is_refused(tiny, tmp_path, capsys, override, needle):
+    """Same global batch, but the steps would hold other examples: refused by name, unless weights only."""
+    cfg = _cfg(tiny, tmp_path, "order", dropout=0.0, max_steps=2, save_every=1)
+    assert run_inprocess(cfg, "train.max_steps=1") == 0
+    capsys.readouterr()
+    assert run_inprocess(cfg, override) != 0
+    err = capsys.readouterr().err
+    assert "was trained on another data order" in err and needle in err, err[-2000:]
+    ckpt = tmp_path / "order" / "out" / "checkpoints" / "step-00000001"
+    assert run_inprocess(cfg, override, f"train.resume={ckpt}", "train.resume_weights_only=true") == 0
+
+
 # ----------------------------------------------------------------------------------------- kill loop
 
 
