@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -100,10 +101,17 @@ def keep_4bit_layout(model) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
-def param_counts(model) -> dict[str, int]:
-    def numel(p):  # a ZeRO-3-partitioned parameter is empty here; ds_numel is its full size
-        return getattr(p, "ds_numel", p.numel())
+def numel(p) -> int:
+    """Values a parameter stands for: a bitsandbytes 4-bit weight packs 2 (uint8 storage) to 8 (fp32)
+    of them per stored element, its quant_state keeps the real shape; a ZeRO-3-partitioned parameter
+    is empty here, ds_numel is its full size."""
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        return math.prod(qs.shape)
+    return getattr(p, "ds_numel", p.numel())
 
+
+def param_counts(model) -> dict[str, int]:
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total}

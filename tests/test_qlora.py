@@ -80,7 +80,13 @@ def _pair(tiny, tmp_path, compute_dtype):
 
     cfg = C.load(write_config(tmp_path / "c.yaml", _qlora_config(tiny, tmp_path, compute_dtype)))
     q, ref = load_model(cfg, MP[compute_dtype]), load_model(cfg, MP[compute_dtype])
+    from distlora.flops import flop_model
+    from distlora.model import param_counts
+
+    packed = (flop_model(q), param_counts(q))
     assert _dequantized_reference(ref) == 7 * 2  # q, k, v, o, gate, up, down x 2 layers (lm_head stays unquantized)
+    # MFU and the parameter report count a 4-bit weight's values, not its packed storage elements
+    assert packed == (flop_model(ref), param_counts(ref)), (packed, flop_model(ref), param_counts(ref))
     assert not any(isinstance(m, _bnb().nn.Linear4bit) for m in ref.modules())
     for model in (q, ref):
         g = torch.Generator().manual_seed(1)
