@@ -231,19 +231,32 @@ def test_qlora_trains_and_merges_into_dequantized_base(tiny, tmp_path, compute_d
 
 
 @cpu_path
-def test_qlora_2_processes_equal_1_process_accumulation_2(tiny, tmp_path):
-    """QLoRA under real 2-process gloo DDP gives the adapter of 1 process x accumulation 2 within 1e-5
-    (fp32; the same bound as tests/test_training.py: summation order only)."""
+def test_qlora_ddp_and_zero3_equal_1_process_accumulation_2(tiny, tmp_path):
+    """QLoRA on 2 real CPU processes: gloo DDP and ZeRO-3 give the adapter of 1 process x accumulation
+    2 within 1e-5 (fp32; the bound of tests/test_training.py: summation order only; measured 0.0 for
+    DDP, 3.4e-7 for ZeRO-3), and ZeRO-3 shards the 4-bit base (quant_storage = compute dtype)."""
     _bnb()
+    import json
+
+    from conftest import ROOT
+
+    zero3 = ROOT / "configs" / "accelerate" / "cpu_deepspeed_zero3.yaml"
     runs = {}
-    for name, nproc, accum in (("one", 1, 2), ("two", 2, 1)):
+    for name, nproc, accum, conf in (("one", 1, 2, None), ("ddp", 2, 1, None), ("zero3", 2, 1, zero3)):
         raw = _qlora_config(tiny, tmp_path / name, "float32", micro_batch_size=2, gradient_accumulation_steps=accum,
                             max_steps=4)
         cfg = write_config(tmp_path / name / "c.yaml", raw)
-        assert (run_inprocess(cfg) == 0) if nproc == 1 else launch(2, cfg).returncode == 0
+        assert (run_inprocess(cfg) == 0) if nproc == 1 else launch(2, cfg, config_file=conf).returncode == 0
         runs[name] = load_adapter(tmp_path / name / "out" / "adapter")
-    assert max_abs_diff(runs["one"], runs["two"]) < 1e-5
+    assert max_abs_diff(runs["one"], runs["ddp"]) < 1e-5
+    assert max_abs_diff(runs["one"], runs["zero3"]) < 1e-5
     assert max(float(v.abs().max()) for k, v in runs["one"].items() if "lora_B" in k) > 1e-2  # it trained
+    summary = json.loads((tmp_path / "zero3" / "out" / "summary.json").read_text())
+    for rank in summary["memory_per_rank"]:
+        for when, m in rank.items():
+            # each rank holds half of every base tensor, packed 4-bit weights included (a partition
+            # is ceil(numel / 2) elements: 21 frozen tensors of 4-byte elements at most)
+            assert 0 <= 2 * m["frozen_local"] - m["frozen_total"] <= 21 * 4 and m["frozen_materialized"] == 0, (when, m)
 
 
 # ------------------------------------------------------------------------------ config (no bitsandbytes needed)
