@@ -38,7 +38,7 @@ class _Section(BaseModel):
 
 
 class QuantizationConfig(_Section):
-    """QLoRA: the frozen base in 4 bits through bitsandbytes (needs a CUDA GPU and `pip install bitsandbytes`)."""
+    """QLoRA: the frozen base in 4 bits through bitsandbytes (`pip install 'distlora[qlora]'`; CUDA GPUs or CPU)."""
 
     bits: Literal[4] = Field(4, description="Bits per frozen base weight; 4 = QLoRA (8-bit is not supported).")
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 is the QLoRA paper's NormalFloat.")
@@ -478,7 +478,7 @@ def _check_quantization(model: ModelConfig, train) -> list[str]:
                 f"train.mixed_precision: '{train.mixed_precision}' with compute_dtype {q.compute_dtype}; use {want} or auto"
             )
     if importlib.util.find_spec("bitsandbytes") is None:
-        problems.append("model.quantization: bitsandbytes is not installed; `pip install bitsandbytes` (CUDA GPUs)")
+        problems.append("model.quantization: bitsandbytes is not installed; `pip install 'distlora[qlora]'`")
     return problems
 
 

@@ -62,6 +62,8 @@ def flop_model(model) -> FlopModel:
     import torch
     from peft.tuners.lora import LoraLayer
 
+    from distlora.model import numel
+
     lora_modules = [m for m in model.modules() if isinstance(m, LoraLayer)]
     lora_inner = {id(p) for m in lora_modules for n, p in m.named_parameters() if "lora_" in n}
     base = 0
@@ -69,8 +71,8 @@ def flop_model(model) -> FlopModel:
         if isinstance(m, torch.nn.Linear):
             w = m.weight
             if id(w) not in lora_inner:
-                base += getattr(w, "ds_numel", w.numel())
-    adapter = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) in lora_inner)
+                base += numel(w)  # a 4-bit base weight counts its real shape, not its packed storage
+    adapter = sum(numel(p) for p in model.parameters() if id(p) in lora_inner)
     conf = getattr(model, "config", None) or model.get_base_model().config
     heads = conf.num_attention_heads
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // heads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -42,8 +43,6 @@ def load_model(cfg, mixed_precision: str):
     kwargs = {"dtype": base_dtype(cfg, mixed_precision), "trust_remote_code": cfg.model.trust_remote_code}
     q = cfg.model.quantization
     if q is not None:  # QLoRA: validated in config (bitsandbytes present, storage = compute dtype)
-        if not torch.cuda.is_available():
-            raise RuntimeError("model.quantization needs a CUDA GPU (bitsandbytes 4-bit); remove it to train on CPU")
         from transformers import BitsAndBytesConfig
 
         kwargs["dtype"] = DTYPES[q.compute_dtype]
@@ -54,6 +53,8 @@ def load_model(cfg, mixed_precision: str):
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
+    if q is not None:
+        keep_4bit_layout(model)
     model.config.use_cache = False  # a KV cache in training breaks packed-sequence masking and wastes memory
     if cfg.model.gradient_checkpointing:
         # non-reentrant: works under DDP with frozen base weights (no "marked ready twice")
@@ -82,10 +83,35 @@ def load_model(cfg, mixed_precision: str):
     return model
 
 
-def param_counts(model) -> dict[str, int]:
-    def numel(p):  # a ZeRO-3-partitioned parameter is empty here; ds_numel is its full size
-        return getattr(p, "ds_numel", p.numel())
+def keep_4bit_layout(model) -> None:
+    """Keep every bitsandbytes 4-bit layer on its training path (QLoRA on CPU).
 
+    bitsandbytes 0.50 repacks a Linear4bit into a CPU inference layout the first time it runs in
+    eval mode without grad on an AVX512-BF16 CPU (an eval pass): its scales are rounded to bf16,
+    double quantization is undone, and from then on every forward, training too, goes through
+    `gemv_4bit`, which has no backward. Measured on the tiny Llama after one eval pass (fp32 and
+    bf16): loss off by 7e-4 to 5e-3, LoRA gradients off by up to 113% of their norm (the gradient
+    through the frozen base to earlier layers is dropped). With the repack off, loss and every LoRA gradient
+    equal a model of plain nn.Linear layers holding the de-quantized weights, bitwise
+    (tests/test_qlora.py). On CUDA the flag is never read."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def numel(p) -> int:
+    """Values a parameter stands for: a bitsandbytes 4-bit weight packs 2 (uint8 storage) to 8 (fp32)
+    of them per stored element, its quant_state keeps the real shape; a ZeRO-3-partitioned parameter
+    is empty here, ds_numel is its full size."""
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        return math.prod(qs.shape)
+    return getattr(p, "ds_numel", p.numel())
+
+
+def param_counts(model) -> dict[str, int]:
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total}

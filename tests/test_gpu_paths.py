@@ -1,11 +1,10 @@
-"""FSDP2, QLoRA and the liger fused loss: the GPU-only paths. On CPU (CI): their configs are validated
+"""FSDP2 and the liger fused loss: the GPU-only paths. On CPU (CI): their configs are validated
 through the real launcher and config loader, and launching them where they cannot run is refused
 with a clear message (liger's refusals: tests/test_config.py, tests/test_loss.py). On a CUDA machine:
-opt-in tests (`pytest --gpu`) train with them and compare.
+opt-in tests (`pytest --gpu`) train with them and compare. QLoRA runs on CPU too: tests/test_qlora.py.
 
-Facts behind this split (shared/reference/cpu-distributed-facts.md): accelerate's FSDP path
-refuses CPU ("There are currently no available devices found"); bitsandbytes is not installed
-in this project's CPU environment, and its 4-bit kernels are what QLoRA is for.
+Fact behind this split (shared/reference/cpu-distributed-facts.md): accelerate's FSDP path
+refuses CPU ("There are currently no available devices found").
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, base_config, free_port, launch, load_adapter, max_abs_diff, read_metrics, run_inprocess, write_config
+from conftest import ROOT, base_config, free_port, launch, load_adapter, max_abs_diff, read_metrics, write_config
 
 FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
 PROBE = """
@@ -52,49 +51,6 @@ def test_fsdp_on_cpu_is_refused_clearly(tiny, tmp_path):
     assert "cpu_deepspeed_zero3.yaml" in out and not (tmp_path / "out").exists()
 
 
-QLORA = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "quant_storage": "bfloat16"}
-
-
-def _has_bnb() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("bitsandbytes") is not None
-
-
-def test_qlora_config_validation(tiny, tmp_path):
-    from distlora import config as C
-
-    path = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "o", model={"dtype": "auto", "quantization": QLORA},
-                                                        train={"mixed_precision": "auto"}))
-    if _has_bnb():
-        assert C.load(path).model.quantization.type == "nf4"
-    else:
-        with pytest.raises(C.ConfigError) as exc:
-            C.load(path)
-        assert [p.split(":")[0] for p in exc.value.problems] == ["model.quantization"]
-        assert "pip install bitsandbytes" in exc.value.problems[0]
-    with pytest.raises(C.ConfigError) as exc:
-        C.load(path, ["model.quantization.quant_storage=float16", "model.quantization.bits=8",
-                      "model.quantization.type=int4", "model.dtype=float32", "train.mixed_precision=fp16"])
-    fields = {p.split(":")[0] for p in exc.value.problems}
-    assert {"model.quantization.bits", "model.quantization.type"} <= fields, exc.value.problems
-    with pytest.raises(C.ConfigError) as exc:
-        C.load(path, ["model.quantization.quant_storage=float16", "model.dtype=float32", "train.mixed_precision=fp16"])
-    fields = {p.split(":")[0] for p in exc.value.problems}
-    assert {"model.quantization.quant_storage", "model.dtype", "train.mixed_precision"} <= fields, exc.value.problems
-
-
-def test_qlora_uint8_storage_refused_under_zero3(tiny, tmp_path):
-    """uint8-packed 4-bit weights cannot be partitioned: refused before anything is loaded."""
-    if not _has_bnb():
-        pytest.skip("bitsandbytes is not installed: the config check above refuses first")
-    q = {**QLORA, "quant_storage": "uint8"}
-    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "out", model={"dtype": "auto", "quantization": q},
-                                                        train={"mixed_precision": "auto"}))
-    res = launch(2, cfg, config_file=ROOT / "configs" / "accelerate" / "cpu_deepspeed_zero3.yaml", check=False)
-    assert res.returncode != 0 and "uint8 cannot be sharded" in res.stdout + res.stderr
-
-
 # ------------------------------------------------------------------------------ GPU (opt in: --gpu)
 
 
@@ -113,46 +69,6 @@ def test_fsdp2_matches_ddp_on_2_gpus(tiny, tmp_path):
     la = [r["loss"] for r in read_metrics(runs["ddp"]) if "loss" in r]
     lb = [r["loss"] for r in read_metrics(runs["fsdp2"]) if "loss" in r]
     assert max(abs(a - b) for a, b in zip(la, lb)) < 1e-4
-
-
-@pytest.mark.gpu
-def test_qlora_trains_and_saves_an_adapter_on_gpu(tiny, tmp_path):
-    if not torch.cuda.is_available() or not _has_bnb():
-        pytest.skip("needs CUDA and bitsandbytes")
-    raw = base_config(tiny, tmp_path / "out", model={"dtype": "auto", "quantization": QLORA},
-                      train={"mixed_precision": "bf16", "max_steps": 20, "eval_at_start": True})
-    assert run_inprocess(write_config(tmp_path / "c.yaml", raw)) == 0
-    evals = [r["eval_loss"] for r in read_metrics(tmp_path / "out") if "eval_loss" in r]
-    assert evals[-1] < evals[0]
-    adapter = load_adapter(tmp_path / "out" / "adapter")
-    assert adapter and all(".lora_" in k and v.dtype == torch.float32 for k, v in adapter.items())
-
-
-@pytest.mark.gpu
-def test_qlora_merge_into_dequantized_base(tiny, tmp_path):
-    """The merged model reproduces the QLoRA-trained model's logits (4-bit base + adapter) to bf16 precision."""
-    if not torch.cuda.is_available() or not _has_bnb():
-        pytest.skip("needs CUDA and bitsandbytes")
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from distlora import config as C
-    from distlora.cli import merge
-
-    raw = base_config(tiny, tmp_path / "out", model={"dtype": "auto", "quantization": QLORA},
-                      train={"mixed_precision": "bf16", "max_steps": 5})
-    path = write_config(tmp_path / "c.yaml", raw)
-    assert run_inprocess(path) == 0
-    merge(str(tmp_path / "out" / "adapter"), str(tiny / "model"), str(tmp_path / "merged"), quantization=C.load(path).model.quantization)
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).cuda()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
-    q = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.bfloat16, quantization_config=bnb)
-    trained = PeftModel.from_pretrained(q, tmp_path / "out" / "adapter")
-    x = torch.tensor([[1, 20, 30, 40, 50, 60]], device="cuda")
-    with torch.no_grad():
-        a, b = merged(x).logits.float(), trained(x).logits.float()
-    assert torch.allclose(a, b, atol=5e-2, rtol=2e-2), float((a - b).abs().max())  # bf16 rounding of the merged weights
 
 
 # ------------------------------------------------------------------------------ liger fused loss (GPU, opt in: --gpu)
