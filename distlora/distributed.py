@@ -32,6 +32,8 @@ Measured traps this module closes (shared/reference/cpu-distributed-facts.md):
 from __future__ import annotations
 
 import os
+import weakref
+
 import torch
 
 
@@ -458,6 +460,46 @@ def release_gathered(acc, model) -> None:
     forward-only pass (eval) leaves parameters that DeepSpeed expects to reuse soon gathered."""
     if is_zero3(acc):
         model.empty_partition_cache()
+
+
+def gathered_base_bytes(acc, model) -> int:
+    """Under ZeRO-3, bytes of frozen base parameters NOT in their partitioned state right now: DeepSpeed's
+    `ds_status` is AVAILABLE or INFLIGHT (deepspeed/runtime/zero/partition_parameters.py, ZeroParamStatus),
+    or full-shape data is still attached. Parameters DeepSpeed keeps whole by design (`ds_persist`: below
+    stage3_param_persistence_threshold) are not counted. 0 on every other backend. One pass over the
+    frozen parameters (listed once per model: walking a PEFT model's module tree costs ~0.5 ms), no
+    collective, no allocation: cheap enough to run after every step."""
+    if not is_zero3(acc):
+        return 0
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    frozen = _FROZEN_SHARDED.get(model)
+    if frozen is None:
+        frozen = _FROZEN_SHARDED[model] = [p for p in model.parameters() if not p.requires_grad and not p.ds_persist]
+    n = 0
+    for p in frozen:
+        if p.ds_status is not ZeroParamStatus.NOT_AVAILABLE or p.data.numel():
+            n += p.ds_numel * p.element_size()
+    return n
+
+
+_FROZEN_SHARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its partitioned frozen params
+
+
+def note_gathered_base(acc, model, memory: dict, where: str) -> None:
+    """Check `gathered_base_bytes` at `where` ("step N", "eval N", "save N", ...) and keep, per rank, in
+    memory["gathered_base"]: the most bytes seen and where first, how many checks of each kind ran, and
+    the seconds they took (the overhead)."""
+    import time
+
+    t0 = time.perf_counter()
+    n = gathered_base_bytes(acc, model)
+    rec = memory.setdefault("gathered_base", {"max_bytes": 0, "at": None, "checks": {}, "seconds": 0.0})
+    kind = where.split()[0]
+    rec["checks"][kind] = rec["checks"].get(kind, 0) + 1
+    if n > rec["max_bytes"]:
+        rec["max_bytes"], rec["at"] = n, where
+    rec["seconds"] += time.perf_counter() - t0
 
 
 def barrier(acc) -> None:

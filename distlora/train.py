@@ -329,12 +329,14 @@ def run(cfg) -> None:
         def save(step: int, ev: dict | None) -> None:
             _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev,
                   {"nonfinite_skipped": skipped, "nonfinite_in_a_row": in_a_row})
+            dist.note_gathered_base(acc, model, memory, f"save {step}")  # ZeRO-3: base back in its partitions
 
         def run_eval(step: int) -> dict | None:
             nonlocal best_eval
             if eval_loader is None:
                 return None
             ev = {"step": step, **evaluate(acc, model, eval_loader, t.loss_chunk_size)}
+            dist.note_gathered_base(acc, model, memory, f"eval {step}")
             best_eval = ev["eval_loss"] if best_eval is None else min(best_eval, ev["eval_loss"])
             metrics.log(ev)
             say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
@@ -409,6 +411,7 @@ def run(cfg) -> None:
             lr = scheduler.get_last_lr()[0]
             scheduler.step()  # also on a skipped step: the lr stays a function of the step index
             done = step + 1
+            dist.note_gathered_base(acc, model, memory, f"step {done}")
             if trace_fh:
                 trace_fh.write(json.dumps({"step": done, "ids": [int(i) for b in window for i in b["ids"]]}) + "\n")
 
@@ -471,6 +474,7 @@ def run(cfg) -> None:
         if t.save_every and total_steps % t.save_every == 0 and start_step < total_steps:
             save(total_steps, final_eval)
         checkpoint.save_adapter(acc, model, tokenizer, out / "adapter")
+        dist.note_gathered_base(acc, model, memory, "save adapter")
         memory["after_save"] = dist.model_state_bytes(acc, model, optimizer)
         memory_per_rank = dist.gather_objects(acc, memory)
         base_sum_end = _checksum(frozen)

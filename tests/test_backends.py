@@ -56,9 +56,14 @@ def zero2(tiny, small_data, tmp_path_factory) -> Path:
     return _run(tiny, small_data, tmp_path_factory, "zero2", ZERO2)
 
 
+EVAL_EVERY = 2
+
+
 @pytest.fixture(scope="module")
 def zero3(tiny, small_data, tmp_path_factory) -> Path:
-    return _run(tiny, small_data, tmp_path_factory, "zero3", ZERO3)
+    """With periodic eval (steps 2, 4, then the final one) and saves (step 3, the final checkpoint and
+    the adapter): every place where parameters get gathered is followed by a partition check."""
+    return _run(tiny, small_data, tmp_path_factory, "zero3", ZERO3, eval_every=EVAL_EVERY)
 
 
 def _summary(out: Path) -> dict:
@@ -118,10 +123,47 @@ def test_zero3_frozen_base_is_sharded_after_train_eval_and_save(zero3, zero2):
             assert 0 <= 2 * m["frozen_local"] - m["frozen_total"] <= n_frozen_tensors * 4, (when, m)
             assert m["frozen_materialized"] == 0, (when, m)  # nothing left gathered
             assert 2 * m["trainable_local"] == m["trainable_total"], (when, m)
+        # after every optimizer step, every eval (periodic and final) and every save (periodic
+        # checkpoint, final checkpoint, final adapter), no base weight was left outside its partition
+        g = rank["gathered_base"]
+        assert g["max_bytes"] == 0 and g["at"] is None, g
+        assert g["checks"] == {"step": STEPS, "eval": STEPS // EVAL_EVERY, "save": STEPS // SAVE + 1}, g
     # the contrast: ZeRO-2 keeps the whole base on every rank
     for rank in _summary(zero2)["memory_per_rank"]:
         m = rank["after_save"]
         assert m["frozen_local"] == m["frozen_materialized"] == m["frozen_total"] == mem3[0]["after_save"]["frozen_total"]
+
+
+def test_gathered_base_bytes_counts_what_is_not_partitioned():
+    """The partition check on parameters in each of DeepSpeed's states (its own ZeroParamStatus): a frozen
+    parameter counts, at its full size, when it is AVAILABLE or INFLIGHT or still holds full data;
+    trainable ones and those DeepSpeed keeps whole on purpose (ds_persist) never do; other backends: 0."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus as S
+
+    from distlora.distributed import gathered_base_bytes
+
+    def param(numel, status, trainable=False, persist=False):
+        p = torch.nn.Parameter(torch.zeros(0 if status is S.NOT_AVAILABLE else numel), requires_grad=trainable)
+        p.ds_status, p.ds_persist, p.ds_numel = status, persist, numel
+        return p
+
+    m = torch.nn.Module()
+    m.a, m.b, m.c = param(10, S.NOT_AVAILABLE), param(100, S.AVAILABLE), param(1000, S.INFLIGHT)
+    m.d, m.e = param(10_000, S.AVAILABLE, trainable=True), param(100_000, S.AVAILABLE, persist=True)
+    zero3 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    assert gathered_base_bytes(zero3, m) == (100 + 1000) * 4
+    m.b.ds_status = S.NOT_AVAILABLE  # marked partitioned but its full data still attached: still counted
+    assert gathered_base_bytes(zero3, m) == (100 + 1000) * 4
+    for q in (m.b, m.c):  # back in their partitions
+        q.data, q.ds_status = torch.zeros(0), S.NOT_AVAILABLE
+    assert gathered_base_bytes(zero3, m) == 0
+    m.b.ds_status = S.AVAILABLE
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
+    assert gathered_base_bytes(zero3, m) == 400 and gathered_base_bytes(ddp, m) == 0
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +254,7 @@ def test_zero3_resume_equals_uninterrupted(tiny, small_data, tmp_path_factory, z
     out = tmp / "resumed" / "out"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
-    res = launch(2, _cfg(tiny, tmp, small_data, "resumed"), config_file=ZERO3, timeout=600)
+    res = launch(2, _cfg(tiny, tmp, small_data, "resumed", eval_every=EVAL_EVERY), config_file=ZERO3, timeout=600)
     assert f"resumed from {out / 'checkpoints' / ckpt.name} at step {SAVE}" in res.stdout + res.stderr
     a, b = load_adapter(zero3 / "adapter"), load_adapter(out / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a), f"not bitwise equal: {max_abs_diff(a, b)}"
