@@ -18,6 +18,10 @@ DeepSpeed differences handled here (the loop is the same for every backend):
 - on CPU the process group must be gloo, and `cpu=True` must not be passed (it silently turns a
   DeepSpeed launch into plain DDP).
 
+DDP: gradients are views of the reducer's all-reduce buckets (gradient_as_bucket_view, zeroed in
+place between steps, created before the reducer so that even the first window accumulates there):
+a step holds the adapter's gradients once, not twice.
+
 FSDP2 (GPU only; not exercised on CPU): parameters are DTensor shards, so the adapter is gathered
 with `full_tensor`, loaded with torch.distributed.checkpoint's full-state-dict loader, and each rank
 saves its own optimizer shard. Its reduce-scatter averages over ranks like DDP: same loss scale.
@@ -218,7 +222,7 @@ def _fill_deepspeed_config(acc, cfg) -> None:
 
 def build_accelerator(cfg):
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
 
     kwargs = {}
     if cfg.log.report_to:
@@ -233,6 +237,10 @@ def build_accelerator(cfg):
     if ds and not torch.cuda.is_available():
         # DeepSpeed on CPU: gloo, or its batch-size check sees a world of 1 and fails
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    elif not ds:
+        # DDP: gradients are views into the reducer's all-reduce buckets, so a step holds the adapter's
+        # gradients once, not twice (p.grad + bucket); with grads_set_to_none() False the views persist
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
     acc = Accelerator(
         # CPU without DeepSpeed: real gloo DDP, not N unsynchronised copies. Never under DeepSpeed:
         # cpu=True there silently replaces ZeRO by plain DDP.
@@ -265,6 +273,18 @@ def build_accelerator(cfg):
     return acc
 
 
+def prepare(acc, model, optimizer, train_loader):
+    """accelerate's `prepare`. Under DDP every trainable parameter first gets a zero gradient: the
+    reducer, built with gradient_as_bucket_view, turns each existing gradient into a view of its
+    bucket, so the very first window already accumulates in the buckets (without it, the first
+    window's no_sync micro steps allocate gradients next to the buckets)."""
+    if backend_name(acc) == "ddp":
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    return acc.prepare(model, optimizer, train_loader)
+
+
 def loss_scale(acc, n_target: float) -> float:
     """Factor for a micro batch's summed NLL so that the step's gradient is exactly
     d(sum of NLL over the window, all ranks)/dθ / n_target.
@@ -295,6 +315,14 @@ def can_skip_steps(acc) -> bool:
     from accelerate.utils import DistributedType
 
     return acc.distributed_type != DistributedType.DEEPSPEED
+
+
+def grads_set_to_none(acc) -> bool:
+    """How the loop clears gradients after a step. DDP: zero them in place, keeping them views into
+    the reducer's buckets (gradient_as_bucket_view); set to None, the next window's first backward
+    would allocate fresh gradients next to the buckets and the bucket view would be lost until the
+    window's all-reduce. Elsewhere: free them between steps."""
+    return backend_name(acc) != "ddp"
 
 
 def data_parallel_size(acc) -> int:

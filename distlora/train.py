@@ -266,7 +266,7 @@ def run(cfg) -> None:
         )
         eval_loader = acc.prepare_data_loader(eval_loader)
     # The scheduler is not prepared: accelerate would step it once per process per step.
-    model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
+    model, optimizer, train_loader = dist.prepare(acc, model, optimizer, train_loader)
     dist.check_wrapped(acc, model)
     memory = {"after_prepare": dist.model_state_bytes(acc, model, optimizer)}  # per rank, into summary.json
     dist.CommCounter.watch_ddp(model)
@@ -406,7 +406,7 @@ def run(cfg) -> None:
                                     f"{'' if can_skip else ', and this backend cannot skip a step'}); lower "
                                     "train.lr, check the data, or resume from the last checkpoint"
                                 )
-                        optimizer.zero_grad(set_to_none=True)
+                        optimizer.zero_grad(set_to_none=dist.grads_set_to_none(acc))
             comm_bytes += dist.CommCounter.take()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()  # also on a skipped step: the lr stays a function of the step index
