@@ -657,6 +657,115 @@ def model_state_bytes(acc, model, optimizer) -> dict[str, int]:
     return out
 
 
+GRAD_BYTES_ENV = "DISTLORA_TEST_GRAD_BYTES"
+
+
+def watch_gradient_bytes(acc, model, optimizer, memory: dict) -> None:
+    """Test hook: with DISTLORA_TEST_GRAD_BYTES=1, measure the gradient memory of every step into
+    memory["gradients"] (see GradientBytes). Off otherwise: it wraps library internals."""
+    if os.environ.get(GRAD_BYTES_ENV):
+        GradientBytes(acc, model, optimizer, memory)
+
+
+def _zero_grad_buffers(zero):
+    """(kind, tensor) for every gradient buffer a ZeRO optimizer holds (read from deepspeed 0.19.8,
+    runtime/zero/stage_1_and_2.py and stage3.py). ZeRO-1/2: the reduce bucket(s) `ipg_buckets` (allocated
+    at the first gradient hook of every backward, released by its epilogue), `grads_in_partition` (this
+    rank's reduced partition of the micro step), `all_grad_tensors` / `averaged_gradients` (views of the
+    partition accumulated over the window), the fp32 partition's .grad (its copy inside `step`). ZeRO-3:
+    the reduce bucket (allocated once), `grad_partitions_flat_buffer` (the accumulated partition, allocated
+    once), `averaged_gradients` (views of it), the fp32 partition's .grad (its copy inside `step`)."""
+    for bucket in zero.ipg_buckets.values():
+        buf = bucket.buffer
+        for t in buf if isinstance(buf, list) else [buf]:
+            yield "reduce_bucket", t
+    yield "grad_partition", getattr(zero, "grads_in_partition", None)
+    yield "grad_partition", getattr(zero, "grad_partitions_flat_buffer", None)
+    for name in ("all_grad_tensors", "averaged_gradients"):
+        for group in (getattr(zero, name, None) or {}).values():
+            yield "grad_partition", getattr(group, "flat_partition", None)
+            for t in group or []:
+                yield "grad_partition", t
+    masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat", [])
+    for m in masters:
+        yield "fp32_grad", m.grad
+
+
+class GradientBytes:
+    """The most gradient memory this rank holds during a step: bytes of the distinct storages that hold
+    gradients, taken where a step holds most and kept in memory["gradients"] (peak_bytes, where, bytes
+    per kind at the peak, number of probes). Probes, all in training:
+    - before each micro step's forward: what the window has accumulated so far (DDP between no_sync
+      micro steps: p.grad next to the reducer's buckets);
+    - under ZeRO, entering the engine's end-of-backward epilogue (ZeRO-3's peak in backward) and, for
+      ZeRO-1/2, as the epilogue releases the reduce bucket: the bucket, the partition just reduced and
+      the one accumulated over the window are all alive there;
+    - before the torch optimizer's update: DDP's p.grad and buckets; ZeRO's fp32 gradient copy.
+    Counted: the buffers of `_zero_grad_buffers`; DDP's bucket buffers (their sizes from the reducer;
+    they live as long as it does); every trainable parameter's .grad (and ZeRO's .grad_accum) that is
+    not inside one of those (under DDP a gradient that is a view is a view of its bucket). Not probed:
+    DeepSpeed's transient flat copy inside ZeRO-1/2's `step` (this rank's partition, freed before the
+    update; below the epilogue's peak whenever the reduce bucket is at least a partition)."""
+
+    def __init__(self, acc, model, optimizer, memory: dict):
+        module = unwrap(acc, model)  # its training flag: DeepSpeed's engine keeps its own at True in eval
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        zero = getattr(optimizer, "optimizer", None)
+        self.zero = zero if hasattr(zero, "ipg_buckets") else None
+        self.accum = acc.gradient_accumulation_steps
+        reducer = getattr(model, "reducer", None)  # DDP: its buckets live as long as the model
+        self.ddp_bucket_bytes = sum(b.buffer().numel() * b.buffer().element_size()
+                                    for b in reducer._get_zeros_like_grad_buckets()) if reducer else 0
+        self.forwards = 0
+        self.rec = memory.setdefault("gradients", {"peak_bytes": 0, "at": None, "by_kind": {}, "probes": 0})
+
+        def before_forward(*_):
+            if module.training:
+                self.forwards += 1
+                self.probe("before forward")
+
+        model.register_forward_pre_hook(before_forward)
+        _innermost_optimizer(optimizer).register_step_pre_hook(lambda *_: self.probe("before optimizer update"))
+        if self.zero is not None:  # ZeRO-3's epilogue holds its peak on entry, ZeRO-1/2's as it releases the bucket
+            for name, where in (("independent_gradient_partition_epilogue", "backward epilogue"),
+                                ("_release_ipg_buffers", "reduce bucket release")):
+                if hasattr(self.zero, name):
+                    setattr(self.zero, name, self._probed(getattr(self.zero, name), f"before {where}"))
+
+    def _probed(self, fn, where: str):
+        def probed(*args, **kwargs):
+            self.probe(where)
+            return fn(*args, **kwargs)
+
+        return probed
+
+    def probe(self, where: str) -> None:
+        seen: dict[int, tuple[str, int]] = {}  # storage data_ptr -> (kind, nbytes); the first kind claims it
+
+        def add(kind, t):
+            if torch.is_tensor(t) and t.numel():
+                st = (t.to_local() if _is_dtensor(t) else t).untyped_storage()
+                seen.setdefault(st.data_ptr(), (kind, st.nbytes()))
+
+        if self.zero is not None:
+            for kind, t in _zero_grad_buffers(self.zero):
+                add(kind, t)
+        for p in self.params:
+            if not (self.ddp_bucket_bytes and p.grad is not None and p.grad._is_view()):  # a view: in a bucket
+                add("param_grads", p.grad)
+            add("param_grads", getattr(p, "grad_accum", None))
+        if self.ddp_bucket_bytes:
+            seen[-1] = ("ddp_buckets", self.ddp_bucket_bytes)
+        total = sum(n for _, n in seen.values())
+        self.rec["probes"] += 1
+        if total >= self.rec["peak_bytes"]:  # the latest probe at the peak: the steady state
+            by_kind: dict[str, int] = {}
+            for kind, n in seen.values():
+                by_kind[kind] = by_kind.get(kind, 0) + n
+            step, micro = divmod(self.forwards - 1, self.accum)  # the micro step in progress
+            self.rec.update(peak_bytes=total, by_kind=by_kind, at=f"step {step + 1} micro {micro + 1} {where}")
+
+
 def ranks_not_sharing(acc, directory) -> list[int]:
     """Ranks that do not see `directory` as rank 0 does (multi-node needs one shared filesystem for
     checkpoints): rank 0 writes a fresh token there, every rank reads it back."""

@@ -270,6 +270,7 @@ def run(cfg) -> None:
     dist.check_wrapped(acc, model)
     memory = {"after_prepare": dist.model_state_bytes(acc, model, optimizer)}  # per rank, into summary.json
     dist.CommCounter.watch_ddp(model)
+    dist.watch_gradient_bytes(acc, model, optimizer, memory)  # test hook: gradient memory per step
     counts = param_counts(model)
     if acc.is_main_process:  # the launcher's preflight again, now that the run is really here (not the port)
         problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every)

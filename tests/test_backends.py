@@ -42,7 +42,9 @@ def _cfg(tiny, tmp: Path, small_data, name: str, **train) -> Path:
 
 def _run(tiny, small_data, tmp_path_factory, name, config_file, *overrides, **train) -> Path:
     tmp = tmp_path_factory.mktemp(name)
-    launch(2, _cfg(tiny, tmp, small_data, name, **train), *overrides, config_file=config_file, timeout=600)
+    # the test hook measures each step's gradient memory (summary.json memory_per_rank[r]["gradients"])
+    launch(2, _cfg(tiny, tmp, small_data, name, **train), *overrides, config_file=config_file, timeout=600,
+           env={"DISTLORA_TEST_GRAD_BYTES": "1"})
     return tmp / name / "out"
 
 
@@ -314,27 +316,43 @@ def test_shipped_deepspeed_configs_leave_owned_values_auto(yaml_path):
 # ------------------------------------------------------------------------------ distlora plan
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
 def test_plan_model_state_matches_measured_bytes_per_rank(backend, request):
-    """`distlora plan` (model config only) vs the bytes each of the 2 ranks held after training,
-    measured from the live parameters, ZeRO partitions and optimizer state (summary.json).
-    Measured here: DDP 348,928 base + 32,768 adapter + 65,648 Adam (the 112 extra bytes are the
-    per-tensor step counters); ZeRO-3 174,464 + 16,384 + 16,384 fp32 master + 32,772."""
+    """`distlora plan` (model config only) vs the bytes each of the 2 ranks held, measured from the live
+    parameters, ZeRO partitions and optimizer state after training, and the gradient peak of every
+    step (distributed.GradientBytes) (summary.json). Measured here (A = 32,768 adapter bytes, hidden 64,
+    fp32, accumulation 2): DDP 348,928 base + 32,768 adapter + 32,768 gradients (bucket views) + 65,648
+    Adam (the 112 extra bytes are the per-tensor step counters); ZeRO-2 348,928 + 32,768 + 16,384 fp32
+    master + 49,152 gradients (a 16,384-byte reduce bucket and two 16,384-byte partitions) + 32,772;
+    ZeRO-3 174,464 + 16,384 + 16,384 + 49,152 (bucket, partition buffer, fp32 copy) + 32,772."""
     from distlora import config as C
     from distlora.plan import estimate
 
     out = request.getfixturevalue(backend)
     plan = estimate(C.load(out.parent / "c.yaml"), gpus=2, backend=backend)
     pairs = {"frozen_base": "frozen_local", "adapter_params": "trainable_local",
-             "master_weights": "master_weights", "optimizer_state": "optimizer_state"}
+             "master_weights": "master_weights", "gradients": "gradients", "optimizer_state": "optimizer_state"}
     for rank in _summary(out)["memory_per_rank"]:
-        m = rank["after_train"]
+        m = {**rank["after_train"], "gradients": rank["gradients"]["peak_bytes"]}
         for mine, measured in pairs.items():
             assert plan.rows[mine] == pytest.approx(m[measured], rel=0.05), (mine, plan.rows[mine], m[measured])
         total = sum(m[k] for k in pairs.values())
-        assert sum(plan.rows[k] for k in pairs) == pytest.approx(total, rel=0.05)
+        assert plan.model_state == pytest.approx(total, rel=0.05)
     if backend == "zero3":
         assert plan.rows["frozen_base"] * 2 == pytest.approx(estimate(C.load(out.parent / "c.yaml"), 2, "ddp").rows["frozen_base"], rel=1e-3)
+
+
+def test_ddp_gradients_are_bucket_views(ddp):
+    """gradient_as_bucket_view with gradients zeroed in place (distributed.grads_set_to_none) and created
+    before DDP is built (distributed.prepare): from the first micro step on, every adapter gradient is a
+    view of the reducer's all-reduce buckets, so a step holds the adapter's gradients once. Without
+    these the same probes measure 65,536 bytes (32,768 of p.grad next to 32,768 of buckets), and the
+    adapter trained is bitwise equal to this run's (both measured once on this config)."""
+    adapter_bytes = sum(v.numel() * 4 for v in load_adapter(ddp / "adapter").values())
+    for rank in _summary(ddp)["memory_per_rank"]:
+        g = rank["gradients"]
+        assert g["by_kind"] == {"ddp_buckets": adapter_bytes}, g  # no gradient outside the buckets
+        assert g["peak_bytes"] == adapter_bytes and g["probes"] == STEPS * (2 + 1), g  # 2 forwards + 1 update
 
 
 UNWRAPPED = """
