@@ -686,8 +686,8 @@ def _zero_grad_buffers(zero):
             yield "grad_partition", getattr(group, "flat_partition", None)
             for t in group or []:
                 yield "grad_partition", t
-    masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat", [])
-    for m in masters:
+    stage12 = hasattr(zero, "single_partition_of_fp32_groups")
+    for m in zero.single_partition_of_fp32_groups if stage12 else zero.fp32_partitioned_groups_flat:
         yield "fp32_grad", m.grad
 
 

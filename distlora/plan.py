@@ -215,9 +215,9 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
         f"{sum(s.frozen_numels):,} parameters"
     )
     if backend in ("zero2", "zero3"):
-        plan.notes.append(f"ZeRO keeps fp32 master copies of the adapter partition; gradients include one reduce bucket "
-                          f"of {bucket:,} elements (reduce_bucket_size \"auto\" = hidden^2; a number in the DeepSpeed "
-                          "JSON changes it)")
+        plan.notes.append(f"ZeRO keeps fp32 master copies of the adapter partition; gradients include one reduce "
+                          f"bucket of {bucket:,} elements (reduce_bucket_size \"auto\" = hidden^2; a number in the "
+                          "DeepSpeed JSON changes it)")
     plan.notes.append("framework overhead (CUDA context, allocator fragmentation, NCCL buffers) is not included")
     return plan
 
