@@ -18,6 +18,10 @@ DeepSpeed differences handled here (the loop is the same for every backend):
 - on CPU the process group must be gloo, and `cpu=True` must not be passed (it silently turns a
   DeepSpeed launch into plain DDP).
 
+DDP: gradients are views of the reducer's all-reduce buckets (gradient_as_bucket_view, zeroed in
+place between steps, created before the reducer so that even the first window accumulates there):
+a step holds the adapter's gradients once, not twice.
+
 FSDP2 (GPU only; not exercised on CPU): parameters are DTensor shards, so the adapter is gathered
 with `full_tensor`, loaded with torch.distributed.checkpoint's full-state-dict loader, and each rank
 saves its own optimizer shard. Its reduce-scatter averages over ranks like DDP: same loss scale.
@@ -32,6 +36,8 @@ Measured traps this module closes (shared/reference/cpu-distributed-facts.md):
 from __future__ import annotations
 
 import os
+import weakref
+
 import torch
 
 
@@ -225,7 +231,7 @@ def _fill_deepspeed_config(acc, cfg) -> None:
 
 def build_accelerator(cfg):
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
 
     kwargs = {}
     if cfg.log.report_to:
@@ -240,6 +246,10 @@ def build_accelerator(cfg):
     if ds and not torch.cuda.is_available():
         # DeepSpeed on CPU: gloo, or its batch-size check sees a world of 1 and fails
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    elif not ds:
+        # DDP: gradients are views into the reducer's all-reduce buckets, so a step holds the adapter's
+        # gradients once, not twice (p.grad + bucket); with grads_set_to_none() False the views persist
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
     acc = Accelerator(
         # CPU without DeepSpeed: real gloo DDP, not N unsynchronised copies. Never under DeepSpeed:
         # cpu=True there silently replaces ZeRO by plain DDP.
@@ -270,6 +280,18 @@ def build_accelerator(cfg):
             )
         _fill_deepspeed_config(acc, cfg)
     return acc
+
+
+def prepare(acc, model, optimizer, train_loader):
+    """accelerate's `prepare`. Under DDP every trainable parameter first gets a zero gradient: the
+    reducer, built with gradient_as_bucket_view, turns each existing gradient into a view of its
+    bucket, so the very first window already accumulates in the buckets (without it, the first
+    window's no_sync micro steps allocate gradients next to the buckets)."""
+    if backend_name(acc) == "ddp":
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    return acc.prepare(model, optimizer, train_loader)
 
 
 def loss_scale(acc, n_target: float) -> float:
@@ -315,6 +337,14 @@ def step_applied(acc) -> bool:
 def any_rank(acc, flag: torch.Tensor) -> bool:
     """True on every rank if `flag` (a bool scalar) is true on any rank: one small all-reduce."""
     return bool(all_sum(acc, flag.to(torch.float64).reshape(1)).item() > 0)
+
+
+def grads_set_to_none(acc) -> bool:
+    """How the loop clears gradients after a step. DDP: zero them in place, keeping them views into
+    the reducer's buckets (gradient_as_bucket_view); set to None, the next window's first backward
+    would allocate fresh gradients next to the buckets and the bucket view would be lost until the
+    window's all-reduce. Elsewhere: free them between steps."""
+    return backend_name(acc) != "ddp"
 
 
 def data_parallel_size(acc) -> int:
@@ -482,6 +512,46 @@ def release_gathered(acc, model) -> None:
         model.empty_partition_cache()
 
 
+def gathered_base_bytes(acc, model) -> int:
+    """Under ZeRO-3, bytes of frozen base parameters NOT in their partitioned state right now: DeepSpeed's
+    `ds_status` is AVAILABLE or INFLIGHT (deepspeed/runtime/zero/partition_parameters.py, ZeroParamStatus),
+    or full-shape data is still attached. Parameters DeepSpeed keeps whole by design (`ds_persist`: below
+    stage3_param_persistence_threshold) are not counted. 0 on every other backend. One pass over the
+    frozen parameters (listed once per model: walking a PEFT model's module tree costs ~0.5 ms), no
+    collective, no allocation: cheap enough to run after every step."""
+    if not is_zero3(acc):
+        return 0
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    frozen = _FROZEN_SHARDED.get(model)
+    if frozen is None:
+        frozen = _FROZEN_SHARDED[model] = [p for p in model.parameters() if not p.requires_grad and not p.ds_persist]
+    n = 0
+    for p in frozen:
+        if p.ds_status is not ZeroParamStatus.NOT_AVAILABLE or p.data.numel():
+            n += p.ds_numel * p.element_size()
+    return n
+
+
+_FROZEN_SHARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its partitioned frozen params
+
+
+def note_gathered_base(acc, model, memory: dict, where: str) -> None:
+    """Check `gathered_base_bytes` at `where` ("step N", "eval N", "save N", ...) and keep, per rank, in
+    memory["gathered_base"]: the most bytes seen and where first, how many checks of each kind ran, and
+    the seconds they took (the overhead)."""
+    import time
+
+    t0 = time.perf_counter()
+    n = gathered_base_bytes(acc, model)
+    rec = memory.setdefault("gathered_base", {"max_bytes": 0, "at": None, "checks": {}, "seconds": 0.0})
+    kind = where.split()[0]
+    rec["checks"][kind] = rec["checks"].get(kind, 0) + 1
+    if n > rec["max_bytes"]:
+        rec["max_bytes"], rec["at"] = n, where
+    rec["seconds"] += time.perf_counter() - t0
+
+
 def barrier(acc) -> None:
     acc.wait_for_everyone()
 
@@ -607,6 +677,115 @@ def model_state_bytes(acc, model, optimizer) -> dict[str, int]:
             if torch.is_tensor(v):
                 out["optimizer_state"] += v.numel() * v.element_size()
     return out
+
+
+GRAD_BYTES_ENV = "DISTLORA_TEST_GRAD_BYTES"
+
+
+def watch_gradient_bytes(acc, model, optimizer, memory: dict) -> None:
+    """Test hook: with DISTLORA_TEST_GRAD_BYTES=1, measure the gradient memory of every step into
+    memory["gradients"] (see GradientBytes). Off otherwise: it wraps library internals."""
+    if os.environ.get(GRAD_BYTES_ENV):
+        GradientBytes(acc, model, optimizer, memory)
+
+
+def _zero_grad_buffers(zero):
+    """(kind, tensor) for every gradient buffer a ZeRO optimizer holds (read from deepspeed 0.19.8,
+    runtime/zero/stage_1_and_2.py and stage3.py). ZeRO-1/2: the reduce bucket(s) `ipg_buckets` (allocated
+    at the first gradient hook of every backward, released by its epilogue), `grads_in_partition` (this
+    rank's reduced partition of the micro step), `all_grad_tensors` / `averaged_gradients` (views of the
+    partition accumulated over the window), the fp32 partition's .grad (its copy inside `step`). ZeRO-3:
+    the reduce bucket (allocated once), `grad_partitions_flat_buffer` (the accumulated partition, allocated
+    once), `averaged_gradients` (views of it), the fp32 partition's .grad (its copy inside `step`)."""
+    for bucket in zero.ipg_buckets.values():
+        buf = bucket.buffer
+        for t in buf if isinstance(buf, list) else [buf]:
+            yield "reduce_bucket", t
+    yield "grad_partition", getattr(zero, "grads_in_partition", None)
+    yield "grad_partition", getattr(zero, "grad_partitions_flat_buffer", None)
+    for name in ("all_grad_tensors", "averaged_gradients"):
+        for group in (getattr(zero, name, None) or {}).values():
+            yield "grad_partition", getattr(group, "flat_partition", None)
+            for t in group or []:
+                yield "grad_partition", t
+    stage12 = hasattr(zero, "single_partition_of_fp32_groups")
+    for m in zero.single_partition_of_fp32_groups if stage12 else zero.fp32_partitioned_groups_flat:
+        yield "fp32_grad", m.grad
+
+
+class GradientBytes:
+    """The most gradient memory this rank holds during a step: bytes of the distinct storages that hold
+    gradients, taken where a step holds most and kept in memory["gradients"] (peak_bytes, where, bytes
+    per kind at the peak, number of probes). Probes, all in training:
+    - before each micro step's forward: what the window has accumulated so far (DDP between no_sync
+      micro steps: p.grad next to the reducer's buckets);
+    - under ZeRO, entering the engine's end-of-backward epilogue (ZeRO-3's peak in backward) and, for
+      ZeRO-1/2, as the epilogue releases the reduce bucket: the bucket, the partition just reduced and
+      the one accumulated over the window are all alive there;
+    - before the torch optimizer's update: DDP's p.grad and buckets; ZeRO's fp32 gradient copy.
+    Counted: the buffers of `_zero_grad_buffers`; DDP's bucket buffers (their sizes from the reducer;
+    they live as long as it does); every trainable parameter's .grad (and ZeRO's .grad_accum) that is
+    not inside one of those (under DDP a gradient that is a view is a view of its bucket). Not probed:
+    DeepSpeed's transient flat copy inside ZeRO-1/2's `step` (this rank's partition, freed before the
+    update; below the epilogue's peak whenever the reduce bucket is at least a partition)."""
+
+    def __init__(self, acc, model, optimizer, memory: dict):
+        module = unwrap(acc, model)  # its training flag: DeepSpeed's engine keeps its own at True in eval
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        zero = getattr(optimizer, "optimizer", None)
+        self.zero = zero if hasattr(zero, "ipg_buckets") else None
+        self.accum = acc.gradient_accumulation_steps
+        reducer = getattr(model, "reducer", None)  # DDP: its buckets live as long as the model
+        self.ddp_bucket_bytes = sum(b.buffer().numel() * b.buffer().element_size()
+                                    for b in reducer._get_zeros_like_grad_buckets()) if reducer else 0
+        self.forwards = 0
+        self.rec = memory.setdefault("gradients", {"peak_bytes": 0, "at": None, "by_kind": {}, "probes": 0})
+
+        def before_forward(*_):
+            if module.training:
+                self.forwards += 1
+                self.probe("before forward")
+
+        model.register_forward_pre_hook(before_forward)
+        _innermost_optimizer(optimizer).register_step_pre_hook(lambda *_: self.probe("before optimizer update"))
+        if self.zero is not None:  # ZeRO-3's epilogue holds its peak on entry, ZeRO-1/2's as it releases the bucket
+            for name, where in (("independent_gradient_partition_epilogue", "backward epilogue"),
+                                ("_release_ipg_buffers", "reduce bucket release")):
+                if hasattr(self.zero, name):
+                    setattr(self.zero, name, self._probed(getattr(self.zero, name), f"before {where}"))
+
+    def _probed(self, fn, where: str):
+        def probed(*args, **kwargs):
+            self.probe(where)
+            return fn(*args, **kwargs)
+
+        return probed
+
+    def probe(self, where: str) -> None:
+        seen: dict[int, tuple[str, int]] = {}  # storage data_ptr -> (kind, nbytes); the first kind claims it
+
+        def add(kind, t):
+            if torch.is_tensor(t) and t.numel():
+                st = (t.to_local() if _is_dtensor(t) else t).untyped_storage()
+                seen.setdefault(st.data_ptr(), (kind, st.nbytes()))
+
+        if self.zero is not None:
+            for kind, t in _zero_grad_buffers(self.zero):
+                add(kind, t)
+        for p in self.params:
+            if not (self.ddp_bucket_bytes and p.grad is not None and p.grad._is_view()):  # a view: in a bucket
+                add("param_grads", p.grad)
+            add("param_grads", getattr(p, "grad_accum", None))
+        if self.ddp_bucket_bytes:
+            seen[-1] = ("ddp_buckets", self.ddp_bucket_bytes)
+        total = sum(n for _, n in seen.values())
+        self.rec["probes"] += 1
+        if total >= self.rec["peak_bytes"]:  # the latest probe at the peak: the steady state
+            by_kind: dict[str, int] = {}
+            for kind, n in seen.values():
+                by_kind[kind] = by_kind.get(kind, 0) + n
+            step, micro = divmod(self.forwards - 1, self.accum)  # the micro step in progress
+            self.rec.update(peak_bytes=total, by_kind=by_kind, at=f"step {step + 1} micro {micro + 1} {where}")
 
 
 def ranks_not_sharing(acc, directory) -> list[int]:

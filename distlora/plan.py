@@ -5,17 +5,26 @@ tensors and the LoRA-adapted linear layers; everything else is arithmetic on the
 DeepSpeed's own estimator assumes every weight is trainable (18 bytes/param), which is far off for
 LoRA, so it is not used.
 
-Model state per rank, by backend (T = trainable adapter elements, N = GPUs, adapters in fp32):
-  ddp    frozen base whole; adapter 4T; grads 4T + 4T DDP buckets; Adam moments 8T
-  zero2  frozen base whole; adapter T x compute bytes (the engine casts the module); fp32 master
-         4T/N; grads 4T/N + one reduce bucket; moments 8T/N
-  zero3  frozen base 1/N (every tensor partitioned, ceil); adapter T x compute bytes / N; fp32
-         master 4T/N; grads 4T/N + one reduce bucket; moments 8T/N
+Model state per rank, by backend (T = trainable adapter elements, N = GPUs, adapters in fp32,
+c = compute bytes, B = DeepSpeed's reduce bucket: reduce_bucket_size "auto", which accelerate sets
+to hidden^2 elements, allocated whole whatever the adapter's size):
+  ddp    frozen base whole; adapter 4T; grads 4T (gradient_as_bucket_view: the gradients are views
+         of the all-reduce buckets, not a second copy); Adam moments 8T
+  zero2  frozen base whole; adapter cT (the engine casts the module); fp32 master 4T/N; grads
+         c(B + T/N) while the backward epilogue reduces the last bucket into this rank's partition,
+         plus another cT/N with accumulation (the window's partition so far and the micro step's);
+         at least the fp32 copy (4T/N) the update steps with; moments 8T/N
+  zero3  frozen base 1/N (every tensor partitioned, ceil); adapter cT/N; fp32 master 4T/N; grads
+         c(B + T/N) (bucket and partition buffer, both allocated once) + the fp32 copy (4T/N) the
+         update steps with; moments 8T/N
   fsdp2  frozen base 1/N; adapter 4T/N (fp32 sharded params, no separate master); grads 4T/N;
          moments 8T/N
-tests/test_backends.py checks parameters, master weights and optimizer state against the bytes
-measured per rank after training for DDP and ZeRO-3 on 2 processes, and the activation count
-against torch.autograd.graph.saved_tensors_hooks on CPU.
+The gradient rows are each backend's peak within a step: what GradientBytes (distributed.py)
+measures at the start of every micro step, around ZeRO's backward epilogue and before the optimizer
+update. tests/test_backends.py checks parameters, master weights, gradients and optimizer state
+against the bytes measured per rank for DDP, ZeRO-2 and ZeRO-3 on 2 processes (fp32 there: the
+bf16 dtypes above are read from deepspeed 0.19.8's runtime/zero/stage_1_and_2.py and stage3.py),
+and the activation count against torch.autograd.graph.saved_tensors_hooks on CPU.
 
 Activations (decoder layers of the Llama family: RMSNorm, rotary attention, gated MLP), per layer
 per token, in the compute dtype: layer input and RMSNorm output (x2 norms), q after RoPE, k and v
@@ -161,16 +170,18 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
         per = per_q if q is not None and is_linear else pbytes
         frozen += (math.ceil(k / n) if sharded else k) * per
     frozen = int(frozen)
-    bucket = s.hidden * s.hidden * 4  # DeepSpeed's reduce_bucket_size "auto" = hidden^2 elements
+    bucket = s.hidden * s.hidden  # DeepSpeed's reduce_bucket_size "auto" (elements), allocated whole
+    part = math.ceil(T / n)  # this rank's partition of the adapter
     if backend == "ddp":
-        adapter, master, grads, opt = 4 * T, 0, 8 * T, 8 * T
+        adapter, master, grads, opt = 4 * T, 0, 4 * T, 8 * T
     elif backend == "zero2":
-        adapter, master, grads, opt = compute * T, 4 * math.ceil(T / n), 4 * math.ceil(T / n) + bucket, 8 * math.ceil(T / n)
+        partitions = 2 if t.gradient_accumulation_steps > 1 else 1  # the window's so far + the micro step's
+        grads = max(compute * (bucket + partitions * part), 4 * part)
+        adapter, master, opt = compute * T, 4 * part, 8 * part
     elif backend == "zero3":
-        adapter = compute * math.ceil(T / n)
-        master, grads, opt = 4 * math.ceil(T / n), 4 * math.ceil(T / n) + bucket, 8 * math.ceil(T / n)
+        adapter, master, grads, opt = compute * part, 4 * part, compute * (bucket + part) + 4 * part, 8 * part
     else:  # fsdp2
-        adapter, master, grads, opt = 4 * math.ceil(T / n), 0, 4 * math.ceil(T / n), 8 * math.ceil(T / n)
+        adapter, master, grads, opt = 4 * part, 0, 4 * part, 8 * part
 
     budget = t.micro_batch_tokens if cfg.data.packing else None
     b, L = (1, budget) if budget else (t.micro_batch_size, cfg.data.max_seq_len)  # a budget: one packed row
@@ -218,7 +229,9 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
         f"{sum(s.frozen_numels):,} parameters"
     )
     if backend in ("zero2", "zero3"):
-        plan.notes.append("ZeRO keeps fp32 master copies of the adapter partition; gradients include one reduce bucket")
+        plan.notes.append(f"ZeRO keeps fp32 master copies of the adapter partition; gradients include one reduce "
+                          f"bucket of {bucket:,} elements (reduce_bucket_size \"auto\" = hidden^2; a number in the "
+                          "DeepSpeed JSON changes it)")
     if budget:
         plan.notes.append(f"token budget: each micro batch is one packed row of up to {budget} tokens "
                           "(train.micro_batch_tokens), the shape used above")

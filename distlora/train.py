@@ -267,10 +267,11 @@ def run(cfg) -> None:
         )
         eval_loader = acc.prepare_data_loader(eval_loader)
     # The scheduler is not prepared: accelerate would step it once per process per step.
-    model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
+    model, optimizer, train_loader = dist.prepare(acc, model, optimizer, train_loader)
     dist.check_wrapped(acc, model)
     memory = {"after_prepare": dist.model_state_bytes(acc, model, optimizer)}  # per rank, into summary.json
     dist.CommCounter.watch_ddp(model)
+    dist.watch_gradient_bytes(acc, model, optimizer, memory)  # test hook: gradient memory per step
     counts = param_counts(model)
     if acc.is_main_process:  # the launcher's preflight again, now that the run is really here (not the port)
         problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every)
@@ -330,12 +331,14 @@ def run(cfg) -> None:
         def save(step: int, ev: dict | None) -> None:
             _save(acc, model, optimizer, scheduler, tokenizer, cfg, step, sampler, best_eval, ev,
                   {"nonfinite_skipped": skipped, "nonfinite_in_a_row": in_a_row})
+            dist.note_gathered_base(acc, model, memory, f"save {step}")  # ZeRO-3: base back in its partitions
 
         def run_eval(step: int) -> dict | None:
             nonlocal best_eval
             if eval_loader is None:
                 return None
             ev = {"step": step, **evaluate(acc, model, eval_loader, t.loss_chunk_size, t.loss_impl)}
+            dist.note_gathered_base(acc, model, memory, f"eval {step}")
             best_eval = ev["eval_loss"] if best_eval is None else min(best_eval, ev["eval_loss"])
             metrics.log(ev)
             say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
@@ -425,11 +428,12 @@ def run(cfg) -> None:
                                     "the update was not applied; lower train.lr, check the data, or resume from the "
                                     "last checkpoint"
                                 )
-                        optimizer.zero_grad(set_to_none=True)
+                        optimizer.zero_grad(set_to_none=dist.grads_set_to_none(acc))
             comm_bytes += dist.CommCounter.take()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()  # also on a skipped step: the lr stays a function of the step index
             done = step + 1
+            dist.note_gathered_base(acc, model, memory, f"step {done}")
             if trace_fh:
                 trace_fh.write(json.dumps({"step": done, "ids": [int(i) for b in window for i in b["ids"]]}) + "\n")
 
@@ -492,6 +496,7 @@ def run(cfg) -> None:
         if t.save_every and total_steps % t.save_every == 0 and start_step < total_steps:
             save(total_steps, final_eval)
         checkpoint.save_adapter(acc, model, tokenizer, out / "adapter")
+        dist.note_gathered_base(acc, model, memory, "save adapter")
         memory["after_save"] = dist.model_state_bytes(acc, model, optimizer)
         memory_per_rank = dist.gather_objects(acc, memory)
         base_sum_end = _checksum(frozen)

@@ -42,7 +42,9 @@ def _cfg(tiny, tmp: Path, small_data, name: str, **train) -> Path:
 
 def _run(tiny, small_data, tmp_path_factory, name, config_file, *overrides, **train) -> Path:
     tmp = tmp_path_factory.mktemp(name)
-    launch(2, _cfg(tiny, tmp, small_data, name, **train), *overrides, config_file=config_file, timeout=600)
+    # the test hook measures each step's gradient memory (summary.json memory_per_rank[r]["gradients"])
+    launch(2, _cfg(tiny, tmp, small_data, name, **train), *overrides, config_file=config_file, timeout=600,
+           env={"DISTLORA_TEST_GRAD_BYTES": "1"})
     return tmp / name / "out"
 
 
@@ -56,9 +58,14 @@ def zero2(tiny, small_data, tmp_path_factory) -> Path:
     return _run(tiny, small_data, tmp_path_factory, "zero2", ZERO2)
 
 
+EVAL_EVERY = 2
+
+
 @pytest.fixture(scope="module")
 def zero3(tiny, small_data, tmp_path_factory) -> Path:
-    return _run(tiny, small_data, tmp_path_factory, "zero3", ZERO3)
+    """With periodic eval (steps 2, 4, then the final one) and saves (step 3, the final checkpoint and
+    the adapter): every place where parameters get gathered is followed by a partition check."""
+    return _run(tiny, small_data, tmp_path_factory, "zero3", ZERO3, eval_every=EVAL_EVERY)
 
 
 def _summary(out: Path) -> dict:
@@ -118,10 +125,47 @@ def test_zero3_frozen_base_is_sharded_after_train_eval_and_save(zero3, zero2):
             assert 0 <= 2 * m["frozen_local"] - m["frozen_total"] <= n_frozen_tensors * 4, (when, m)
             assert m["frozen_materialized"] == 0, (when, m)  # nothing left gathered
             assert 2 * m["trainable_local"] == m["trainable_total"], (when, m)
+        # after every optimizer step, every eval (periodic and final) and every save (periodic
+        # checkpoint, final checkpoint, final adapter), no base weight was left outside its partition
+        g = rank["gathered_base"]
+        assert g["max_bytes"] == 0 and g["at"] is None, g
+        assert g["checks"] == {"step": STEPS, "eval": STEPS // EVAL_EVERY, "save": STEPS // SAVE + 1}, g
     # the contrast: ZeRO-2 keeps the whole base on every rank
     for rank in _summary(zero2)["memory_per_rank"]:
         m = rank["after_save"]
         assert m["frozen_local"] == m["frozen_materialized"] == m["frozen_total"] == mem3[0]["after_save"]["frozen_total"]
+
+
+def test_gathered_base_bytes_counts_what_is_not_partitioned():
+    """The partition check on parameters in each of DeepSpeed's states (its own ZeroParamStatus): a frozen
+    parameter counts, at its full size, when it is AVAILABLE or INFLIGHT or still holds full data;
+    trainable ones and those DeepSpeed keeps whole on purpose (ds_persist) never do; other backends: 0."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus as S
+
+    from distlora.distributed import gathered_base_bytes
+
+    def param(numel, status, trainable=False, persist=False):
+        p = torch.nn.Parameter(torch.zeros(0 if status is S.NOT_AVAILABLE else numel), requires_grad=trainable)
+        p.ds_status, p.ds_persist, p.ds_numel = status, persist, numel
+        return p
+
+    m = torch.nn.Module()
+    m.a, m.b, m.c = param(10, S.NOT_AVAILABLE), param(100, S.AVAILABLE), param(1000, S.INFLIGHT)
+    m.d, m.e = param(10_000, S.AVAILABLE, trainable=True), param(100_000, S.AVAILABLE, persist=True)
+    zero3 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    assert gathered_base_bytes(zero3, m) == (100 + 1000) * 4
+    m.b.ds_status = S.NOT_AVAILABLE  # marked partitioned but its full data still attached: still counted
+    assert gathered_base_bytes(zero3, m) == (100 + 1000) * 4
+    for q in (m.b, m.c):  # back in their partitions
+        q.data, q.ds_status = torch.zeros(0), S.NOT_AVAILABLE
+    assert gathered_base_bytes(zero3, m) == 0
+    m.b.ds_status = S.AVAILABLE
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
+    assert gathered_base_bytes(zero3, m) == 400 and gathered_base_bytes(ddp, m) == 0
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +256,7 @@ def test_zero3_resume_equals_uninterrupted(tiny, small_data, tmp_path_factory, z
     out = tmp / "resumed" / "out"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
-    res = launch(2, _cfg(tiny, tmp, small_data, "resumed"), config_file=ZERO3, timeout=600)
+    res = launch(2, _cfg(tiny, tmp, small_data, "resumed", eval_every=EVAL_EVERY), config_file=ZERO3, timeout=600)
     assert f"resumed from {out / 'checkpoints' / ckpt.name} at step {SAVE}" in res.stdout + res.stderr
     a, b = load_adapter(zero3 / "adapter"), load_adapter(out / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a), f"not bitwise equal: {max_abs_diff(a, b)}"
@@ -272,27 +316,43 @@ def test_shipped_deepspeed_configs_leave_owned_values_auto(yaml_path):
 # ------------------------------------------------------------------------------ distlora plan
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
 def test_plan_model_state_matches_measured_bytes_per_rank(backend, request):
-    """`distlora plan` (model config only) vs the bytes each of the 2 ranks held after training,
-    measured from the live parameters, ZeRO partitions and optimizer state (summary.json).
-    Measured here: DDP 348,928 base + 32,768 adapter + 65,648 Adam (the 112 extra bytes are the
-    per-tensor step counters); ZeRO-3 174,464 + 16,384 + 16,384 fp32 master + 32,772."""
+    """`distlora plan` (model config only) vs the bytes each of the 2 ranks held, measured from the live
+    parameters, ZeRO partitions and optimizer state after training, and the gradient peak of every
+    step (distributed.GradientBytes) (summary.json). Measured here (A = 32,768 adapter bytes, hidden 64,
+    fp32, accumulation 2): DDP 348,928 base + 32,768 adapter + 32,768 gradients (bucket views) + 65,648
+    Adam (the 112 extra bytes are the per-tensor step counters); ZeRO-2 348,928 + 32,768 + 16,384 fp32
+    master + 49,152 gradients (a 16,384-byte reduce bucket and two 16,384-byte partitions) + 32,772;
+    ZeRO-3 174,464 + 16,384 + 16,384 + 49,152 (bucket, partition buffer, fp32 copy) + 32,772."""
     from distlora import config as C
     from distlora.plan import estimate
 
     out = request.getfixturevalue(backend)
     plan = estimate(C.load(out.parent / "c.yaml"), gpus=2, backend=backend)
     pairs = {"frozen_base": "frozen_local", "adapter_params": "trainable_local",
-             "master_weights": "master_weights", "optimizer_state": "optimizer_state"}
+             "master_weights": "master_weights", "gradients": "gradients", "optimizer_state": "optimizer_state"}
     for rank in _summary(out)["memory_per_rank"]:
-        m = rank["after_train"]
+        m = {**rank["after_train"], "gradients": rank["gradients"]["peak_bytes"]}
         for mine, measured in pairs.items():
             assert plan.rows[mine] == pytest.approx(m[measured], rel=0.05), (mine, plan.rows[mine], m[measured])
         total = sum(m[k] for k in pairs.values())
-        assert sum(plan.rows[k] for k in pairs) == pytest.approx(total, rel=0.05)
+        assert plan.model_state == pytest.approx(total, rel=0.05)
     if backend == "zero3":
         assert plan.rows["frozen_base"] * 2 == pytest.approx(estimate(C.load(out.parent / "c.yaml"), 2, "ddp").rows["frozen_base"], rel=1e-3)
+
+
+def test_ddp_gradients_are_bucket_views(ddp):
+    """gradient_as_bucket_view with gradients zeroed in place (distributed.grads_set_to_none) and created
+    before DDP is built (distributed.prepare): from the first micro step on, every adapter gradient is a
+    view of the reducer's all-reduce buckets, so a step holds the adapter's gradients once. Without
+    these the same probes measure 65,536 bytes (32,768 of p.grad next to 32,768 of buckets), and the
+    adapter trained is bitwise equal to this run's (both measured once on this config)."""
+    adapter_bytes = sum(v.numel() * 4 for v in load_adapter(ddp / "adapter").values())
+    for rank in _summary(ddp)["memory_per_rank"]:
+        g = rank["gradients"]
+        assert g["by_kind"] == {"ddp_buckets": adapter_bytes}, g  # no gradient outside the buckets
+        assert g["peak_bytes"] == adapter_bytes and g["probes"] == STEPS * (2 + 1), g  # 2 forwards + 1 update
 
 
 UNWRAPPED = """
