@@ -389,3 +389,19 @@ def test_two_processes_with_an_unwrapped_model_are_refused(tmp_path):
     lines = [ln for ln in res.stdout.splitlines() if "REFUSED" in ln]
     assert len(lines) == 2 and all(ln.startswith("REFUSED 2 ") for ln in lines), res.stdout + res.stderr[-2000:]
     assert "not wrapped for distributed training" in lines[0]
+
+
+def test_zero3_checkpoint_on_another_world_size_is_refused_by_name(tiny, small_data, tmp_path_factory, zero3):
+    """The 2-rank ZeRO-3 checkpoint on 1 process with the same global batch (accumulation doubled): its
+    optimizer state is partitioned per rank and is not resharded, so the exact resume is refused by
+    name; train.resume_weights_only continues from its adapter with a fresh optimizer."""
+    ckpt = zero3 / "checkpoints" / f"step-{SAVE:08d}"
+    tmp = tmp_path_factory.mktemp("ws1")
+    cfg = _cfg(tiny, tmp, small_data, "ws1", gradient_accumulation_steps=4)
+    res = launch(1, cfg, f"train.resume={ckpt}", config_file=ZERO3, check=False, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "optimizer state partitioned over 2 ranks (ZeRO)" in out, out[-3000:]
+    assert "which cannot be resharded to 1" in out and "train.resume_weights_only=true" in out
+    res = launch(1, cfg, f"train.resume={ckpt}", "train.resume_weights_only=true", config_file=ZERO3, timeout=600)
+    assert "loaded the adapter of" in res.stdout + res.stderr
+    assert (tmp / "ws1" / "out" / "adapter" / "adapter_model.safetensors").is_file()
