@@ -9,6 +9,7 @@ Variants (each run in its own process, runs alternated round-robin, threads pinn
   a'   Trainer + PEFT with train_sampling_strategy=group_by_length
   a''  Trainer + PEFT with DataCollatorWithFlattening (padding-free, position ids)
   b    distlora, unpacked
+  b'   distlora, data.group_by_length
   c    distlora, data.packing
 The model (LlamaConfig built here, random weights, a byte-level BPE tokenizer trained here on GSM8K's
 text: nothing downloads), the GSM8K rows, the tokenization (distlora.data for every variant), LoRA init
@@ -42,12 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 _CANDIDATES = [Path(os.environ["DISTLORA_GSM8K"])] if os.environ.get("DISTLORA_GSM8K") else []
 _CANDIDATES += [ROOT.parent / "shared" / "data" / "gsm8k", ROOT.parent.parent / "shared" / "data" / "gsm8k"]
 GSM8K = next((c for c in _CANDIDATES if (c / "train.jsonl").is_file()), _CANDIDATES[0])
-VARIANTS = ["a", "a'", "a''", "b", "c"]
+VARIANTS = ["a", "a'", "a''", "b", "b'", "c"]
 NAMES = {
     "a": "Trainer+PEFT",
     "a'": "Trainer+PEFT group_by_length",
     "a''": "Trainer+PEFT DataCollatorWithFlattening",
     "b": "distlora unpacked",
+    "b'": "distlora group_by_length",
     "c": "distlora packed",
 }
 
@@ -113,7 +115,7 @@ def run_config(work: Path, spec: dict, variant: str, out: Path, procs: int, seed
         "data": {
             "train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl"), "max_seq_len": spec["max_seq_len"],
             "format": "completion", "prompt_field": "question", "completion_field": "answer",
-            "packing": variant == "c",
+            "packing": variant == "c", "group_by_length": variant == "b'",
         },
         "train": {
             "output_dir": str(out), "micro_batch_size": spec["micro"], "gradient_accumulation_steps": 1,
@@ -339,11 +341,11 @@ def table(results: dict, spec: dict) -> str:
     ]
     for procs in spec["procs"]:
         base = [r["tokens"] / r["time_s"] for r in results[("a", procs)]]
-        for v in VARIANTS:
+        for v in (v for v in VARIANTS if (v, procs) in results):
             rs = results[(v, procs)]
             tps = [r["tokens"] / r["time_s"] for r in rs]
             eps = [r["examples"] / r["time_s"] for r in rs]
-            pad = statistics.fmean(1 - r["tokens"] / r["padded"] for r in rs) if v in ("a", "a'", "b") else None
+            pad = statistics.fmean(1 - r["tokens"] / r["padded"] for r in rs) if v in ("a", "a'", "b", "b'") else None
             ratio = statistics.fmean(tps) / statistics.fmean(base)
             lo, hi = bootstrap_ratio(tps, base) if len(rs) > 1 else (float("nan"), float("nan"))
             sd = statistics.stdev(tps) if len(tps) > 1 else 0.0
@@ -361,7 +363,8 @@ def table(results: dict, spec: dict) -> str:
         lines.append("")
         lines.append(f"{procs} process(es): per-step training loss, a vs b (same seed, batches and init per round): "
                      f"max |diff| {max(diffs) if diffs else float('nan'):.2e} over {len(diffs)} steps")
-        lines += [f"  {t}" for t in targets(results, procs, max(diffs) if diffs else float("nan"))]
+        if all((v, procs) in results for v in ("a", "a''", "b", "c")):
+            lines += [f"  {t}" for t in targets(results, procs, max(diffs) if diffs else float("nan"))]
     return "\n".join(lines)
 
 
@@ -396,6 +399,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
                    help="override sizes, e.g. --set layers=4 hidden=256 steps=12 (keys: " + ", ".join(QUICK) + ")")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the table")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS,
+                   help="a subset to run (a and b always run: the baseline and the loss check)")
     p.add_argument("--profile", action="store_true",
                    help="one 1-process run of a, b, c under torch.profiler: where the time goes, op by op")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -439,7 +444,7 @@ def main(argv=None) -> int:
         prepare(work, spec)
         for rep in range(spec["repeats"]):  # alternate: one run of every variant per round
             for procs in spec["procs"]:
-                for v in VARIANTS:
+                for v in (v for v in VARIANTS if v in {"a", "b", *a.variants}):
                     r = launch_run(work, spec, v, procs, rep)
                     results.setdefault((v, procs), []).append(r)
                     print(f"round {rep + 1}/{spec['repeats']} {v:4} x{procs}: {r['tokens'] / r['time_s']:.0f} tok/s, "
