@@ -33,6 +33,13 @@ class ConfigError(Exception):
         return "\n".join([head] + [f"  - {p}" for p in self.problems])
 
 
+# The one list of backends (launch, plan, cli and the trainer): what a run's gradients and base are
+# sharded by. "auto" in the run config means: what the accelerate config says (DeepSpeed JSON stage,
+# else DDP over several processes, else a single process).
+BACKENDS = ("single", "ddp", "zero2", "zero3", "fsdp2")
+Backend = Literal["single", "ddp", "zero2", "zero3", "fsdp2"]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -168,6 +175,10 @@ class TrainConfig(_Section):
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global grad norm to this; None = no clipping.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="Autocast precision; auto = bf16 on GPUs that support it, else no."
+    )
+    backend: Literal["auto", "single", "ddp", "zero2", "zero3", "fsdp2"] = Field(
+        "auto", description="auto = what the accelerate config launches (DeepSpeed stage, DDP, one process); "
+        "fsdp2 = our fully_shard per decoder layer over a plain multi-process accelerate config (CPU and GPU)."
     )
     seed: int = Field(42, description="Seeds LoRA init, data order and dropout.")
     nonfinite: Literal["skip", "abort"] = Field(
