@@ -151,7 +151,7 @@ def _profiled(fn, result: Path):
 
 def worker_distlora(cfg_dict: dict, result: Path, warmup: int) -> None:
     from distlora import config as config_mod
-    from distlora.train import run
+    from distlora.loop import run
 
     if os.environ.get("DISTLORA_BENCH_PROFILE"):
         cfg_dict["data"]["eval"] = None  # profile the training steps only, as for Trainer below
@@ -182,7 +182,7 @@ def worker_trainer(cfg_dict: dict, variant: str, result: Path, warmup: int) -> N
     from distlora import config as config_mod
     from distlora import data
     from distlora.model import load_model, load_tokenizer
-    from distlora.train import evaluate
+    from distlora.loop import evaluate
 
     cfg = config_mod.validate(cfg_dict)
     t = cfg.train

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from distlora import distributed as dist
-from distlora import faults
+from distlora import hooks
 
 MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
@@ -61,13 +60,13 @@ def _fsync_dir(path: Path) -> None:
 def _publish(tmp: Path, final: Path, meta: dict) -> None:
     """fsync, write the marker last, rename into place (main process only)."""
     meta = {**meta, "files": _fsync_tree(tmp)}
-    faults.hit("save.before_marker")
+    hooks.point("save.before_marker")
     with open(tmp / MARKER, "w") as fh:
         json.dump(meta, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    faults.hit("save.before_rename")
+    hooks.point("save.before_rename")
     if final.exists():  # same step written again (e.g. a rerun): replace only once the new copy is complete
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -130,15 +129,15 @@ def verify_adapter(adapter_dir: Path, model) -> None:
         )
 
 
-def save_adapter(acc, model, tokenizer, final: Path) -> None:
+def save_adapter(backend, tokenizer, final: Path) -> None:
     """Write the adapter (gathered full-shape on every backend) atomically to `final`. All ranks call."""
     tmp = final.with_name(f".tmp-{final.name}")
-    sd = dist.adapter_state_dict(acc, model)  # collective under sharded backends: every rank calls
-    if acc.is_main_process:
+    sd = backend.adapter_state_dict()  # collective under sharded backends: every rank calls
+    if backend.acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
-            m = dist.unwrap(acc, model)
+            m = backend.unwrap()
             m.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             verify_adapter(tmp, m)
@@ -149,38 +148,39 @@ def save_adapter(acc, model, tokenizer, final: Path) -> None:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    dist.barrier(acc)
+    backend.barrier()
 
 
-def save(acc, model, optimizer, scheduler, tokenizer, output_dir, state: dict, keep_last: int | None) -> Path:
+def save(backend, scheduler, tokenizer, output_dir, state: dict, keep_last: int | None) -> Path:
     """Write a full training checkpoint for `state['step']`. All ranks call."""
+    acc = backend.acc
     final = step_dir(output_dir, state["step"])
     tmp = final.with_name(f".tmp-{final.name}")
-    sd = dist.adapter_state_dict(acc, model)
+    sd = backend.adapter_state_dict()
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier(acc)
+    backend.barrier()
     try:
         # every rank: sharded backends write their own optimizer partition into tmp
-        dist.save_optimizer_state(acc, model, optimizer, tmp)
+        backend.save_optimizer_state(tmp)
         failed = None
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
         failed = exc
-    faults.hit("save.after_optimizer")
-    dist.barrier(acc)
+    hooks.point("save.after_optimizer")
+    backend.barrier()
     if acc.is_main_process:
         try:
             if failed is not None:
                 raise failed
             (tmp / "adapter").mkdir(parents=True)
-            m = dist.unwrap(acc, model)
+            m = backend.unwrap()
             m.save_pretrained(tmp / "adapter", state_dict=sd, safe_serialization=True)
             tokenizer.save_pretrained(tmp / "adapter")
             verify_adapter(tmp / "adapter", m)
-            faults.hit("save.after_adapter")
+            hooks.point("save.after_adapter")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            faults.hit("save.after_scheduler")
+            hooks.point("save.after_scheduler")
             (tmp / STATE).write_text(json.dumps(state, indent=1))
             _publish(tmp, final, {k: state[k] for k in ("step", "examples_seen", "dp_size", "config_hash")})
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
@@ -199,7 +199,7 @@ def save(acc, model, optimizer, scheduler, tokenizer, output_dir, state: dict, k
         rotate(output_dir, keep_last)
     elif failed is not None:
         raise CheckpointError(f"could not write this rank's part of checkpoint {final.name}: {failed}") from failed
-    dist.barrier(acc)
+    backend.barrier()
     return final
 
 
@@ -265,7 +265,7 @@ def rotate(output_dir, keep_last: int | None) -> None:
         best = min(scored, key=lambda t: t[0])[1]
     for d in done[: max(0, len(done) - keep_last)]:
         if d != best:
-            faults.hit("rotate.before_delete")
+            hooks.point("rotate.before_delete")
             _remove(d)
 
 
@@ -324,15 +324,15 @@ def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, re
     return problems
 
 
-def load_weights_only(acc, model, ckpt: Path) -> None:
+def load_weights_only(backend, ckpt: Path) -> None:
     from safetensors.torch import load_file
 
-    dist.load_adapter_state(acc, model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+    backend.load_adapter_state(load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
 
 
-def load(acc, model, optimizer, scheduler, ckpt: Path) -> dict:
+def load(backend, scheduler, ckpt: Path) -> dict:
     """Restore adapter, optimizer and scheduler from `ckpt`; returns the trainer state. All ranks call."""
-    load_weights_only(acc, model, ckpt)
-    dist.load_optimizer_state(acc, model, optimizer, ckpt)
+    load_weights_only(backend, ckpt)
+    backend.load_optimizer_state(ckpt)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     return read_state(ckpt)

@@ -12,6 +12,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# Test instrumentation (tests/hooks/distlora_test_hooks.py) reaches every process the tests start
+# through tests/hooks/sitecustomize.py: the DISTLORA_* test variables of a launch switch it on.
+HOOKS = ROOT / "tests" / "hooks"
+os.environ["PYTHONPATH"] = os.pathsep.join([str(HOOKS), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+sys.path.insert(0, str(HOOKS))
 CPU_DDP = ROOT / "configs" / "accelerate" / "cpu_ddp.yaml"
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 

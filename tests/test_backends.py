@@ -42,9 +42,10 @@ def _cfg(tiny, tmp: Path, small_data, name: str, **train) -> Path:
 
 def _run(tiny, small_data, tmp_path_factory, name, config_file, *overrides, **train) -> Path:
     tmp = tmp_path_factory.mktemp(name)
-    # the test hook measures each step's gradient memory (summary.json memory_per_rank[r]["gradients"])
+    # test hooks (tests/hooks): each step's gradient memory (summary.json memory_per_rank[r]["gradients"])
+    # and the bytes the collectives move per step (comm-rank<R>.jsonl)
     launch(2, _cfg(tiny, tmp, small_data, name, **train), *overrides, config_file=config_file, timeout=600,
-           env={"DISTLORA_TEST_GRAD_BYTES": "1"})
+           env={"DISTLORA_TEST_GRAD_BYTES": "1", "DISTLORA_TEST_COMM": "1"})
     return tmp / name / "out"
 
 
@@ -99,15 +100,19 @@ def test_zero_matches_ddp(backend, ddp, request):
 @pytest.mark.parametrize("backend", ["ddp", "zero2"])
 def test_comm_bytes_per_step_match_the_backend(backend, request):
     """Bytes the collectives moved per optimizer step (accumulation 2, 2 processes), counted at the
-    collectives (distributed.CommCounter), against what each backend must move for an adapter of
-    A fp32 gradient bytes: DDP all-reduces the gradients once per step (no sync on the accumulation
-    micro step); ZeRO-2 reduces them on every micro step (DeepSpeed has no no_sync), all-gathers the
-    updated adapter partitions after the step, and all-reduces one fp32 grad norm (4 bytes).
-    Measured on this machine: DDP 32,768, ZeRO-2 98,308 for A = 32,768."""
+    collectives by the test hook (CommCounter), against what each backend must move for an adapter of
+    A fp32 gradient bytes, and against the formula the backend logs as comm_bytes: DDP all-reduces
+    the gradients once per step (no sync on the accumulation micro step); ZeRO-2 reduces them on
+    every micro step (DeepSpeed has no no_sync), all-gathers the updated adapter partitions after
+    the step, and all-reduces one fp32 grad norm (4 bytes). Measured on this machine: DDP 32,768,
+    ZeRO-2 98,308 for A = 32,768."""
     out = request.getfixturevalue(backend)
     adapter_bytes = sum(v.numel() * 4 for v in load_adapter(out / "adapter").values())
     accum = 2
     expected = {"ddp": adapter_bytes, "zero2": accum * adapter_bytes + adapter_bytes + 4}[backend]
+    for rank in (0, 1):
+        measured = [json.loads(x)["bytes"] for x in (out / f"comm-rank{rank}.jsonl").read_text().splitlines()]
+        assert measured == [expected] * STEPS, measured
     assert {r["comm_bytes"] for r in read_metrics(out) if "loss" in r} == {expected}
 
 
@@ -142,10 +147,9 @@ def test_gathered_base_bytes_counts_what_is_not_partitioned():
     trainable ones and those DeepSpeed keeps whole on purpose (ds_persist) never do; other backends: 0."""
     from types import SimpleNamespace
 
-    from accelerate.utils import DistributedType
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus as S
 
-    from distlora.distributed import gathered_base_bytes
+    from distlora.backends.deepspeed import partition_leaks
 
     def param(numel, status, trainable=False, persist=False):
         p = torch.nn.Parameter(torch.zeros(0 if status is S.NOT_AVAILABLE else numel), requires_grad=trainable)
@@ -155,17 +159,21 @@ def test_gathered_base_bytes_counts_what_is_not_partitioned():
     m = torch.nn.Module()
     m.a, m.b, m.c = param(10, S.NOT_AVAILABLE), param(100, S.AVAILABLE), param(1000, S.INFLIGHT)
     m.d, m.e = param(10_000, S.AVAILABLE, trainable=True), param(100_000, S.AVAILABLE, persist=True)
-    zero3 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
-                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
-    assert gathered_base_bytes(zero3, m) == (100 + 1000) * 4
+    from distlora.backends.deepspeed import DeepSpeed
+
+    zero3 = DeepSpeed.__new__(DeepSpeed)
+    zero3.stage, zero3._frozen_sharded = 3, None
+    zero3.unwrap = lambda: m
+    assert zero3.gathered_base_bytes() == (100 + 1000) * 4
     m.b.ds_status = S.NOT_AVAILABLE  # marked partitioned but its full data still attached: still counted
-    assert gathered_base_bytes(zero3, m) == (100 + 1000) * 4
+    assert zero3.gathered_base_bytes() == (100 + 1000) * 4
     for q in (m.b, m.c):  # back in their partitions
         q.data, q.ds_status = torch.zeros(0), S.NOT_AVAILABLE
-    assert gathered_base_bytes(zero3, m) == 0
+    assert zero3.gathered_base_bytes() == partition_leaks([m.a, m.b, m.c]) == 0
     m.b.ds_status = S.AVAILABLE
-    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
-    assert gathered_base_bytes(zero3, m) == 400 and gathered_base_bytes(ddp, m) == 0
+    zero2 = DeepSpeed.__new__(DeepSpeed)
+    zero2.stage = 2
+    assert zero3.gathered_base_bytes() == 400 and zero2.gathered_base_bytes() == 0
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +328,7 @@ def test_shipped_deepspeed_configs_leave_owned_values_auto(yaml_path):
 def test_plan_model_state_matches_measured_bytes_per_rank(backend, request):
     """`distlora plan` (model config only) vs the bytes each of the 2 ranks held, measured from the live
     parameters, ZeRO partitions and optimizer state after training, and the gradient peak of every
-    step (distributed.GradientBytes) (summary.json). Measured here (A = 32,768 adapter bytes, hidden 64,
+    step (the GradientBytes test hook) (summary.json). Measured here (A = 32,768 adapter bytes, hidden 64,
     fp32, accumulation 2): DDP 348,928 base + 32,768 adapter + 32,768 gradients (bucket views) + 65,648
     Adam (the 112 extra bytes are the per-tensor step counters); ZeRO-2 348,928 + 32,768 + 16,384 fp32
     master + 49,152 gradients (a 16,384-byte reduce bucket and two 16,384-byte partitions) + 32,772;
@@ -343,8 +351,8 @@ def test_plan_model_state_matches_measured_bytes_per_rank(backend, request):
 
 
 def test_ddp_gradients_are_bucket_views(ddp):
-    """gradient_as_bucket_view with gradients zeroed in place (distributed.grads_set_to_none) and created
-    before DDP is built (distributed.prepare): from the first micro step on, every adapter gradient is a
+    """gradient_as_bucket_view with gradients zeroed in place (backends.ddp.DDP.zero_grad) and created
+    before DDP is built (DDP.prepare): from the first micro step on, every adapter gradient is a
     view of the reducer's all-reduce buckets, so a step holds the adapter's gradients once. Without
     these the same probes measure 65,536 bytes (32,768 of p.grad next to 32,768 of buckets), and the
     adapter trained is bitwise equal to this run's (both measured once on this config)."""
@@ -359,14 +367,16 @@ UNWRAPPED = """
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from distlora import distributed as dist
+from distlora.backends import DistributedSetupError
+from distlora.backends.ddp import DDP
 # the trap from shared/reference/cpu-distributed-facts.md: gloo without cpu=True on a CPU machine
 acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-model = acc.prepare(torch.nn.Linear(2, 2))
+backend = DDP(None)
+backend.acc, backend.model = acc, acc.prepare(torch.nn.Linear(2, 2))
 try:
-    dist.check_wrapped(acc, model)
+    backend.check_wrapped()
     print("NOT REFUSED", acc.num_processes, flush=True)
-except dist.DistributedSetupError as e:
+except DistributedSetupError as e:
     print("REFUSED", acc.num_processes, e, flush=True)
 """
 

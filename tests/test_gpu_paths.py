@@ -169,7 +169,7 @@ def _liger_model(tiny, tmp_path, bf16: bool, lm_head: str):
 
 def _nll_and_grads(model, batch, impl, chunk, bf16):
     """[batch NLL sum, per-example NLL sums (no grad)] and the trainable parameters' gradients."""
-    from distlora.train import forward_nll
+    from distlora.loop import forward_nll
 
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):

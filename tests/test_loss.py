@@ -36,7 +36,7 @@ def _setup(tiny, tmp_path, **lora):
 
 
 def _nll_and_grad(model, batch, chunk):
-    from distlora.train import forward_nll
+    from distlora.loop import forward_nll
 
     model.zero_grad(set_to_none=True)
     nll, n = forward_nll(model, batch, chunk)
@@ -97,7 +97,7 @@ def test_lm_head_sees_one_chunk_at_a_time(tiny, tmp_path):
 def test_chunked_refuses_transformed_logits(tiny, tmp_path):
     model, batch = _setup(tiny, tmp_path)
     model.get_base_model().config.final_logit_softcapping = 30.0
-    from distlora.train import forward_nll
+    from distlora.loop import forward_nll
 
     with pytest.raises(ValueError, match="loss_chunk_size"):
         forward_nll(model, batch, 8)
@@ -107,7 +107,7 @@ def test_chunked_batch_without_targets_still_reaches_every_parameter(tiny, tmp_p
     """A micro batch of padding examples (the end of an epoch) has no target token; under DDP every
     trainable parameter must still get a (zero) gradient, as with the plain loss."""
     from distlora import data as D
-    from distlora.train import forward_nll
+    from distlora.loop import forward_nll
 
     model, _ = _setup(tiny, tmp_path, target_modules=["q_proj", "lm_head"])
     batch = D.Collator(2)([D.Records([], 2)[-1]] * 2)
@@ -219,7 +219,7 @@ def test_fused_path_refuses_what_it_cannot_compute(tiny, tmp_path):
     """The real entry point, no stand-in: on CPU tensors, with a LoRA-adapted lm_head, or with a weight
     that is not whole here (what ZeRO-3 leaves outside its forward), each refused naming the field."""
     from distlora import loss as L
-    from distlora.train import forward_nll
+    from distlora.loop import forward_nll
 
     model, batch = _setup(tiny, tmp_path)
     with pytest.raises(ValueError, match=r"train\.loss_impl: liger runs on CUDA GPUs only.*cpu"):

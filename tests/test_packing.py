@@ -39,7 +39,7 @@ def _setup(tiny, tmp_path, attn=None, n=12, **cfg_data):
 
 
 def _grads(model, batch, chunk=0):
-    from distlora.train import forward_nll
+    from distlora.loop import forward_nll
 
     model.zero_grad(set_to_none=True)
     nll, n = forward_nll(model, batch, chunk)
@@ -141,7 +141,7 @@ def test_packed_order_exactly_once_global_batch_only_and_resumable():
 def test_eval_loss_packed_equals_unpacked(tiny, tmp_path):
     from accelerate import Accelerator
 
-    from distlora.train import evaluate
+    from distlora.loop import evaluate
 
     model, tok, _, evals, _ = _setup(tiny, tmp_path, "sdpa")
     loader_u, _ = D.make_loader(evals, tok.pad_token_id, 4, 1, 1, 0, False)
@@ -312,7 +312,7 @@ def test_token_budget_equals_unpacked_per_example_and_gradient(tiny, tmp_path, a
     gradients accumulated with the token-weighted loss, against all 12 examples unpacked. Measured:
     per-example NLL within 1.8e-7 (sdpa) / 9e-8 (eager) relative, adapter gradients within 7.8e-7 /
     6.1e-7 of each tensor's largest entry; the bound is 1e-5, as for packing."""
-    from distlora.train import forward_nll
+    from distlora.loop import forward_nll
 
     model, tok, recs, _, _ = _setup(tiny, tmp_path, attn)
     loader, sampler = D.make_loader(recs, tok.pad_token_id, 1, 1, 1, 0, True, pack=160)

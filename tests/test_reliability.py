@@ -1,7 +1,7 @@
 """Reliability: stop on request, non-finite steps, failing ranks, full disk, bad data, kill -9 anywhere.
 
 Every test runs the real trainer (in-process or under a real `accelerate launch` over gloo) and
-compares against an uninterrupted run; faults are injected with DISTLORA_FAULT (distlora/faults.py).
+compares against an uninterrupted run; faults are injected with DISTLORA_FAULT (tests/hooks/distlora_test_hooks.py).
 """
 
 from __future__ import annotations
@@ -74,15 +74,13 @@ def test_nonfinite_step_is_skipped_counted_and_agreed_across_ranks(tiny, tmp_pat
 def test_nonfinite_skipped_step_leaves_adapter_unchanged(tiny, tmp_path):
     """Skipping really skips: the adapter after a skipped step 2 equals the checkpoint after step 1."""
     cfg = _cfg(tiny, tmp_path, "skip", max_steps=2, save_every=1, lr_scheduler="constant", warmup_steps=0)
-    from distlora import faults
+    from distlora_test_hooks import Faults
 
-    os.environ["DISTLORA_FAULT"] = "rank0:step1:nan"
-    faults.reset()
+    fault = Faults("rank0:step1:nan").install()
     try:
         assert run_inprocess(cfg) == 0
     finally:
-        del os.environ["DISTLORA_FAULT"]
-        faults.reset()
+        fault.uninstall()
     out = tmp_path / "skip" / "out"
     after_1 = load_adapter(out / "checkpoints" / "step-00000001" / "adapter")
     assert _equal(load_adapter(out / "adapter"), after_1)
@@ -162,7 +160,7 @@ def test_nonfinite_abort_under_deepspeed_applies_nothing(tiny, tmp_path):
 def test_deepspeed_json_that_would_apply_a_nan_step_is_refused(tiny, tmp_path, monkeypatch):
     """nonfinite=skip relies on ZeRO's inf/NaN check at the step; a JSON that turns it off is refused."""
     from distlora import config as C
-    from distlora import distributed as dist
+    from distlora.backends.deepspeed import DeepSpeed
 
     conf = json.loads((ROOT / "configs" / "deepspeed" / "cpu_zero2.json").read_text())
     conf["bf16"]["check_grad_overflow"] = False
@@ -171,10 +169,10 @@ def test_deepspeed_json_that_would_apply_a_nan_step_is_refused(tiny, tmp_path, m
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
     cfg = C.load(_cfg(tiny, tmp_path, "dsjson"))
-    problems = dist.deepspeed_conflicts(cfg, "bf16")
+    problems = DeepSpeed.conflicts(cfg)
     assert sum("train.nonfinite: skip needs DeepSpeed to check gradients" in p for p in problems) == 2, problems
     cfg.train.nonfinite = "abort"
-    assert not any("train.nonfinite" in p for p in dist.deepspeed_conflicts(cfg, "bf16"))
+    assert not any("train.nonfinite" in p for p in DeepSpeed.conflicts(cfg))
 
 
 # ------------------------------------------------------------------------------------ failing ranks

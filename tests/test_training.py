@@ -65,7 +65,7 @@ def test_per_micro_batch_mean_would_not_pass(tiny, small_data, tmp_path):
     from distlora import config as C
     from distlora import data as D
     from distlora.model import load_model, load_tokenizer
-    from distlora.train import forward_nll
+    from distlora.loop import forward_nll
 
     cfg = C.load(_cfg(tiny, tmp_path, small_data, "m", micro_batch_size=4))
     tok = load_tokenizer(cfg)
@@ -178,7 +178,7 @@ def test_learns_and_saved_adapter_reproduces_eval_loss(tiny, tmp_path):
     from distlora import config as C
     from distlora import data as D
     from distlora.model import load_tokenizer
-    from distlora.train import evaluate
+    from distlora.loop import evaluate
 
     raw = base_config(tiny, tmp_path / "out", lora={"r": 8, "alpha": 16, "dropout": 0.0},
                       train={"max_steps": 60, "micro_batch_size": 8, "eval_at_start": True, "lr": 1e-2})

@@ -1,0 +1,288 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3, picked by the accelerate config (distributed_type: DEEPSPEED and its JSON).
+
+- The engine steps inside `accelerator.backward` at the accumulation boundary (optimizer.step and
+  zero_grad are no-ops there) and clips with the JSON's `gradient_clipping`, filled from
+  train.max_grad_norm, so a window is judged before that backward and `finish_window` only reads
+  what the engine did.
+- Loss scaling: the engine divides the loss by its gradient_accumulation_steps (set to the run
+  config's) and ZeRO averages gradients over the ranks, like DDP: the base class's loss_scale
+  undoes both (tests/test_backends.py proves it against DDP).
+- ZeRO-3 partitions every parameter: adapter tensors are gathered for saving, written back gathered
+  for loading, and the optimizer state is a per-rank partition saved through the engine (not
+  reshardable to another number of ranks).
+- On CPU the process group must be gloo, and `cpu=True` must not be passed (it silently turns a
+  DeepSpeed launch into plain DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from distlora.backends.base import Backend, DistributedSetupError, env_true, env_world_size, resolve_mixed_precision
+
+DS_DIR = "deepspeed"  # inside a checkpoint: the engine's per-rank optimizer partitions and its `latest`
+DS_TAG = "state"
+
+
+def launched() -> bool:
+    """`accelerate launch` with a DeepSpeed config (distributed_type: DEEPSPEED)."""
+    return env_true("ACCELERATE_USE_DEEPSPEED")
+
+
+def zero_stage_from_env() -> int | None:
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if launched() and path:
+        try:
+            with open(path) as fh:
+                return int(_get(json.load(fh), "zero_optimization.stage") or 0)
+        except (OSError, ValueError, TypeError):
+            return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if launched() and stage else None
+
+
+def _get(conf: dict, dotted: str):
+    cur = conf
+    for k in dotted.split("."):
+        if not isinstance(cur, dict) or k not in cur:
+            return None
+        cur = cur[k]
+    return cur
+
+
+def _num_eq(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def owned_values(cfg, mp: str) -> dict:
+    """The DeepSpeed JSON values the run config owns, as DeepSpeed spells them."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * env_world_size(),
+        "gradient_clipping": float(t.max_grad_norm or 0.0),  # 0 = no clipping in DeepSpeed
+        "fp16.enabled": mp == "fp16",
+        "bf16.enabled": mp == "bf16",
+    }
+
+
+_WHERE = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "train_batch_size": "train.micro_batch_size x train.gradient_accumulation_steps x processes",
+    "gradient_clipping": "train.max_grad_norm",
+    "fp16.enabled": "train.mixed_precision",
+    "bf16.enabled": "train.mixed_precision",
+}
+
+
+class DeepSpeed(Backend):
+    reshardable = False
+    update_in_backward = True
+
+    def __init__(self, cfg, stage: int):
+        super().__init__(cfg)
+        self.stage = stage
+        self.name = f"zero{stage}"
+        self._frozen_sharded = None  # ZeRO-3: the partitioned frozen parameters, listed once
+
+    @classmethod
+    def conflicts(cls, cfg) -> list[str]:
+        """The cpu flag, and JSON values (other than "auto") that contradict the run config or take
+        over what it owns (optimizer, scheduler)."""
+        mp = resolve_mixed_precision(cfg)
+        problems = []
+        if env_true("ACCELERATE_USE_CPU"):
+            problems.append(
+                "launcher: the accelerate config sets use_cpu (or --cpu) together with DeepSpeed; accelerate then "
+                "silently trains plain DDP without ZeRO. Remove use_cpu: DeepSpeed finds the CPU by itself"
+            )
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        owned = owned_values(cfg, mp)
+        if not path:  # inline deepspeed_config in the accelerate YAML: only clipping reaches us through env
+            clip = os.environ.get("ACCELERATE_GRADIENT_CLIPPING")
+            if clip not in (None, "", "none") and float(clip) != owned["gradient_clipping"]:
+                problems.append(
+                    f"train.max_grad_norm: the accelerate config sets gradient_clipping: {clip} but the run config "
+                    f"says {cfg.train.max_grad_norm}; remove it from the accelerate config"
+                )
+            return problems
+        try:
+            with open(path) as fh:
+                conf = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            return problems + [f"launcher: cannot read the DeepSpeed config '{path}': {exc}"]
+        for key, want in owned.items():
+            got = _get(conf, key)
+            if got is None or got == "auto":
+                continue
+            same = (str(got).lower() == str(want).lower()) if isinstance(want, bool) else _num_eq(got, want)
+            if not same:
+                problems.append(
+                    f"{_WHERE[key]}: the DeepSpeed config {path} sets {key}: {json.dumps(got)} but the run config gives "
+                    f"{json.dumps(want)}; the run config owns it: set \"{key}\": \"auto\" in the JSON"
+                )
+        if cfg.train.nonfinite == "skip":
+            # a skipped window is handed to the engine with a non-finite gradient, which ZeRO discards
+            # only when it checks (see finish_window)
+            for key, fix in (("bf16.check_grad_overflow", "true"), ("zero_optimization.compute_grad_norm", "true")):
+                if _get(conf, key) is False:
+                    problems.append(
+                        f"train.nonfinite: skip needs DeepSpeed to check gradients for inf/NaN, but {path} sets {key}: "
+                        f"false (a non-finite window would then be applied); set it to {fix} or use train.nonfinite: abort"
+                    )
+        for key in ("optimizer", "scheduler"):
+            if key in conf:
+                problems.append(
+                    f"launcher: the DeepSpeed config {path} has an \"{key}\" section; distlora builds AdamW and its "
+                    f"schedule from the run config (train.lr, train.lr_scheduler, ...): remove \"{key}\" from the JSON"
+                )
+        q = cfg.model.quantization
+        if q is not None and q.quant_storage == "uint8" and zero_stage_from_env() == 3:
+            problems.append(
+                f"model.quantization.quant_storage: uint8 cannot be sharded by ZeRO-3; set it to {q.compute_dtype}"
+            )
+        return problems
+
+    # ------------------------------------------------------------------ building
+
+    def accelerator_kwargs(self) -> dict:
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # Never cpu=True here: it silently replaces ZeRO by plain DDP. On CPU the group must be gloo, or
+        # DeepSpeed's batch-size check sees a world of 1 and fails.
+        return {} if torch.cuda.is_available() else {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+    def build_accelerator(self):
+        from accelerate.utils import DistributedType
+
+        acc = super().build_accelerator()
+        if acc.distributed_type != DistributedType.DEEPSPEED:
+            raise DistributedSetupError(
+                f"the accelerate config asks for DeepSpeed but accelerate built {acc.distributed_type}; refusing to "
+                "train without ZeRO"
+            )
+        # The run config's values over the JSON's "auto"s before `prepare` (accelerate would fill
+        # gradient_clipping "auto" with 1.0 whatever train.max_grad_norm says).
+        conf = acc.state.deepspeed_plugin.deepspeed_config
+        for key, value in owned_values(self.cfg, acc.mixed_precision).items():
+            node, *rest = key.split(".")
+            if rest:
+                conf.setdefault(node, {})[rest[0]] = value
+            else:
+                conf[key] = value
+        return acc
+
+    def check_wrapped(self) -> None:
+        from deepspeed import DeepSpeedEngine
+
+        if not isinstance(self.model, DeepSpeedEngine):
+            raise DistributedSetupError("DeepSpeed launch but the model is not a DeepSpeed engine after prepare")
+        engine_accum = self.acc.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
+        if engine_accum != self.acc.gradient_accumulation_steps:
+            raise DistributedSetupError(
+                f"DeepSpeed accumulates {engine_accum} micro steps, the loop {self.acc.gradient_accumulation_steps}")
+
+    # ------------------------------------------------------------------ the step
+
+    def finish_window(self, params, max_norm):
+        """The engine already clipped and stepped inside the last backward. Whether it changed the
+        parameters: ZeRO checks the gradient for inf/NaN at the step (every dtype on stage 3; stages 1/2
+        unless bf16.check_grad_overflow or zero_optimization.compute_grad_norm is off, which `conflicts`
+        refuses under train.nonfinite=skip) and then discards the window's gradients instead."""
+        norm = self.acc.clip_grad_norm_(params, max_norm)  # the engine's global norm before clipping
+        applied = bool(self.acc.deepspeed_engine_wrapped.engine.was_step_applied())
+        return float(norm) if norm is not None else float("nan"), applied
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # a no-op: the engine zeroes its own buffers
+
+    def comm_bytes_per_step(self) -> int | None:
+        """ZeRO-2 reduces the adapter's gradients on every micro step (DeepSpeed has no no_sync),
+        all-gathers the updated adapter partitions after the step and all-reduces one fp32 grad norm.
+        ZeRO-3 also gathers the base in every forward and backward: not modelled (None)."""
+        if self.stage != 2:
+            return None
+        a = sum(p.numel() * 4 for p in self.unwrap().parameters() if p.requires_grad)  # fp32 gradients
+        return self.acc.gradient_accumulation_steps * a + a + 4
+
+    # ------------------------------------------------------------------ adapter and optimizer state
+
+    def _gathered(self, params, modifier_rank=None):
+        import contextlib
+
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+    def save_optimizer_state(self, ckpt_tmp) -> None:
+        """Every rank writes its ZeRO partition through the engine, frozen base excluded."""
+        from pathlib import Path
+
+        self.model.save_checkpoint(str(Path(ckpt_tmp) / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
+
+    def load_optimizer_state(self, ckpt) -> None:
+        from pathlib import Path
+
+        ds_dir = Path(ckpt) / DS_DIR
+        if not ds_dir.is_dir():
+            raise DistributedSetupError(f"{ckpt} holds no DeepSpeed optimizer state; it was written by another backend")
+        world = len(list((ds_dir / DS_TAG).glob("*optim_states.pt")))
+        if self.acc.num_processes != world:
+            raise DistributedSetupError(f"{ckpt} holds ZeRO partitions for {world} ranks; this run has {self.acc.num_processes}")
+        # Module weights come from the adapter file (already loaded); the engine restores its fp32
+        # master partitions and Adam moments, and re-derives the module's adapter from them.
+        self.model.load_checkpoint(str(ds_dir), tag=DS_TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+
+    # ------------------------------------------------------------------ memory
+
+    def release_gathered(self) -> None:
+        """A training step returns ZeRO-3 parameters to their partitions in backward; a forward-only
+        pass (eval) leaves those DeepSpeed expects to reuse soon gathered."""
+        if self.stage == 3:
+            self.model.empty_partition_cache()
+
+    def gathered_base_bytes(self) -> int:
+        """Under ZeRO-3, bytes of frozen base parameters NOT in their partitioned state right now:
+        DeepSpeed's `ds_status` is AVAILABLE or INFLIGHT (deepspeed/runtime/zero/partition_parameters.py,
+        ZeroParamStatus), or full-shape data is still attached. Parameters DeepSpeed keeps whole by
+        design (`ds_persist`: below stage3_param_persistence_threshold) are not counted. One pass over
+        the frozen parameters (listed once), no collective, no allocation: cheap after every step."""
+        if self.stage != 3:
+            return 0
+        if self._frozen_sharded is None:
+            self._frozen_sharded = [p for p in self.unwrap().parameters() if not p.requires_grad and not p.ds_persist]
+        return partition_leaks(self._frozen_sharded)
+
+    def _local_numel(self, p) -> int:
+        return p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+
+    def _master_weights(self, inner, module_params: set) -> list:
+        zero = getattr(self.optimizer, "optimizer", None)  # ZeRO's optimizer under accelerate's wrapper
+        if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: a master copy unless it aliases the partition
+            live = {t.data_ptr() for t in getattr(zero, "fp16_partitioned_groups_flat", [])}
+            return [t for t in zero.fp32_partitioned_groups_flat if t.data_ptr() not in live]
+        return list(zero.single_partition_of_fp32_groups)  # ZeRO-1/2
+
+
+def partition_leaks(frozen) -> int:
+    """Bytes of ZeRO-3 parameters in `frozen` that are not in their partitioned state."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    n = 0
+    for p in frozen:
+        if p.ds_status is not ZeroParamStatus.NOT_AVAILABLE or p.data.numel():
+            n += p.ds_numel * p.element_size()
+    return n
+
+

@@ -1,0 +1,539 @@
+"""The one training loop, in four named parts: `setup` (accelerator, data, model, optimizer, schedule
+through the backend chosen once), `resume` (the newest complete checkpoint, checked before anything
+is loaded), `fit` (the steps), `finish` (final eval, adapter, summary).
+
+Each optimizer step: fetch the whole accumulation window, count its target tokens across ranks
+together with the stop votes (one all-reduce), then forward/backward each micro batch with the loss
+scaled so that the step's gradient is exactly sum(token NLL) / (target tokens in the window, all
+ranks); the backend clips and updates, or skips a non-finite window; log, evaluate, checkpoint.
+No backend is named here: `distlora.backends` holds every difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distlora import checkpoint, hooks
+from distlora import config as config_mod
+from distlora import data
+
+
+class Stopped(Exception):
+    resumable = True
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+class StopRequest:
+    """A stop asked for by SIGTERM/SIGINT/SIGUSR1 or by a file `output_dir/STOP` (what the SLURM
+    scripts touch on preemption). Checked at each optimizer-step boundary and agreed across ranks."""
+
+    def __init__(self, out: Path):
+        import signal
+
+        self.file = out / "STOP"
+        self.reason = None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame):
+        import signal
+
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.reason = signal.Signals(signum).name
+
+    def requested(self) -> int:
+        if self.reason is None and self.file.exists():
+            self.reason = f"stop file {self.file}"
+        return int(self.reason is not None)
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+def forward_nll(model, batch, chunk: int = 0, impl: str = "torch", total: bool = False):
+    """Per-example summed NLL and target-token counts of a padded or packed batch (`total`: the batch's
+    summed NLL alone); `chunk` > 0 computes lm_head + cross-entropy `chunk` target tokens at a time,
+    impl="liger" in liger-kernel's fused kernel (distlora.loss)."""
+    from distlora.loss import batch_nll, example_nll
+
+    return batch_nll(model, batch, chunk, impl) if total else example_nll(model, batch, chunk, impl)
+
+
+def evaluate(acc, model, loader, chunk: int = 0, impl: str = "torch") -> dict:
+    """Eval loss from per-example (NLL sum, token count) gathered across ranks, summed in example-id
+    order in float64: the same value for any number of processes."""
+    model.eval()
+    ids, nlls, counts = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            nll, n = forward_nll(model, batch, chunk, impl)
+            # packed rows hold different numbers of examples on each rank: pad (id -1) before gathering
+            ids.append(acc.gather(acc.pad_across_processes(batch["ids"], pad_index=-1)))
+            nlls.append(acc.gather(acc.pad_across_processes(nll.double())))
+            counts.append(acc.gather(acc.pad_across_processes(n)))
+    model.train()
+    ids, nlls, counts = torch.cat(ids).cpu(), torch.cat(nlls).cpu(), torch.cat(counts).cpu()
+    keep = ids >= 0
+    order = torch.argsort(ids[keep])
+    total_nll = nlls[keep][order].sum().item()
+    total_tok = int(counts[keep].sum())
+    loss = total_nll / max(total_tok, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": total_tok}
+
+
+def make_optimizer(model, cfg):
+    decay, no_decay = [], []
+    for _n, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)  # biases and norm weights are not decayed
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    t = cfg.train
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+
+
+def make_scheduler(optimizer, cfg, total_steps: int):
+    from transformers import get_scheduler
+
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(total_steps * t.effective_warmup_ratio)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """Dropout RNG for an optimizer step: a function of (seed, step, rank) only, so a resumed run
+    draws exactly the masks the uninterrupted run drew, with no RNG state to save."""
+    h = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def data_order(cfg, sampler) -> dict:
+    """What, besides the global batch, fixes which examples each step holds: an exact resume needs it equal."""
+    return {"seed": cfg.train.seed, "shuffle": cfg.data.shuffle, "group_by_length": cfg.data.group_by_length,
+            "row_capacity": data.row_capacity(cfg), "items": sampler.n}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class Run:
+    """Everything the loop works with; built by `setup`, advanced by `resume` and `fit`."""
+
+    cfg: object
+    backend: object
+    out: Path
+    stop: StopRequest
+    tokenizer: object
+    model: object
+    optimizer: object
+    scheduler: object
+    sampler: object
+    train_loader: object
+    eval_loader: object
+    total_steps: int
+    counts: dict
+    memory: dict = field(default_factory=dict)  # per rank, into summary.json
+    start_step: int = 0
+    resumed_from: Path | None = None
+    best_eval: float | None = None
+    skipped: int = 0  # non-finite steps skipped so far
+    in_a_row: int = 0
+    base_checksum_start: float = 0.0
+
+    @property
+    def acc(self):
+        return self.backend.acc
+
+    def say(self, *msg) -> None:  # the global main process only (accelerate's print is once per node)
+        if self.acc.is_main_process:
+            print(*msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def setup(cfg, backend) -> Run:
+    from accelerate.utils import set_seed
+
+    from distlora import datacache
+    from distlora.model import load_model, load_tokenizer, param_counts
+
+    acc = backend.build_accelerator()
+    t = cfg.train
+    out = Path(t.output_dir)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "STOP").unlink(missing_ok=True)  # a leftover from the stop that ended the previous leg
+        config_mod.dump(cfg, out / "config.yaml")
+    backend.barrier()
+    blind = backend.ranks_not_sharing(out)
+    if blind:
+        from distlora.backends import DistributedSetupError
+
+        raise DistributedSetupError(
+            f"rank(s) {blind} do not see train.output_dir={out} as rank 0 does; checkpoints need one directory that "
+            "every node shares: put output_dir on a shared filesystem"
+        )
+    stop = StopRequest(out)  # from here on a signal asks for a checkpoint at the next step boundary
+    set_seed(t.seed)
+
+    def say(*msg):
+        if acc.is_main_process:
+            print(*msg, flush=True)
+
+    tokenizer = load_tokenizer(cfg)
+    train_records, eval_records, _ = datacache.load_datasets(cfg, tokenizer, acc.main_process_first, log=say)
+    model = load_model(cfg, acc.mixed_precision)
+    dp = backend.dp_size
+    pad_id = tokenizer.pad_token_id
+    pack = data.row_capacity(cfg)  # 0: no packing
+    train_loader, sampler = data.make_loader(
+        train_records, pad_id, t.micro_batch_size, t.gradient_accumulation_steps, dp, t.seed, cfg.data.shuffle, pack,
+        cfg.data.group_by_length,
+    )
+    if pack:
+        say(f"distlora: {sampler.summary()}")
+    total_steps = t.max_steps or math.ceil(t.epochs * sampler.steps_per_epoch)
+    eval_loader = None
+    if eval_records:
+        eval_loader, _ = data.make_loader(
+            eval_records, pad_id, t.eval_micro_batch_size or t.micro_batch_size, 1, dp, t.seed, False, pack
+        )
+        eval_loader = acc.prepare_data_loader(eval_loader)
+    model, optimizer, train_loader = backend.prepare(model, lambda m: make_optimizer(m, cfg), train_loader)
+    # The scheduler is not prepared: accelerate would step it once per process per step.
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    counts = param_counts(model)
+    run = Run(cfg, backend, out, stop, tokenizer, model, optimizer, scheduler, sampler, train_loader, eval_loader,
+              total_steps, counts)
+    run.memory["after_prepare"] = backend.model_state_bytes()
+    run.base_checksum_start = backend.frozen_checksum()
+    if acc.is_main_process:  # the launcher's preflight again, now that the run is really here (not the port)
+        problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every)
+        if problem:
+            raise checkpoint.CheckpointError(problem)
+    say(
+        f"distlora: {acc.num_processes} process(es), backend {backend.name}, mixed precision {acc.mixed_precision}; "
+        f"trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters; "
+        f"global batch {sampler.global_batch} = micro {t.micro_batch_size} x accumulation "
+        f"{t.gradient_accumulation_steps} x {dp} rank(s); {sampler.steps_per_epoch} steps/epoch, {total_steps} steps"
+    )
+    return run
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+
+def resume(run: Run) -> None:
+    """Continue from the newest complete checkpoint (train.resume: auto) or the one named, after
+    checking that it can be resumed exactly (or, with resume_weights_only, from its adapter alone)."""
+    t, backend = run.cfg.train, run.backend
+    if run.acc.is_main_process:
+        for p in checkpoint.clean_partial(run.out):
+            run.say(f"distlora: removed incomplete checkpoint {p} (an interrupted save)")
+    backend.barrier()
+    ckpt = checkpoint.latest(run.out) if t.resume == "auto" else None if t.resume == "never" else Path(t.resume)
+    if ckpt is None:
+        return
+    dp = backend.dp_size
+    state = checkpoint.read_state(ckpt)
+    problems = checkpoint.resume_problems(state, ckpt, run.cfg, run.sampler.global_batch, dp, backend.reshardable,
+                                          data_order(run.cfg, run.sampler))
+    blocking = [msg for msg, weights_ok in problems if not (t.resume_weights_only and weights_ok)]
+    if blocking:
+        raise ResumeError(f"cannot resume from {ckpt}:\n  - " + "\n  - ".join(blocking))
+    if state["dp_size"] != dp and not problems:
+        run.say(f"distlora: resuming a {state['dp_size']}-process checkpoint on {dp} processes with the same global "
+                "batch: same examples per step; results equal up to summation order, not bitwise")
+    if state["config_hash"] != run.cfg.hash():
+        run.say(f"distlora: warning: the run config changed since {ckpt.name}; resuming anyway")
+    run.resumed_from = ckpt
+    if t.resume_weights_only:
+        checkpoint.load_weights_only(backend, ckpt)
+        run.say(f"distlora: loaded the adapter of {ckpt} (weights only): fresh optimizer, schedule and data "
+                "order from step 0")
+        return
+    state = checkpoint.load(backend, run.scheduler, ckpt)
+    run.start_step, run.best_eval = state["step"], state.get("best_eval_loss")
+    run.skipped, run.in_a_row = state.get("nonfinite_skipped", 0), state.get("nonfinite_in_a_row", 0)
+    run.say(f"distlora: resumed from {ckpt} at step {run.start_step}")
+
+
+# --------------------------------------------------------------------------------------------- fit
+
+
+def save(run: Run, step: int, ev: dict | None) -> None:
+    state = {
+        "nonfinite_skipped": run.skipped,
+        "nonfinite_in_a_row": run.in_a_row,
+        "step": step,
+        "examples_seen": step * run.sampler.global_batch,
+        "global_batch": run.sampler.global_batch,
+        "data_order": data_order(run.cfg, run.sampler),
+        "dp_size": run.sampler.world,
+        "config_hash": run.cfg.hash(),
+        "model": run.cfg.model.name_or_path,
+        "lora_shape": checkpoint.lora_shape(run.cfg),
+        "eval_loss": ev["eval_loss"] if ev else None,
+        "best_eval_loss": run.best_eval,
+    }
+    checkpoint.save(run.backend, run.scheduler, run.tokenizer, run.cfg.train.output_dir, state, run.cfg.train.keep_last)
+    note_gathered_base(run, f"save {step}")
+
+
+def run_eval(run: Run, metrics, step: int) -> dict | None:
+    if run.eval_loader is None:
+        return None
+    t = run.cfg.train
+    ev = {"step": step, **evaluate(run.acc, run.model, run.eval_loader, t.loss_chunk_size, t.loss_impl)}
+    run.backend.release_gathered()
+    note_gathered_base(run, f"eval {step}")
+    run.best_eval = ev["eval_loss"] if run.best_eval is None else min(run.best_eval, ev["eval_loss"])
+    metrics.log(ev)
+    run.say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
+    return ev
+
+
+def note_gathered_base(run: Run, where: str) -> None:
+    """Check the backend's `gathered_base_bytes` at `where` ("step N", "eval N", "save N", ...) and keep,
+    per rank, in memory["gathered_base"]: the most bytes seen and where first, how many checks of each
+    kind ran, and the seconds they took (the overhead)."""
+    t0 = time.perf_counter()
+    n = run.backend.gathered_base_bytes()
+    rec = run.memory.setdefault("gathered_base", {"max_bytes": 0, "at": None, "checks": {}, "seconds": 0.0})
+    kind = where.split()[0]
+    rec["checks"][kind] = rec["checks"].get(kind, 0) + 1
+    if n > rec["max_bytes"]:
+        rec["max_bytes"], rec["at"] = n, where
+    rec["seconds"] += time.perf_counter() - t0
+
+
+def train_window(run: Run, window: list, step: int, n_target: float) -> tuple[float, float, bool, bool]:
+    """Forward/backward every micro batch of the window, then clip and update through the backend.
+    Returns (summed NLL on this rank, grad norm, update applied, window had a non-finite loss)."""
+    t, backend, model = run.cfg.train, run.backend, run.model
+    torch.manual_seed(dropout_seed(t.seed, step, run.acc.process_index))
+    scale = backend.loss_scale(n_target)
+    nll_total = torch.zeros((), dtype=torch.float64, device=run.acc.device)
+    loss_bad = torch.zeros((), dtype=torch.bool, device=run.acc.device)  # a non-finite loss on this rank's window
+    window_bad = False
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        with backend.micro_step(model, last):
+            nll = forward_nll(model, batch, t.loss_chunk_size, t.loss_impl, total=True)
+            nll = hooks.transform("loss", nll, step=step)
+            loss_bad |= ~torch.isfinite(nll.detach())
+            if last:
+                # Decided before the backward that may apply the update (DeepSpeed steps inside it),
+                # alike on every rank: a window with a non-finite loss anywhere gets a NaN gradient,
+                # which every backend then discards.
+                window_bad = backend.any_rank(loss_bad)
+                if window_bad:
+                    nll = nll * float("nan")
+            backend.backward(nll * scale)
+            nll_total += nll.detach().double()
+    grad_norm, applied = backend.finish_window([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+    if window_bad and applied:
+        raise NonFiniteError(
+            f"step {step + 1}: the backend applied an update from a non-finite loss; the adapter is now corrupt: "
+            "resume from the last checkpoint"
+        )
+    backend.zero_grad()
+    return float(nll_total), grad_norm, applied, window_bad
+
+
+def apply_nonfinite_policy(run: Run, step: int, applied: bool, window_bad: bool) -> None:
+    """Count a skipped step; abort under train.nonfinite=abort or after too many in a row. An fp16
+    overflow with a finite loss is the scaler's business: logged, not counted."""
+    t = run.cfg.train
+    if applied:
+        run.in_a_row = 0
+        return
+    if run.acc.mixed_precision == "fp16" and not window_bad:
+        run.say(f"distlora: fp16 gradient overflow at step {step + 1}: step skipped, loss scale lowered")
+        return
+    run.skipped, run.in_a_row = run.skipped + 1, run.in_a_row + 1
+    what = "loss" if window_bad else "gradient"
+    run.say(f"distlora: non-finite {what} at step {step + 1}: step skipped ({run.skipped} so far)")
+    if t.nonfinite == "abort" or run.in_a_row >= t.nonfinite_max_in_a_row:
+        raise NonFiniteError(
+            f"non-finite {what} at step {step + 1} ({run.in_a_row} in a row, train.nonfinite={t.nonfinite}, "
+            f"nonfinite_max_in_a_row={t.nonfinite_max_in_a_row}); the update was not applied; lower train.lr, "
+            "check the data, or resume from the last checkpoint"
+        )
+
+
+def fit(run: Run, metrics) -> dict:
+    """The optimizer steps from `run.start_step` to the end; returns totals for the summary."""
+    from distlora.flops import device_peak_flops, flop_model
+    from distlora.metrics import Progress, peak_memory_mb
+
+    t, backend, acc = run.cfg.train, run.backend, run.acc
+    dp, device, accum = backend.dp_size, acc.device, t.gradient_accumulation_steps
+    steps_per_epoch = run.sampler.steps_per_epoch
+    fm = flop_model(backend.unwrap())
+    peak = device_peak_flops(t.peak_tflops)
+    comm_per_step = getattr(backend, "comm_bytes_per_step", lambda: None)()
+    totals = torch.zeros(2, dtype=torch.float64)  # this rank's input tokens and model FLOPs, all steps
+    progress = Progress(acc.is_main_process, run.total_steps, run.start_step)
+    if t.eval_at_start and run.start_step == 0:
+        run_eval(run, metrics, 0)
+    run.model.train()
+    t_loop = time.perf_counter()
+    it, last_eval, row = None, None, None
+    for step in range(run.start_step, run.total_steps):
+        hooks.point("step", step=step)
+        t0 = time.perf_counter()
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        if it is None or in_epoch == 0:
+            run.sampler.position(epoch, in_epoch)
+            it = iter(run.train_loader)
+        window = [next(it) for _ in range(accum)]
+        t_data = time.perf_counter() - t0
+        local = torch.tensor(
+            [sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in window), run.stop.requested()],
+            dtype=torch.float64, device=device,
+        )
+        n_target, stop_votes = backend.all_sum(local).tolist()  # one all-reduce: the window's tokens, stop votes
+        if stop_votes:  # every rank agrees here, so none enters a collective alone
+            if step != run.start_step or run.resumed_from is None:
+                save(run, step, None)
+            raise Stopped(
+                f"distlora: stopped at step {step}/{run.total_steps} ({run.stop.reason or 'another rank was asked'}); "
+                f"checkpoint in {checkpoint.step_dir(run.out, step)}; rerun the same command to resume"
+            )
+        nll_sum, grad_norm, applied, window_bad = train_window(run, window, step, n_target)
+        apply_nonfinite_policy(run, step, applied, window_bad)
+        lr = run.scheduler.get_last_lr()[0]
+        run.scheduler.step()  # also on a skipped step: the lr stays a function of the step index
+        done = step + 1
+        note_gathered_base(run, f"step {done}")
+        hooks.point("window_done", backend=backend, step=done, window=window)
+
+        lengths = torch.cat([data.example_lengths(b) for b in window])  # real examples, padded or packed
+        local_tokens = int(lengths.sum())
+        local_flops = fm.step(local_tokens, lengths.tolist())
+        totals += torch.tensor([local_tokens, local_flops], dtype=torch.float64)
+        row = None
+        if done % t.log_every == 0 or done == run.total_steps:
+            stats = torch.tensor(
+                [nll_sum, local_tokens, sum(b["input_ids"].numel() for b in window), len(lengths), local_flops],
+                dtype=torch.float64, device=device,
+            )
+            nll_all, n_input, n_padded, n_examples, flops = backend.all_sum(stats).tolist()
+            dt = time.perf_counter() - t0
+            row = {
+                "step": done,
+                "epoch": round(done / steps_per_epoch, 6),
+                "loss": _finite_or_none(nll_all / max(n_target, 1)),
+                "lr": lr,
+                "grad_norm": _finite_or_none(grad_norm),
+                "nonfinite_skipped": run.skipped,
+                "target_tokens": int(n_target),
+                "input_tokens": int(n_input),
+                "padded_tokens": int(n_padded),
+                "examples": int(n_examples),
+                "tokens_per_s": n_input / dt,
+                "tokens_per_s_per_device": n_input / dt / dp,
+                "examples_per_s": n_examples / dt,
+                "tflops_per_device": flops / dt / dp / 1e12,
+                "mfu": flops / dt / dp / peak if peak else None,
+                "step_time_s": dt,
+                "data_wait_s": t_data,
+                "comm_bytes": comm_per_step,
+                "peak_mem_mb": peak_memory_mb(),
+            }
+            metrics.log(row)
+        progress.update(done, row)
+
+        if t.eval_every and done % t.eval_every == 0 and done != run.total_steps:
+            last_eval = run_eval(run, metrics, done)
+        if t.save_every and done % t.save_every == 0 and done != run.total_steps:
+            save(run, done, last_eval if last_eval and last_eval["step"] == done else None)
+    progress.close()
+    return {"loop_s": time.perf_counter() - t_loop, "totals": totals, "last_row": row, "peak": peak}
+
+
+# --------------------------------------------------------------------------------------------- finish
+
+
+def finish(run: Run, metrics, fitted: dict) -> None:
+    """Final eval, checkpoint and adapter; per-rank memory and checksums; summary.json."""
+    from distlora.metrics import peak_memory_mb, summary_table
+
+    t, backend, acc = run.cfg.train, run.backend, run.acc
+    run.memory["after_train"] = backend.model_state_bytes()
+    final_eval = run_eval(run, metrics, run.total_steps)
+    run.memory["after_eval"] = backend.model_state_bytes()
+    if t.save_every and run.total_steps % t.save_every == 0 and run.start_step < run.total_steps:
+        save(run, run.total_steps, final_eval)
+    checkpoint.save_adapter(backend, run.tokenizer, run.out / "adapter")
+    backend.release_gathered()
+    note_gathered_base(run, "save adapter")
+    run.memory["after_save"] = backend.model_state_bytes()
+    hooks.point("run_end", backend=backend, out=run.out, memory=run.memory)
+    memory_per_rank = backend.gather_objects(run.memory)
+    adapter_sum = sum(float(v.double().abs().sum() + v.double().sum()) for v in backend.adapter_state_dict().values())
+    per_rank = acc.gather(torch.tensor(
+        [[run.base_checksum_start, backend.frozen_checksum(), adapter_sum, peak_memory_mb()]],
+        dtype=torch.float64, device=acc.device))
+    tokens, flops = backend.all_sum(fitted["totals"].to(acc.device)).tolist()
+    if acc.is_main_process:
+        loop_s, peak, row, dp = fitted["loop_s"], fitted["peak"], fitted["last_row"], backend.dp_size
+        summary = {
+            "steps": run.total_steps,
+            "steps_this_leg": run.total_steps - run.start_step,
+            "total_input_tokens": int(tokens),
+            "train_wall_s": loop_s,
+            "mean_tokens_per_s": tokens / max(loop_s, 1e-9),
+            "mean_tflops_per_device": flops / max(loop_s, 1e-9) / dp / 1e12,
+            "mfu": flops / max(loop_s, 1e-9) / dp / peak if peak else None,
+            "peak_mem_mb": max(r[3] for r in per_rank.tolist()),
+            "final_train_loss": row["loss"] if row else None,
+            "final_eval_loss": final_eval["eval_loss"] if final_eval else None,
+            "adapter": str(run.out / "adapter"),
+            "per_rank": [dict(zip(("base_checksum_start", "base_checksum_end", "adapter_checksum", "peak_mem_mb"), r))
+                         for r in per_rank.tolist()],
+            "backend": backend.name,
+            "memory_per_rank": memory_per_rank,
+        }
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        run.say(summary_table(summary))
+
+
+def run(cfg, backend=None) -> None:
+    """setup -> resume -> fit -> finish, with the trackers closed on any exit."""
+    from distlora import backends
+    from distlora.metrics import MetricsLog, run_info
+
+    backend = backend or backends.select(cfg)
+    r = setup(cfg, backend)
+    resume(r)
+    info = run_info(r.acc, r.counts) | {"backend": backend.name}
+    if r.acc.is_main_process:
+        (r.out / "run_info.json").write_text(json.dumps(info, indent=1))
+    with MetricsLog(r.acc, cfg, cfg.to_dict() | info, r.start_step) as metrics:
+        fitted = fit(r, metrics)
+        finish(r, metrics, fitted)

@@ -1,0 +1,318 @@
+"""Test instrumentation, installed as distlora.hooks (never read by distlora itself).
+
+In launched workers `sitecustomize` (this folder on PYTHONPATH) calls `install_from_env()`; in-process
+tests call the install functions directly. Variables:
+
+- DISTLORA_FAULT="rank1:step5:raise[,rank0:save.before_marker@1:kill]": each rule is
+  `rank<R|*>:<point>[@<skip>]:<action>`. `point` is a glob over the hook points: `step<N>` (before the
+  forward of the step after N finished steps) and the checkpoint writer's (`save.*`,
+  `rotate.before_delete`). `@<skip>` lets the first <skip> hits pass. Actions: raise, kill (SIGKILL),
+  exit (os._exit(1)), slow (sleep 0.5 s), nan (this rank's loss and gradients become NaN for that
+  step), inf (this rank's loss becomes +inf while its gradient stays finite).
+- DISTLORA_TRACE_IDS=1: per rank, the example ids of every step, in output_dir/trace-ids-rank<R>.jsonl.
+- DISTLORA_TEST_GRAD_BYTES=1: the gradient memory each step holds (GradientBytes), in summary.json's
+  memory_per_rank[r]["gradients"].
+- DISTLORA_TEST_SKIP_GATHER=1: the adapter is saved as a rank holds it without gathering (ZeRO-3's
+  empty partitions): the save's guard must refuse it.
+- DISTLORA_TEST_COMM=1: bytes the backend's collectives move, counted at torch.distributed's
+  collectives and DDP's comm hook; per optimizer step in output_dir/comm-rank<R>.jsonl.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from distlora import hooks
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def _rank() -> str:
+    return f"rank{os.environ.get('RANK', '0')}"
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+class Faults:
+    def __init__(self, spec: str):
+        self.rules = []
+        for item in filter(None, spec.split(",")):
+            rank, point, action = item.strip().split(":")
+            point, _, skip = point.partition("@")
+            self.rules.append({"rank": rank, "point": point, "skip": int(skip or 0), "action": action})
+        self.installed = []
+
+    def _matching(self, point: str, action: str | None = None):
+        for rule in self.rules:
+            if rule["rank"] in ("rank*", _rank()) and fnmatch.fnmatchcase(point, rule["point"]):
+                if action is None or rule["action"] == action:
+                    yield rule
+
+    def hit(self, point: str) -> None:
+        for rule in self._matching(point):
+            if rule["action"] in ("nan", "inf"):
+                continue
+            if rule["skip"] > 0:
+                rule["skip"] -= 1
+                continue
+            if rule["action"] == "slow":
+                time.sleep(0.5)
+            elif rule["action"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif rule["action"] == "exit":
+                os._exit(1)
+            elif rule["action"] == "raise":
+                raise InjectedFault(f"injected fault at {point} on rank {os.environ.get('RANK', '0')}")
+
+    def corrupt(self, loss, step: int):
+        point = f"step{step}"
+        if any(True for _ in self._matching(point, "nan")):
+            loss = loss * float("nan")
+        if any(True for _ in self._matching(point, "inf")):
+            loss = loss + float("inf")
+        return loss
+
+    def install(self) -> "Faults":
+        points = ["save.before_marker", "save.before_rename", "save.after_optimizer", "save.after_adapter",
+                  "save.after_scheduler", "rotate.before_delete"]
+        self.installed = [(p, hooks.add(p, lambda _p=p, **_: self.hit(_p))) for p in points]
+        self.installed.append(("step", hooks.add("step", lambda step, **_: self.hit(f"step{step}"))))
+        self.installed.append(("loss", hooks.add("loss", lambda loss, step, **_: self.corrupt(loss, step))))
+        return self
+
+    def uninstall(self) -> None:
+        for name, fn in self.installed:
+            hooks.remove(name, fn)
+
+
+# ------------------------------------------------------------------------------ traces
+
+
+def install_trace_ids() -> None:
+    def write(backend, step, window, **_):
+        out = Path(backend.cfg.train.output_dir)
+        with open(out / f"trace-ids-rank{backend.acc.process_index}.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, "ids": [int(i) for b in window for i in b["ids"]]}) + "\n")
+
+    hooks.add("window_done", write)
+
+
+def install_skip_gather() -> None:
+    import torch
+
+    hooks.add("adapter_state_dict", lambda sd, **_: {k: torch.empty(0) for k in sd})
+
+
+# ------------------------------------------------------------------------------ comm bytes
+
+
+class CommCounter:
+    """Bytes the backend moves between ranks, counted at the collectives themselves.
+
+    DDP: a comm hook around the default all-reduce sees every gradient bucket. DeepSpeed and FSDP2:
+    torch.distributed's collectives, wrapped at interpreter start (before any engine keeps references
+    to them). Per call the payload is counted once: all-reduce and broadcast the tensor,
+    reduce-scatter its full input, all-gather its full output. distlora's own small reductions
+    (backend.all_sum: token counts, metrics) are not counted."""
+
+    bytes = 0
+    paused = False
+    _ARG = {
+        "all_reduce": (0, "tensor"), "broadcast": (0, "tensor"), "reduce": (0, "tensor"),
+        "reduce_scatter_tensor": (1, "input"), "_reduce_scatter_base": (1, "input"),
+        "all_gather_into_tensor": (0, "output_tensor"), "_all_gather_base": (0, "output_tensor"),
+    }
+
+    @classmethod
+    def install(cls) -> None:
+        import functools
+
+        import torch
+        import torch.distributed as tdist
+
+        from distlora.backends.base import Backend
+
+        for name, (pos, kw) in cls._ARG.items():
+            fn = getattr(tdist, name, None)
+            if fn is None:
+                continue
+
+            @functools.wraps(fn)
+            def counted(*args, _fn=fn, _pos=pos, _kw=kw, **kwargs):
+                t = kwargs.get(_kw, args[_pos] if len(args) > _pos else None)
+                if t is not None and not cls.paused:
+                    cls.bytes += t.numel() * t.element_size()
+                return _fn(*args, **kwargs)
+
+            setattr(tdist, name, counted)
+        all_sum = Backend.all_sum
+
+        def unpaused(self, tensor):
+            cls.paused = True
+            try:
+                return all_sum(self, tensor)
+            finally:
+                cls.paused = False
+
+        Backend.all_sum = unpaused
+
+        def watch_ddp(backend, **_):
+            model = backend.model
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                def hook(state, bucket):
+                    cls.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
+                    return default_hooks.allreduce_hook(state, bucket)
+
+                model.register_comm_hook(None, hook)
+
+        def before_step(step, **_):
+            cls.bytes = 0  # what eval or a save moved is not the step's
+
+        def write(backend, step, **_):
+            out = Path(backend.cfg.train.output_dir)
+            with open(out / f"comm-rank{backend.acc.process_index}.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step, "bytes": cls.bytes}) + "\n")
+
+        hooks.add("prepared", watch_ddp)
+        hooks.add("step", before_step)
+        hooks.add("window_done", write)
+
+
+# ------------------------------------------------------------------------------ gradient bytes
+
+
+def install_grad_bytes() -> None:
+    def attach(backend, **_):
+        GradientBytes(backend)
+
+    hooks.add("prepared", attach)
+
+
+def _zero_grad_buffers(zero):
+    """(kind, tensor) for every gradient buffer a ZeRO optimizer holds (read from deepspeed 0.19.8,
+    runtime/zero/stage_1_and_2.py and stage3.py). ZeRO-1/2: the reduce bucket(s) `ipg_buckets` (allocated
+    at the first gradient hook of every backward, released by its epilogue), `grads_in_partition` (this
+    rank's reduced partition of the micro step), `all_grad_tensors` / `averaged_gradients` (views of the
+    partition accumulated over the window), the fp32 partition's .grad (its copy inside `step`). ZeRO-3:
+    the reduce bucket (allocated once), `grad_partitions_flat_buffer` (the accumulated partition, allocated
+    once), `averaged_gradients` (views of it), the fp32 partition's .grad (its copy inside `step`)."""
+    for bucket in zero.ipg_buckets.values():
+        buf = bucket.buffer
+        for t in buf if isinstance(buf, list) else [buf]:
+            yield "reduce_bucket", t
+    yield "grad_partition", getattr(zero, "grads_in_partition", None)
+    yield "grad_partition", getattr(zero, "grad_partitions_flat_buffer", None)
+    for name in ("all_grad_tensors", "averaged_gradients"):
+        for group in (getattr(zero, name, None) or {}).values():
+            yield "grad_partition", getattr(group, "flat_partition", None)
+            for t in group or []:
+                yield "grad_partition", t
+    stage12 = hasattr(zero, "single_partition_of_fp32_groups")
+    for m in zero.single_partition_of_fp32_groups if stage12 else zero.fp32_partitioned_groups_flat:
+        yield "fp32_grad", m.grad
+
+
+class GradientBytes:
+    """The most gradient memory this rank holds during a step: bytes of the distinct storages that hold
+    gradients, taken where a step holds most and kept in memory["gradients"] (peak_bytes, where, bytes
+    per kind at the peak, number of probes). Probes, all in training:
+    - before each micro step's forward: what the window has accumulated so far (DDP between no_sync
+      micro steps: p.grad next to the reducer's buckets);
+    - under ZeRO, entering the engine's end-of-backward epilogue (ZeRO-3's peak in backward) and, for
+      ZeRO-1/2, as the epilogue releases the reduce bucket: the bucket, the partition just reduced and
+      the one accumulated over the window are all alive there;
+    - before the torch optimizer's update: DDP's p.grad and buckets; ZeRO's fp32 gradient copy.
+    Counted: the buffers of `_zero_grad_buffers`; DDP's bucket buffers (their sizes from the reducer;
+    they live as long as it does); every trainable parameter's .grad (and ZeRO's .grad_accum) that is
+    not inside one of those (under DDP a gradient that is a view is a view of its bucket). Not probed:
+    DeepSpeed's transient flat copy inside ZeRO-1/2's `step` (this rank's partition, freed before the
+    update; below the epilogue's peak whenever the reduce bucket is at least a partition)."""
+
+    def __init__(self, backend):
+        from distlora.backends.base import innermost_optimizer
+
+        acc, model, optimizer = backend.acc, backend.model, backend.optimizer
+        module = backend.unwrap()  # its training flag: DeepSpeed's engine keeps its own at True in eval
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        zero = getattr(optimizer, "optimizer", None)
+        self.zero = zero if hasattr(zero, "ipg_buckets") else None
+        self.accum = acc.gradient_accumulation_steps
+        reducer = getattr(model, "reducer", None)  # DDP: its buckets live as long as the model
+        self.ddp_bucket_bytes = sum(b.buffer().numel() * b.buffer().element_size()
+                                    for b in reducer._get_zeros_like_grad_buckets()) if reducer else 0
+        self.forwards = 0
+        self.rec = {"peak_bytes": 0, "at": None, "by_kind": {}, "probes": 0}
+        hooks.add("run_end", lambda memory, **_: memory.__setitem__("gradients", self.rec))
+
+        def before_forward(*_):
+            if module.training:
+                self.forwards += 1
+                self.probe("before forward")
+
+        model.register_forward_pre_hook(before_forward)
+        innermost_optimizer(optimizer).register_step_pre_hook(lambda *_: self.probe("before optimizer update"))
+        if self.zero is not None:  # ZeRO-3's epilogue holds its peak on entry, ZeRO-1/2's as it releases the bucket
+            for name, where in (("independent_gradient_partition_epilogue", "backward epilogue"),
+                                ("_release_ipg_buffers", "reduce bucket release")):
+                if hasattr(self.zero, name):
+                    setattr(self.zero, name, self._probed(getattr(self.zero, name), f"before {where}"))
+
+    def _probed(self, fn, where: str):
+        def probed(*args, **kwargs):
+            self.probe(where)
+            return fn(*args, **kwargs)
+
+        return probed
+
+    def probe(self, where: str) -> None:
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        seen: dict[int, tuple[str, int]] = {}  # storage data_ptr -> (kind, nbytes); the first kind claims it
+
+        def add(kind, t):
+            if torch.is_tensor(t) and t.numel():
+                st = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+                seen.setdefault(st.data_ptr(), (kind, st.nbytes()))
+
+        if self.zero is not None:
+            for kind, t in _zero_grad_buffers(self.zero):
+                add(kind, t)
+        for p in self.params:
+            if not (self.ddp_bucket_bytes and p.grad is not None and p.grad._is_view()):  # a view: in a bucket
+                add("param_grads", p.grad)
+            add("param_grads", getattr(p, "grad_accum", None))
+        if self.ddp_bucket_bytes:
+            seen[-1] = ("ddp_buckets", self.ddp_bucket_bytes)
+        total = sum(n for _, n in seen.values())
+        self.rec["probes"] += 1
+        if total >= self.rec["peak_bytes"]:  # the latest probe at the peak: the steady state
+            by_kind: dict[str, int] = {}
+            for kind, n in seen.values():
+                by_kind[kind] = by_kind.get(kind, 0) + n
+            step, micro = divmod(self.forwards - 1, self.accum)  # the micro step in progress
+            self.rec.update(peak_bytes=total, by_kind=by_kind, at=f"step {step + 1} micro {micro + 1} {where}")
+
+
+
+def install_from_env() -> None:
+    if os.environ.get("DISTLORA_FAULT"):
+        Faults(os.environ["DISTLORA_FAULT"]).install()
+    if os.environ.get("DISTLORA_TRACE_IDS"):
+        install_trace_ids()
+    if os.environ.get("DISTLORA_TEST_SKIP_GATHER"):
+        install_skip_gather()
+    if os.environ.get("DISTLORA_TEST_COMM"):
+        CommCounter.install()
+    if os.environ.get("DISTLORA_TEST_GRAD_BYTES"):
+        install_grad_bytes()
