@@ -34,6 +34,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from distlora import layout
+
 BACKENDS = ("ddp", "zero2", "zero3", "fsdp2")
 DEEPSPEED_JSON = {"zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json"}
 DEFAULT_MULTINODE_PORT = 29500
@@ -231,11 +233,9 @@ def slurm_allocation(env=None) -> dict | None:
 
 def checkpoint_bytes(cfg) -> tuple[int | None, str]:
     """Bytes of one checkpoint: measured from an existing one, else estimated from the LoRA size."""
-    from distlora import checkpoint
-
     out = Path(cfg.train.output_dir)
     if out.is_dir():
-        done, _ = checkpoint.complete_checkpoints(out)
+        done, _ = layout.complete_checkpoints(out)
         if done:
             latest = done[-1]
             return sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()), f"measured on {latest}"
@@ -243,8 +243,7 @@ def checkpoint_bytes(cfg) -> tuple[int | None, str]:
         n = lora_param_count(cfg)
     except Exception as exc:  # noqa: BLE001 - an estimate only; say why it is missing
         return None, f"could not estimate the adapter size ({type(exc).__name__}: {exc})"
-    # fp32 adapter + two fp32 Adam moments, + 16 MiB for tokenizer files and state
-    return 12 * n + (16 << 20), f"estimated from {n:,} LoRA parameters"
+    return layout.checkpoint_bytes(n), f"estimated from {n:,} LoRA parameters"
 
 
 def lora_param_count(cfg) -> int:
@@ -380,16 +379,9 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
         if size is None:
             notes.append(f"free disk not checked: {how}")
         else:
-            if not t.save_every:
-                kept = 0
-            elif t.keep_last:
-                kept = t.keep_last + 2  # + the best one + the one being written
-            elif t.max_steps:
-                kept = t.max_steps // t.save_every + 1
-            else:
-                kept = 12
-                notes.append("train.keep_last is null: checkpoints accumulate; free disk checked for 10 of them")
-            need = size * kept + size // 3  # and the final adapter (a third: no optimizer state)
+            need, kept = layout.disk_need(size, t.keep_last, t.save_every, t.max_steps)
+            if t.save_every and not t.keep_last and not t.max_steps:
+                notes.append(f"train.keep_last is null: checkpoints accumulate; free disk checked for {kept} of them")
             free = shutil.disk_usage(out).free
             if free < need:
                 problems.append(f"disk: {free / 2**30:.2f} GiB free under {out}, the run needs about "

@@ -75,10 +75,36 @@ def lora_shape(cfg) -> dict:
             "modules_to_save": lo.modules_to_save}
 
 
-def check_room(output_dir, trainable_params: int, keep_last: int | None, save_every: int) -> str | None:
-    """At trainer start: can output_dir hold what this run will write? (None = yes, else the problem.)
-    A checkpoint is ~12 bytes per trainable parameter (fp32 adapter + two Adam moments); during a
-    save keep_last + 1 of them exist, plus the final adapter (4 bytes per parameter)."""
+CHECKPOINT_OVERHEAD = 16 << 20  # per checkpoint: tokenizer files, scheduler and trainer state
+UNBOUNDED_KEPT = 12  # checkpoints counted when keep_last is null and the number of steps is not known
+
+
+def checkpoint_bytes(trainable_params: int) -> int:
+    """One checkpoint, estimated: the fp32 adapter and its two fp32 Adam moments (12 bytes per
+    trainable parameter) + CHECKPOINT_OVERHEAD."""
+    return 12 * trainable_params + CHECKPOINT_OVERHEAD
+
+
+def disk_need(ckpt_bytes: int, keep_last: int | None, save_every: int, max_steps: int | None = None) -> tuple[int, int]:
+    """(bytes output_dir must hold, checkpoints counted): the one disk formula (the launcher's
+    preflight and the trainer's start). While a checkpoint is written, keep_last complete ones, the
+    best by eval loss (rotation keeps it) and the new one exist; then the final adapter, a third of
+    a checkpoint (no optimizer state). `ckpt_bytes`: measured on an existing checkpoint, or
+    checkpoint_bytes(trainable parameters)."""
+    if not save_every:
+        kept = 0
+    elif keep_last:
+        kept = keep_last + 2
+    elif max_steps:
+        kept = max_steps // save_every + 1
+    else:
+        kept = UNBOUNDED_KEPT
+    return ckpt_bytes * kept + ckpt_bytes // 3, kept
+
+
+def check_room(output_dir, trainable_params: int, keep_last: int | None, save_every: int,
+               max_steps: int | None = None) -> str | None:
+    """At trainer start: can output_dir hold what this run will write? (None = yes, else the problem.)"""
     out = Path(output_dir)
     probe = out / f".write-probe-{os.getpid()}"
     try:
@@ -86,9 +112,8 @@ def check_room(output_dir, trainable_params: int, keep_last: int | None, save_ev
         probe.unlink()
     except OSError as exc:
         return f"train.output_dir: cannot write to {out} ({exc.strerror or exc}); point it at a writable directory"
-    ckpt = 12 * trainable_params + (1 << 20)
-    copies = 0 if not save_every else (keep_last + 1 if keep_last else 2)
-    need = copies * ckpt + 4 * trainable_params
+    ckpt = checkpoint_bytes(trainable_params)
+    need, copies = disk_need(ckpt, keep_last, save_every, max_steps)
     free = shutil.disk_usage(out).free
     if free < need:
         return (f"train.output_dir: {free / 2**20:,.0f} MiB free on {out}, this run needs ~{need / 2**20:,.0f} MiB "
