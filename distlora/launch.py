@@ -304,8 +304,6 @@ def check_shared_dir_slurm(out: Path, nodes: int, timeout: int = 120) -> str | N
 
 def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = True, env=None) -> tuple[list[str], list[str]]:
     """(problems, notes). Each problem says what is wrong and how to fix it."""
-    from distlora import checkpoint
-
     problems, notes = [], []
     t = cfg.train
     out = Path(t.output_dir)
@@ -352,17 +350,14 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
                         "does not exist here; fix: run from the repository root, or copy configs/deepspeed/ next to your run")
 
     # a checkpoint from another global batch cannot be resumed
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * shape.world
     if t.resume == "auto" and out.is_dir():
-        latest = checkpoint.latest(out)
+        latest = layout.latest(out)
         if latest is not None:
-            gb = checkpoint.read_state(latest).get("global_batch")
-            if gb not in (None, global_batch):
-                problems.append(
-                    f"world size: {latest} was written with global batch {gb}, this launch gives {global_batch} "
-                    f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x {shape.world} "
-                    f"processes); fix: keep the global batch (e.g. train.gradient_accumulation_steps="
-                    f"{gb // (t.micro_batch_size * shape.world)} if it divides), or train.resume=never")
+            err = layout.global_batch_problem(layout.read_state(latest), latest, cfg,
+                                              t.micro_batch_size * t.gradient_accumulation_steps * shape.world,
+                                              shape.world)
+            if err:
+                problems.append(err)
 
     # output dir: writable; with several nodes, the same directory on all of them
     err = check_output_writable(out)

@@ -121,6 +121,23 @@ def check_room(output_dir, trainable_params: int, keep_last: int | None, save_ev
                 "train.keep_last, or use another directory")
     return None
 
+
+def global_batch_problem(state: dict, ckpt: Path, cfg, global_batch: int, dp: int) -> str | None:
+    """The global batch `ckpt` was written with vs this run's (micro x accumulation x `dp` processes):
+    the data order depends on it, so a resume needs it equal (the launcher's preflight and the trainer)."""
+    written = state.get("global_batch")  # absent only in hand-made states
+    if written is None or written == global_batch:
+        return None
+    t = cfg.train
+    per_step = t.micro_batch_size * dp
+    keep = (f"train.gradient_accumulation_steps={written // per_step}" if written % per_step == 0
+            else "raise gradient_accumulation_steps when using fewer processes")
+    return (f"train: {ckpt.name} was written with global batch {written} (micro x accumulation x processes), this "
+            f"run has {global_batch} = {t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp}; the data order "
+            f"depends on the global batch. Keep it equal (e.g. {keep}), or set train.resume_weights_only=true with "
+            "train.resume=<that checkpoint>, or train.resume=never")
+
+
 def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, reshardable: bool,
                     data_order: dict | None = None) -> list[tuple[str, bool]]:
     """Why `ckpt` cannot be resumed exactly by this run: (message, fixable by train.resume_weights_only)."""
@@ -136,12 +153,9 @@ def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, re
             f"data: {ckpt.name} was trained on another data order ({'; '.join(changed)}), so the remaining steps would "
             "not hold the examples an uninterrupted run would; restore those settings, or set "
             "train.resume_weights_only=true (fresh schedule and order), or train.resume=never", True))
-    if state["global_batch"] != global_batch:
-        problems.append((
-            f"train: {ckpt.name} was written with global batch {state['global_batch']} (micro x accumulation x "
-            f"processes), this run has {global_batch} = {t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp}; "
-            "the data order depends on the global batch. Keep it equal (e.g. raise gradient_accumulation_steps when "
-            "using fewer processes), or set train.resume_weights_only=true, or train.resume=never", True))
+    gb = global_batch_problem(state, ckpt, cfg, global_batch, dp)
+    if gb:
+        problems.append((gb, True))
     if state.get("model", cfg.model.name_or_path) != cfg.model.name_or_path:
         problems.append((f"model.name_or_path: {ckpt.name} trained on '{state['model']}', this run loads "
                          f"'{cfg.model.name_or_path}'; set train.resume_weights_only=true to start from its adapter "

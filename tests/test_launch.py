@@ -190,7 +190,7 @@ def test_preflight_ok_and_each_problem_named_with_its_fix(tiny, reference, tmp_p
     res = cli("launch", "--config", str(reference.parent / "run.yaml"), "--cpu", "--check")
     probs = _problems(res)
     assert res.returncode == 3 and len(probs) == 1, res.stderr
-    assert "global batch 8" in probs[0] and "gives 4" in probs[0] and "train.gradient_accumulation_steps=2" in probs[0]
+    assert "global batch 8" in probs[0] and "this run has 4" in probs[0] and "train.gradient_accumulation_steps=2" in probs[0]
     # ... the measured checkpoint size is used once a checkpoint exists
     res = cli("launch", "--config", str(reference.parent / "run.yaml"), "--cpu", "--processes-per-node", "2", "--check")
     assert res.returncode == 0 and "measured on" in res.stderr, res.stderr
