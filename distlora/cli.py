@@ -15,15 +15,11 @@ def merge(adapter: str, base: str, out: str, dtype: str = "float32", quantizatio
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distlora.model import DTYPES
+    from distlora.model import DTYPES, quantization_config
 
     if quantization is not None:
-        from transformers import BitsAndBytesConfig
-
         q = quantization
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
-                                 bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
-                                 bnb_4bit_quant_storage=DTYPES[q.quant_storage])
+        bnb = quantization_config(q)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[q.compute_dtype], quantization_config=bnb)
         model = model.dequantize()  # plain Linear layers in the compute dtype, the weights the adapter saw
     else:

@@ -247,18 +247,9 @@ def checkpoint_bytes(cfg) -> tuple[int | None, str]:
 
 
 def lora_param_count(cfg) -> int:
-    """Trainable parameters of the LoRA model, built on the meta device (no weights read)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from distlora.model import lora_param_count as count  # torch: only where the model is checked (--check, a run)
 
-    mconf = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mconf, trust_remote_code=cfg.model.trust_remote_code)
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                      use_dora=cfg.lora.use_dora, modules_to_save=cfg.lora.modules_to_save, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lcfg)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return count(cfg)
 
 
 def check_output_writable(out: Path) -> str | None:
