@@ -48,6 +48,8 @@ def preprocess(config_path: str, overrides: list[str]) -> int:
 
 
 def main(argv=None) -> int:
+    from distlora.config import LAUNCH_BACKENDS
+
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="distlora")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     pl = sub.add_parser("plan", help="per-GPU memory estimate for a run config (reads the model config only)")
     pl.add_argument("--config", required=True, help="run config YAML")
     pl.add_argument("--gpus", type=int, required=True, help="GPUs (data-parallel ranks)")
-    pl.add_argument("--backend", choices=["ddp", "zero2", "zero3", "fsdp2"], help="default: all of them")
+    pl.add_argument("--backend", choices=LAUNCH_BACKENDS, help="default: all of them")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run config")
     pt = sub.add_parser("plot", help="write PNG charts (loss, lr, tokens/s, memory) from output_dir/metrics.jsonl")

@@ -38,6 +38,9 @@ class ConfigError(Exception):
 # else DDP over several processes, else a single process).
 BACKENDS = ("single", "ddp", "zero2", "zero3", "fsdp2")
 Backend = Literal["single", "ddp", "zero2", "zero3", "fsdp2"]
+# What `distlora launch`, `distlora slurm` and `distlora plan --backend` offer: one process is a
+# shape (--nodes 1 --gpus-per-node 1), not a choice.
+LAUNCH_BACKENDS = tuple(b for b in BACKENDS if b != "single")
 
 
 class _Section(BaseModel):

@@ -34,9 +34,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from distlora import config as config_mod
 from distlora import layout
+from distlora.config import LAUNCH_BACKENDS as BACKENDS
 
-BACKENDS = ("ddp", "zero2", "zero3", "fsdp2")
 DEEPSPEED_JSON = {"zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json"}
 DEFAULT_MULTINODE_PORT = 29500
 EXIT_PREFLIGHT = 3  # preflight found problems; nothing was launched

@@ -45,7 +45,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-BACKENDS = ("ddp", "zero2", "zero3", "fsdp2")
+from distlora.config import LAUNCH_BACKENDS as BACKENDS
+
 MIB = 2**20
 
 
