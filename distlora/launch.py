@@ -60,6 +60,11 @@ class Shape:
         s = "" if self.procs_per_node == 1 else "es" if self.cpu else "s"
         return f"{self.nodes} node(s) x {self.procs_per_node} {unit}{s}, backend {self.backend}"
 
+    def run_overrides(self) -> list[str]:
+        """Run-config overrides the launch adds: FSDP2 is distlora's own fully_shard, chosen by the run
+        config over a plain multi-process accelerate config (accelerate's FSDP path needs GPUs)."""
+        return ["train.backend=fsdp2"] if self.backend == "fsdp2" else []
+
     def generator_args(self) -> str:
         per = f"--processes-per-node {self.procs_per_node} --cpu" if self.cpu else f"--gpus-per-node {self.procs_per_node}"
         return f"--nodes {self.nodes} {per} --backend {self.backend}"
@@ -76,12 +81,10 @@ def accelerate_config(shape: Shape, main_port: int | None = None) -> list[tuple[
     rows: list[tuple[str, object, str]] = [("compute_environment", "LOCAL_MACHINE", "")]
     if shape.backend in DEEPSPEED_JSON:
         dtype = "DEEPSPEED"
-    elif shape.backend == "fsdp2":
-        dtype = "FSDP"
     elif shape.world == 1:
         dtype = "NO"
     else:
-        dtype = "MULTI_GPU"
+        dtype = "MULTI_GPU"  # ddp, and fsdp2 (distlora shards itself: Shape.run_overrides)
     why = ""
     if dtype == "MULTI_GPU" and shape.cpu:
         why = "on CPU too: distlora's Accelerator(cpu=True) makes it MULTI_CPU + gloo"
@@ -92,18 +95,6 @@ def accelerate_config(shape: Shape, main_port: int | None = None) -> list[tuple[
             "deepspeed_multinode_launcher": "standard",
             "zero3_init_flag": shape.backend == "zero3",
         }, "the JSON says \"auto\" for batch sizes and precision: the run config fills them"))
-    if shape.backend == "fsdp2":
-        rows.append(("fsdp_config", {
-            "fsdp_version": 2,
-            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_reshard_after_forward": True,
-            "fsdp_offload_params": False,
-            # every rank loads the frozen base itself: LoRA is created on real weights on each rank
-            "fsdp_cpu_ram_efficient_loading": False,
-            # distlora gathers the adapter itself (full_tensor); accelerate's own state dicts are not used
-            "fsdp_state_dict_type": "FULL_STATE_DICT",
-            "fsdp_activation_checkpointing": False,
-        }, "activation checkpointing comes from model.gradient_checkpointing in the run config"))
     rows += [
         ("num_machines", shape.nodes, ""),
         ("num_processes", shape.world, "all processes on all machines"),
@@ -141,10 +132,14 @@ def _yaml_value(value) -> str:
 def render_accelerate_yaml(shape: Shape, config_path: str, main_port: int | None = None) -> str:
     """The YAML text; line 1 is the command that uses it (tests/test_config.py checks that)."""
     node = " --machine_rank R --main_process_ip MAIN_IP" if shape.nodes > 1 else ""
+    run = " ".join(["run.yaml", *shape.run_overrides()])
     lines = [
-        f"# accelerate launch --config_file {config_path}{node} -m distlora.train --config run.yaml",
+        f"# accelerate launch --config_file {config_path}{node} -m distlora.train --config {run}",
         f"# {shape.describe()}. Written by `distlora launch {shape.generator_args()}`: regenerate, do not edit.",
     ]
+    if shape.backend == "fsdp2":
+        lines.append("# A plain multi-process config: FSDP2 is distlora's own fully_shard, chosen by the run config's "
+                     "train.backend: fsdp2 (`distlora launch --backend fsdp2` adds it).")
     if shape.nodes > 1:
         lines.append("# Run once per node (R = 0..N-1; MAIN_IP = node 0's address); `distlora launch` prints the commands.")
     for key, value, comment in accelerate_config(shape, main_port):
@@ -174,7 +169,7 @@ def launch_command(shape: Shape, acc_config: str, run_config: str, overrides=(),
                 "--rdzv_backend", "static", "--same_network", "--max_restarts", "0"]
     elif main_port:
         cmd += ["--main_process_port", str(main_port)]
-    return cmd + ["-m", "distlora.train", "--config", run_config, *overrides]
+    return cmd + ["-m", "distlora.train", "--config", run_config, *shape.run_overrides(), *overrides]
 
 
 def runnable(cmd: list[str]) -> list[str]:
@@ -334,9 +329,6 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
     if shape.cpu and t.loss_impl == "liger":
         problems.append("train.loss_impl: liger's fused loss runs on CUDA GPUs only; fix: train.loss_impl=torch "
                         "with --cpu (train.loss_chunk_size bounds the logits memory), or launch on GPUs")
-    if shape.cpu and shape.backend == "fsdp2":
-        problems.append("backend: accelerate's FSDP path needs GPUs (on CPU it fails or silently does not shard); "
-                        "fix: --backend ddp on CPU")
     if shape.backend in DEEPSPEED_JSON and not Path(DEEPSPEED_JSON[shape.backend]).is_file():
         problems.append(f"backend: {DEEPSPEED_JSON[shape.backend]} (the DeepSpeed config the accelerate config points to) "
                         "does not exist here; fix: run from the repository root, or copy configs/deepspeed/ next to your run")
