@@ -19,6 +19,11 @@ config never sets them (it says mixed_precision 'no'; the DeepSpeed JSONs say "a
 `--cpu` (tests, CPU clusters): processes are CPU processes, `--processes-per-node` counts them, and
 the config is the MULTI_GPU kind, which distlora turns into real gloo DDP on CPU (see
 distributed.build_accelerator); MULTI_CPU would start one process per node.
+
+`--backend fsdp2` writes the same plain multi-process config as ddp and adds `train.backend=fsdp2`
+to the run config's overrides: FSDP2 is distlora's own fully_shard (accelerate's FSDP path needs
+GPUs), so it runs on CPU too. --dry-run and `distlora slurm` import no torch (a login node renders
+in well under a second); checks that need the model run with --check, in the job, and in the trainer.
 """
 
 from __future__ import annotations
@@ -398,14 +403,33 @@ def shape_from_args(args) -> Shape:
     return Shape(args.nodes, args.per_node, args.backend, args.cpu)
 
 
-def load_run_config(args):
-    from distlora import config as config_mod
+def backend_problem(cfg, shape: Shape) -> str | None:
+    """The run config's train.backend against the launch's --backend (auto follows the launch)."""
+    b = cfg.train.backend
+    if b in ("auto", shape.backend) or (b == "single" and shape.world == 1):
+        return None
+    if b == "single":
+        return (f"train.backend: single runs one process, this launch starts {shape.world}; fix: --nodes 1 "
+                "--gpus-per-node 1, or train.backend=auto")
+    return f"train.backend: the run config says {b}, the launch --backend {shape.backend}; fix: --backend {b}, or train.backend=auto"
 
+
+def load_run_config(args, shape: Shape | None = None, check_model: bool = True):
+    """The run config, validated (exit 2 naming each problem). Without `check_model` nothing reads
+    the model (no torch: rendering on a login node); the job's --check and the trainer do."""
     try:
-        return config_mod.load(args.config, args.overrides)
+        cfg = config_mod.load(args.config, args.overrides, check_model=check_model)
     except config_mod.ConfigError as err:
         print(err.render(), file=sys.stderr)
         raise SystemExit(2) from None
+    err = backend_problem(cfg, shape) if shape is not None else None
+    if err:
+        print(f"distlora: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    if not check_model and cfg.lora.target_modules != "all-linear":
+        print("distlora: note: lora.target_modules is checked against the model where it loads (--check, the run)",
+              file=sys.stderr)
+    return cfg
 
 
 def main(argv=None) -> int:
@@ -419,7 +443,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="run the preflight checks only")
     args = p.parse_args(argv)
     shape = shape_from_args(args)
-    cfg = load_run_config(args)
+    cfg = load_run_config(args, shape, check_model=args.check or not args.dry_run)  # --dry-run: no torch
     out = Path(cfg.train.output_dir)
 
     multi = shape.nodes > 1

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--submit", action="store_true", help="also run sbatch on it")
     args = p.parse_args(argv)
     shape = shape_from_args(args)
-    cfg = load_run_config(args)
+    cfg = load_run_config(args, shape, check_model=False)  # no torch here; the job's `distlora launch --check` loads it
     output_dir = Path(cfg.train.output_dir).resolve()
     script = Path(args.out).resolve() if args.out else output_dir / "launch" / "job.sbatch"
     acc = script.parent / "accelerate.yaml"
