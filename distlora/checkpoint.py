@@ -22,21 +22,13 @@ from pathlib import Path
 import torch
 
 from distlora import hooks
-
-MARKER = "COMPLETE.json"
-STATE = "trainer_state.json"
+from distlora.layout import (  # noqa: F401 - the layout's names, used here and re-exported
+    MARKER, STATE, check_room, ckpt_root, complete_checkpoints, is_complete, latest, lora_shape, read_state,
+    resume_problems, step_dir)
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def ckpt_root(output_dir) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def step_dir(output_dir, step: int) -> Path:
-    return ckpt_root(output_dir) / f"step-{step:08d}"
 
 
 def _fsync_tree(path: Path) -> dict[str, int]:
@@ -76,21 +68,6 @@ def _publish(tmp: Path, final: Path, meta: dict) -> None:
     else:
         tmp.rename(final)
     _fsync_dir(final.parent)
-
-
-def is_complete(path: Path) -> bool:
-    marker = path / MARKER
-    if not marker.is_file():
-        return False
-    try:
-        meta = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    for name, size in meta.get("files", {}).items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            return False
-    return True
 
 
 def expected_adapter_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -203,27 +180,6 @@ def save(backend, scheduler, tokenizer, output_dir, state: dict, keep_last: int 
     return final
 
 
-def check_room(output_dir, trainable_params: int, keep_last: int | None, save_every: int) -> str | None:
-    """At trainer start: can output_dir hold what this run will write? (None = yes, else the problem.)
-    A checkpoint is ~12 bytes per trainable parameter (fp32 adapter + two Adam moments); during a
-    save keep_last + 1 of them exist, plus the final adapter (4 bytes per parameter)."""
-    out = Path(output_dir)
-    probe = out / f".write-probe-{os.getpid()}"
-    try:
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        return f"train.output_dir: cannot write to {out} ({exc.strerror or exc}); point it at a writable directory"
-    ckpt = 12 * trainable_params + (1 << 20)
-    copies = 0 if not save_every else (keep_last + 1 if keep_last else 2)
-    need = copies * ckpt + 4 * trainable_params
-    free = shutil.disk_usage(out).free
-    if free < need:
-        return (f"train.output_dir: {free / 2**20:,.0f} MiB free on {out}, this run needs ~{need / 2**20:,.0f} MiB "
-                f"({copies} checkpoint(s) of ~{ckpt / 2**20:,.0f} MiB + the adapter); free space, lower "
-                "train.keep_last, or use another directory")
-    return None
-
 
 def clean_partial(output_dir) -> list[Path]:
     """Remove what interrupted saves left (main process, before training); returns what it removed."""
@@ -231,27 +187,6 @@ def clean_partial(output_dir) -> list[Path]:
     for d in partial:
         shutil.rmtree(d, ignore_errors=True)
     return partial
-
-
-def complete_checkpoints(output_dir) -> tuple[list[Path], list[Path]]:
-    """(complete checkpoints sorted by step, partial ones)."""
-    root = ckpt_root(output_dir)
-    if not root.is_dir():
-        return [], []
-    done, partial = [], []
-    for d in sorted(root.iterdir()):
-        if not d.is_dir():
-            continue
-        if d.name.startswith("step-") and is_complete(d):
-            done.append(d)
-        else:
-            partial.append(d)
-    return done, partial
-
-
-def latest(output_dir) -> Path | None:
-    done, _ = complete_checkpoints(output_dir)
-    return done[-1] if done else None
 
 
 def rotate(output_dir, keep_last: int | None) -> None:
@@ -275,53 +210,6 @@ def _remove(d: Path) -> None:
     (d / MARKER).unlink(missing_ok=True)
     shutil.rmtree(d, ignore_errors=True)
 
-
-def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / STATE).read_text())
-
-
-def lora_shape(cfg) -> dict:
-    """What fixes the adapter tensors' keys and shapes."""
-    lo = cfg.lora
-    return {"r": lo.r, "target_modules": lo.target_modules, "use_dora": lo.use_dora,
-            "modules_to_save": lo.modules_to_save}
-
-
-def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, reshardable: bool,
-                    data_order: dict | None = None) -> list[tuple[str, bool]]:
-    """Why `ckpt` cannot be resumed exactly by this run: (message, fixable by train.resume_weights_only)."""
-    t = cfg.train
-    problems = []
-    old_order = state.get("data_order")  # absent in checkpoints written before it was recorded
-    if data_order is not None and old_order is not None and old_order != data_order:
-        where = {"seed": "train.seed", "shuffle": "data.shuffle", "group_by_length": "data.group_by_length",
-                 "row_capacity": "data.packing / train.micro_batch_tokens / data.max_seq_len (packed row tokens)",
-                 "items": "the training data (examples, or packed rows, after filtering)"}
-        changed = [f"{where[k]}: {old_order.get(k)} -> {v}" for k, v in data_order.items() if old_order.get(k) != v]
-        problems.append((
-            f"data: {ckpt.name} was trained on another data order ({'; '.join(changed)}), so the remaining steps would "
-            "not hold the examples an uninterrupted run would; restore those settings, or set "
-            "train.resume_weights_only=true (fresh schedule and order), or train.resume=never", True))
-    if state["global_batch"] != global_batch:
-        problems.append((
-            f"train: {ckpt.name} was written with global batch {state['global_batch']} (micro x accumulation x "
-            f"processes), this run has {global_batch} = {t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp}; "
-            "the data order depends on the global batch. Keep it equal (e.g. raise gradient_accumulation_steps when "
-            "using fewer processes), or set train.resume_weights_only=true, or train.resume=never", True))
-    if state.get("model", cfg.model.name_or_path) != cfg.model.name_or_path:
-        problems.append((f"model.name_or_path: {ckpt.name} trained on '{state['model']}', this run loads "
-                         f"'{cfg.model.name_or_path}'; set train.resume_weights_only=true to start from its adapter "
-                         "anyway, or train.resume=never", True))
-    old_shape = state.get("lora_shape", lora_shape(cfg))
-    if old_shape != lora_shape(cfg):
-        changed = {k: (old_shape.get(k), v) for k, v in lora_shape(cfg).items() if old_shape.get(k) != v}
-        problems.append((f"lora: {ckpt.name} holds an adapter of another shape ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
-                         "its tensors cannot load into this model: restore those settings, or set train.resume=never", False))
-    if state["dp_size"] != dp and not reshardable:
-        problems.append((f"train: {ckpt.name} holds optimizer state partitioned over {state['dp_size']} ranks (ZeRO), "
-                         f"which cannot be resharded to {dp}; resume on {state['dp_size']} processes, or set "
-                         "train.resume_weights_only=true (fresh optimizer)", True))
-    return problems
 
 
 def load_weights_only(backend, ckpt: Path) -> None:

@@ -15,15 +15,11 @@ def merge(adapter: str, base: str, out: str, dtype: str = "float32", quantizatio
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distlora.model import DTYPES
+    from distlora.model import DTYPES, quantization_config
 
     if quantization is not None:
-        from transformers import BitsAndBytesConfig
-
         q = quantization
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
-                                 bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
-                                 bnb_4bit_quant_storage=DTYPES[q.quant_storage])
+        bnb = quantization_config(q)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[q.compute_dtype], quantization_config=bnb)
         model = model.dequantize()  # plain Linear layers in the compute dtype, the weights the adapter saw
     else:
@@ -52,6 +48,8 @@ def preprocess(config_path: str, overrides: list[str]) -> int:
 
 
 def main(argv=None) -> int:
+    from distlora.config import LAUNCH_BACKENDS
+
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="distlora")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -67,7 +65,7 @@ def main(argv=None) -> int:
     pl = sub.add_parser("plan", help="per-GPU memory estimate for a run config (reads the model config only)")
     pl.add_argument("--config", required=True, help="run config YAML")
     pl.add_argument("--gpus", type=int, required=True, help="GPUs (data-parallel ranks)")
-    pl.add_argument("--backend", choices=["ddp", "zero2", "zero3", "fsdp2"], help="default: all of them")
+    pl.add_argument("--backend", choices=LAUNCH_BACKENDS, help="default: all of them")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run config")
     pt = sub.add_parser("plot", help="write PNG charts (loss, lr, tokens/s, memory) from output_dir/metrics.jsonl")

@@ -38,6 +38,9 @@ class ConfigError(Exception):
 # else DDP over several processes, else a single process).
 BACKENDS = ("single", "ddp", "zero2", "zero3", "fsdp2")
 Backend = Literal["single", "ddp", "zero2", "zero3", "fsdp2"]
+# What `distlora launch`, `distlora slurm` and `distlora plan --backend` offer: one process is a
+# shape (--nodes 1 --gpus-per-node 1), not a choice.
+LAUNCH_BACKENDS = tuple(b for b in BACKENDS if b != "single")
 
 
 class _Section(BaseModel):
@@ -498,16 +501,6 @@ def _looks_local(p: str) -> bool:
     return Path(p).exists() or p.startswith((".", "/", "~")) or p.count("/") > 1
 
 
-def _meta_model(model_cfg: ModelConfig):
-    """The model built from its config alone (meta device, no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    conf = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(conf, trust_remote_code=model_cfg.trust_remote_code)
-
-
 def _linear_names(m) -> list[str]:
     import torch
 
@@ -516,14 +509,18 @@ def _linear_names(m) -> list[str]:
 
 def linear_module_names(model_cfg: ModelConfig) -> list[str]:
     """Leaf names of the model's nn.Linear modules, from its config alone (meta device, no weights)."""
-    return _linear_names(_meta_model(model_cfg))
+    from distlora.model import meta_model
+
+    return _linear_names(meta_model(model_cfg))
 
 
 def _check_target_modules(model: ModelConfig, lora: LoraConfig, liger: bool = False) -> list[str]:
     if lora.target_modules == "all-linear":
         return []  # PEFT's all-linear leaves the output layer out
     try:
-        m = _meta_model(model)
+        from distlora.model import meta_model  # torch and transformers: only here, where the model is checked
+
+        m = meta_model(model)
     except Exception as exc:  # noqa: BLE001 - reported as a config problem, with the cause
         return [f"model.name_or_path: cannot read the model config at '{model.name_or_path}': {exc}"]
     names = _linear_names(m)

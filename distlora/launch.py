@@ -18,7 +18,12 @@ config never sets them (it says mixed_precision 'no'; the DeepSpeed JSONs say "a
 
 `--cpu` (tests, CPU clusters): processes are CPU processes, `--processes-per-node` counts them, and
 the config is the MULTI_GPU kind, which distlora turns into real gloo DDP on CPU (see
-distributed.build_accelerator); MULTI_CPU would start one process per node.
+distlora.backends.base.Backend.build_accelerator); MULTI_CPU would start one process per node.
+
+`--backend fsdp2` writes the same plain multi-process config as ddp and adds `train.backend=fsdp2`
+to the run config's overrides: FSDP2 is distlora's own fully_shard (accelerate's FSDP path needs
+GPUs), so it runs on CPU too. --dry-run and `distlora slurm` import no torch (a login node renders
+in well under a second); checks that need the model run with --check, in the job, and in the trainer.
 """
 
 from __future__ import annotations
@@ -34,7 +39,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-BACKENDS = ("ddp", "zero2", "zero3", "fsdp2")
+from distlora import config as config_mod
+from distlora import layout
+from distlora.config import LAUNCH_BACKENDS as BACKENDS
+
 DEEPSPEED_JSON = {"zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json"}
 DEFAULT_MULTINODE_PORT = 29500
 EXIT_PREFLIGHT = 3  # preflight found problems; nothing was launched
@@ -57,6 +65,11 @@ class Shape:
         s = "" if self.procs_per_node == 1 else "es" if self.cpu else "s"
         return f"{self.nodes} node(s) x {self.procs_per_node} {unit}{s}, backend {self.backend}"
 
+    def run_overrides(self) -> list[str]:
+        """Run-config overrides the launch adds: FSDP2 is distlora's own fully_shard, chosen by the run
+        config over a plain multi-process accelerate config (accelerate's FSDP path needs GPUs)."""
+        return ["train.backend=fsdp2"] if self.backend == "fsdp2" else []
+
     def generator_args(self) -> str:
         per = f"--processes-per-node {self.procs_per_node} --cpu" if self.cpu else f"--gpus-per-node {self.procs_per_node}"
         return f"--nodes {self.nodes} {per} --backend {self.backend}"
@@ -73,12 +86,10 @@ def accelerate_config(shape: Shape, main_port: int | None = None) -> list[tuple[
     rows: list[tuple[str, object, str]] = [("compute_environment", "LOCAL_MACHINE", "")]
     if shape.backend in DEEPSPEED_JSON:
         dtype = "DEEPSPEED"
-    elif shape.backend == "fsdp2":
-        dtype = "FSDP"
     elif shape.world == 1:
         dtype = "NO"
     else:
-        dtype = "MULTI_GPU"
+        dtype = "MULTI_GPU"  # ddp, and fsdp2 (distlora shards itself: Shape.run_overrides)
     why = ""
     if dtype == "MULTI_GPU" and shape.cpu:
         why = "on CPU too: distlora's Accelerator(cpu=True) makes it MULTI_CPU + gloo"
@@ -89,18 +100,6 @@ def accelerate_config(shape: Shape, main_port: int | None = None) -> list[tuple[
             "deepspeed_multinode_launcher": "standard",
             "zero3_init_flag": shape.backend == "zero3",
         }, "the JSON says \"auto\" for batch sizes and precision: the run config fills them"))
-    if shape.backend == "fsdp2":
-        rows.append(("fsdp_config", {
-            "fsdp_version": 2,
-            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_reshard_after_forward": True,
-            "fsdp_offload_params": False,
-            # every rank loads the frozen base itself: LoRA is created on real weights on each rank
-            "fsdp_cpu_ram_efficient_loading": False,
-            # distlora gathers the adapter itself (full_tensor); accelerate's own state dicts are not used
-            "fsdp_state_dict_type": "FULL_STATE_DICT",
-            "fsdp_activation_checkpointing": False,
-        }, "activation checkpointing comes from model.gradient_checkpointing in the run config"))
     rows += [
         ("num_machines", shape.nodes, ""),
         ("num_processes", shape.world, "all processes on all machines"),
@@ -138,10 +137,14 @@ def _yaml_value(value) -> str:
 def render_accelerate_yaml(shape: Shape, config_path: str, main_port: int | None = None) -> str:
     """The YAML text; line 1 is the command that uses it (tests/test_config.py checks that)."""
     node = " --machine_rank R --main_process_ip MAIN_IP" if shape.nodes > 1 else ""
+    run = " ".join(["run.yaml", *shape.run_overrides()])
     lines = [
-        f"# accelerate launch --config_file {config_path}{node} -m distlora.train --config run.yaml",
+        f"# accelerate launch --config_file {config_path}{node} -m distlora.train --config {run}",
         f"# {shape.describe()}. Written by `distlora launch {shape.generator_args()}`: regenerate, do not edit.",
     ]
+    if shape.backend == "fsdp2":
+        lines.append("# A plain multi-process config: FSDP2 is distlora's own fully_shard, chosen by the run config's "
+                     "train.backend: fsdp2 (`distlora launch --backend fsdp2` adds it).")
     if shape.nodes > 1:
         lines.append("# Run once per node (R = 0..N-1; MAIN_IP = node 0's address); `distlora launch` prints the commands.")
     for key, value, comment in accelerate_config(shape, main_port):
@@ -171,7 +174,7 @@ def launch_command(shape: Shape, acc_config: str, run_config: str, overrides=(),
                 "--rdzv_backend", "static", "--same_network", "--max_restarts", "0"]
     elif main_port:
         cmd += ["--main_process_port", str(main_port)]
-    return cmd + ["-m", "distlora.train", "--config", run_config, *overrides]
+    return cmd + ["-m", "distlora.train", "--config", run_config, *shape.run_overrides(), *overrides]
 
 
 def runnable(cmd: list[str]) -> list[str]:
@@ -231,11 +234,9 @@ def slurm_allocation(env=None) -> dict | None:
 
 def checkpoint_bytes(cfg) -> tuple[int | None, str]:
     """Bytes of one checkpoint: measured from an existing one, else estimated from the LoRA size."""
-    from distlora import checkpoint
-
     out = Path(cfg.train.output_dir)
     if out.is_dir():
-        done, _ = checkpoint.complete_checkpoints(out)
+        done, _ = layout.complete_checkpoints(out)
         if done:
             latest = done[-1]
             return sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()), f"measured on {latest}"
@@ -243,23 +244,13 @@ def checkpoint_bytes(cfg) -> tuple[int | None, str]:
         n = lora_param_count(cfg)
     except Exception as exc:  # noqa: BLE001 - an estimate only; say why it is missing
         return None, f"could not estimate the adapter size ({type(exc).__name__}: {exc})"
-    # fp32 adapter + two fp32 Adam moments, + 16 MiB for tokenizer files and state
-    return 12 * n + (16 << 20), f"estimated from {n:,} LoRA parameters"
+    return layout.checkpoint_bytes(n), f"estimated from {n:,} LoRA parameters"
 
 
 def lora_param_count(cfg) -> int:
-    """Trainable parameters of the LoRA model, built on the meta device (no weights read)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from distlora.model import lora_param_count as count  # torch: only where the model is checked (--check, a run)
 
-    mconf = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mconf, trust_remote_code=cfg.model.trust_remote_code)
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                      use_dora=cfg.lora.use_dora, modules_to_save=cfg.lora.modules_to_save, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lcfg)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return count(cfg)
 
 
 def check_output_writable(out: Path) -> str | None:
@@ -305,8 +296,6 @@ def check_shared_dir_slurm(out: Path, nodes: int, timeout: int = 120) -> str | N
 
 def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = True, env=None) -> tuple[list[str], list[str]]:
     """(problems, notes). Each problem says what is wrong and how to fix it."""
-    from distlora import checkpoint
-
     problems, notes = [], []
     t = cfg.train
     out = Path(t.output_dir)
@@ -345,25 +334,19 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
     if shape.cpu and t.loss_impl == "liger":
         problems.append("train.loss_impl: liger's fused loss runs on CUDA GPUs only; fix: train.loss_impl=torch "
                         "with --cpu (train.loss_chunk_size bounds the logits memory), or launch on GPUs")
-    if shape.cpu and shape.backend == "fsdp2":
-        problems.append("backend: accelerate's FSDP path needs GPUs (on CPU it fails or silently does not shard); "
-                        "fix: --backend ddp on CPU")
     if shape.backend in DEEPSPEED_JSON and not Path(DEEPSPEED_JSON[shape.backend]).is_file():
         problems.append(f"backend: {DEEPSPEED_JSON[shape.backend]} (the DeepSpeed config the accelerate config points to) "
                         "does not exist here; fix: run from the repository root, or copy configs/deepspeed/ next to your run")
 
     # a checkpoint from another global batch cannot be resumed
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * shape.world
     if t.resume == "auto" and out.is_dir():
-        latest = checkpoint.latest(out)
+        latest = layout.latest(out)
         if latest is not None:
-            gb = checkpoint.read_state(latest).get("global_batch")
-            if gb not in (None, global_batch):
-                problems.append(
-                    f"world size: {latest} was written with global batch {gb}, this launch gives {global_batch} "
-                    f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x {shape.world} "
-                    f"processes); fix: keep the global batch (e.g. train.gradient_accumulation_steps="
-                    f"{gb // (t.micro_batch_size * shape.world)} if it divides), or train.resume=never")
+            err = layout.global_batch_problem(layout.read_state(latest), latest, cfg,
+                                              t.micro_batch_size * t.gradient_accumulation_steps * shape.world,
+                                              shape.world)
+            if err:
+                problems.append(err)
 
     # output dir: writable; with several nodes, the same directory on all of them
     err = check_output_writable(out)
@@ -380,16 +363,9 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
         if size is None:
             notes.append(f"free disk not checked: {how}")
         else:
-            if not t.save_every:
-                kept = 0
-            elif t.keep_last:
-                kept = t.keep_last + 2  # + the best one + the one being written
-            elif t.max_steps:
-                kept = t.max_steps // t.save_every + 1
-            else:
-                kept = 12
-                notes.append("train.keep_last is null: checkpoints accumulate; free disk checked for 10 of them")
-            need = size * kept + size // 3  # and the final adapter (a third: no optimizer state)
+            need, kept = layout.disk_need(size, t.keep_last, t.save_every, t.max_steps)
+            if t.save_every and not t.keep_last and not t.max_steps:
+                notes.append(f"train.keep_last is null: checkpoints accumulate; free disk checked for {kept} of them")
             free = shutil.disk_usage(out).free
             if free < need:
                 problems.append(f"disk: {free / 2**30:.2f} GiB free under {out}, the run needs about "
@@ -427,14 +403,33 @@ def shape_from_args(args) -> Shape:
     return Shape(args.nodes, args.per_node, args.backend, args.cpu)
 
 
-def load_run_config(args):
-    from distlora import config as config_mod
+def backend_problem(cfg, shape: Shape) -> str | None:
+    """The run config's train.backend against the launch's --backend (auto follows the launch)."""
+    b = cfg.train.backend
+    if b in ("auto", shape.backend) or (b == "single" and shape.world == 1):
+        return None
+    if b == "single":
+        return (f"train.backend: single runs one process, this launch starts {shape.world}; fix: --nodes 1 "
+                "--gpus-per-node 1, or train.backend=auto")
+    return f"train.backend: the run config says {b}, the launch --backend {shape.backend}; fix: --backend {b}, or train.backend=auto"
 
+
+def load_run_config(args, shape: Shape | None = None, check_model: bool = True):
+    """The run config, validated (exit 2 naming each problem). Without `check_model` nothing reads
+    the model (no torch: rendering on a login node); the job's --check and the trainer do."""
     try:
-        return config_mod.load(args.config, args.overrides)
+        cfg = config_mod.load(args.config, args.overrides, check_model=check_model)
     except config_mod.ConfigError as err:
         print(err.render(), file=sys.stderr)
         raise SystemExit(2) from None
+    err = backend_problem(cfg, shape) if shape is not None else None
+    if err:
+        print(f"distlora: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    if not check_model and cfg.lora.target_modules != "all-linear":
+        print("distlora: note: lora.target_modules is checked against the model where it loads (--check, the run)",
+              file=sys.stderr)
+    return cfg
 
 
 def main(argv=None) -> int:
@@ -448,7 +443,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="run the preflight checks only")
     args = p.parse_args(argv)
     shape = shape_from_args(args)
-    cfg = load_run_config(args)
+    cfg = load_run_config(args, shape, check_model=args.check or not args.dry_run)  # --dry-run: no torch
     out = Path(cfg.train.output_dir)
 
     multi = shape.nodes > 1

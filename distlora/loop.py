@@ -231,7 +231,7 @@ def setup(cfg, backend) -> Run:
     run.memory["after_prepare"] = backend.model_state_bytes()
     run.base_checksum_start = backend.frozen_checksum()
     if acc.is_main_process:  # the launcher's preflight again, now that the run is really here (not the port)
-        problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every)
+        problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every, total_steps)
         if problem:
             raise checkpoint.CheckpointError(problem)
     say(

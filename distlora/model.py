@@ -35,21 +35,68 @@ def base_dtype(cfg, mixed_precision: str) -> torch.dtype:
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float16 if mixed_precision == "fp16" else torch.float32
 
 
+def lora_config(cfg):
+    """The run's PEFT LoraConfig: the one the trainer wraps its model with, and the one the launcher
+    and `distlora plan` count parameters with."""
+    from peft import LoraConfig
+
+    lo = cfg.lora
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        use_rslora=lo.use_rslora,
+        use_dora=lo.use_dora,
+        modules_to_save=lo.modules_to_save,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def quantization_config(q):
+    """bitsandbytes' config for a model.quantization section (QLoRA: training and `distlora merge`)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype], bnb_4bit_quant_storage=DTYPES[q.quant_storage],
+    )
+
+
+def meta_model(model_cfg):
+    """The base model (a config.ModelConfig's) built from its config alone on the meta device: no
+    weights are read or allocated. Module names and shapes for config checks, plan and launcher."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(conf, trust_remote_code=model_cfg.trust_remote_code)
+
+
+def meta_lora_model(cfg, base=None):
+    """`base` (default: meta_model of the run's model) wrapped in place by PEFT with the run's
+    lora_config: what trains, as PEFT itself makes it."""
+    from peft import get_peft_model
+
+    return get_peft_model(meta_model(cfg.model) if base is None else base, lora_config(cfg))
+
+
+def lora_param_count(cfg, base=None) -> int:
+    """Trainable parameters of the run's LoRA model, counted on the meta device (no weights read)."""
+    return param_counts(meta_lora_model(cfg, base))["trainable_params"]
+
+
 def load_model(cfg, mixed_precision: str):
     """Frozen base + LoRA adapters (a PeftModel). Seeds the LoRA init with train.seed."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": base_dtype(cfg, mixed_precision), "trust_remote_code": cfg.model.trust_remote_code}
     q = cfg.model.quantization
     if q is not None:  # QLoRA: validated in config (bitsandbytes present, storage = compute dtype)
-        from transformers import BitsAndBytesConfig
-
         kwargs["dtype"] = DTYPES[q.compute_dtype]
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[q.compute_dtype], bnb_4bit_quant_storage=DTYPES[q.quant_storage],
-        )
+        kwargs["quantization_config"] = quantization_config(q)
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
@@ -64,18 +111,7 @@ def load_model(cfg, mixed_precision: str):
     if cfg.lora.init_from:
         model = PeftModel.from_pretrained(model, cfg.lora.init_from, is_trainable=True)
     else:
-        lcfg = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-            use_rslora=cfg.lora.use_rslora,
-            use_dora=cfg.lora.use_dora,
-            modules_to_save=cfg.lora.modules_to_save,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lcfg)
+        model = get_peft_model(model, lora_config(cfg))
     # Adapters train in fp32 even on a bf16/fp16 base: optimizer updates stay exact.
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

@@ -19,7 +19,7 @@ to hidden^2 elements, allocated whole whatever the adapter's size):
          update steps with; moments 8T/N
   fsdp2  frozen base 1/N; adapter 4T/N (fp32 sharded params, no separate master); grads 4T/N;
          moments 8T/N
-The gradient rows are each backend's peak within a step: what GradientBytes (distributed.py)
+The gradient rows are each backend's peak within a step: what the GradientBytes test hook (tests/hooks)
 measures at the start of every micro step, around ZeRO's backward epilogue and before the optimizer
 update. tests/test_backends.py checks parameters, master weights, gradients and optimizer state
 against the bytes measured per rank for DDP, ZeRO-2 and ZeRO-3 on 2 processes (fp32 there: the
@@ -45,7 +45,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-BACKENDS = ("ddp", "zero2", "zero3", "fsdp2")
+from distlora.config import LAUNCH_BACKENDS as BACKENDS
+
 MIB = 2**20
 
 
@@ -101,31 +102,22 @@ class Plan:
 
 
 def model_shape(cfg) -> ModelShape:
-    """Counts from the model config on the meta device: no weights are read."""
+    """Counts from the model config on the meta device: no weights are read. What trains is counted
+    by PEFT itself, wrapping the model with the run's LoRA config (model.lora_config)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from peft.tuners.lora import LoraLayer
 
-    conf = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg.model.trust_remote_code)
+    from distlora.model import meta_lora_model, meta_model, param_counts
+
+    m = meta_model(cfg.model)
+    conf = m.config
     out_emb = m.get_output_embeddings()
-    lora = cfg.lora
-    targets = lora.target_modules
-    trainable, adapted = 0, 0
-    for name, mod in m.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        hit = (mod is not out_emb) if targets == "all-linear" else (leaf in targets or name in targets)
-        if hit:
-            adapted += 1
-            trainable += lora.r * (mod.in_features + mod.out_features) + (mod.out_features if lora.use_dora else 0)
-    for name, mod in m.named_modules():
-        if lora.modules_to_save and name.rsplit(".", 1)[-1] in lora.modules_to_save:
-            trainable += sum(p.numel() for p in mod.parameters())  # a trainable copy; the original stays frozen
-    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
-    named = list(m.named_parameters())
+    named = list(m.named_parameters())  # the frozen base, before PEFT adds adapters and trainable copies
     linear_weights = {f"{n}.weight" for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not out_emb}
+    peft_model = meta_lora_model(cfg, base=m)
+    trainable = param_counts(peft_model)["trainable_params"]
+    adapted = sum(1 for mod in peft_model.modules() if isinstance(mod, LoraLayer))
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
     heads = text.num_attention_heads
     return ModelShape(
         frozen_numels=[p.numel() for _, p in named],
@@ -138,7 +130,7 @@ def model_shape(cfg) -> ModelShape:
         heads=heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab=text.vocab_size,
-        lora_r=lora.r,
+        lora_r=cfg.lora.r,
     )
 
 

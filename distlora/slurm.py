@@ -84,7 +84,7 @@ def render(shape: Shape, *, run_config: Path, output_dir: Path, accelerate_confi
         "RUN_CONFIG": shlex.quote(str(run_config)),
         "ACCELERATE_CONFIG": shlex.quote(str(accelerate_config)),
         "PYTHON": shlex.quote(python or sys.executable),
-        "OVERRIDES": " ".join(shlex.quote(o) for o in overrides),
+        "OVERRIDES": " ".join(shlex.quote(o) for o in [*shape.run_overrides(), *overrides]),
         "MAIN_PORT": str(main_port) if main_port else "$((20000 + SLURM_JOB_ID % 20000))  # per job: jobs sharing a node do not collide",
         "WORKDIR": shlex.quote(str(workdir or Path.cwd())),
         "SHAPE_ARGS": f"--nodes {shape.nodes} {per} --backend {shape.backend}",
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--submit", action="store_true", help="also run sbatch on it")
     args = p.parse_args(argv)
     shape = shape_from_args(args)
-    cfg = load_run_config(args)
+    cfg = load_run_config(args, shape, check_model=False)  # no torch here; the job's `distlora launch --check` loads it
     output_dir = Path(cfg.train.output_dir).resolve()
     script = Path(args.out).resolve() if args.out else output_dir / "launch" / "job.sbatch"
     acc = script.parent / "accelerate.yaml"

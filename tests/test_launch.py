@@ -31,7 +31,8 @@ SHIPPED = {  # shipped file -> the launcher's shape arguments that write it
     "deepspeed_zero3.yaml": ["--nodes", "1", "--gpus-per-node", "8", "--backend", "zero3"],
     "fsdp2.yaml": ["--nodes", "1", "--gpus-per-node", "8", "--backend", "fsdp2"],
 }
-BACKEND_TYPE = {"zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
+BACKEND_TYPE = {"zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "MULTI_GPU"}  # fsdp2: our own fully_shard
+RUN_OVERRIDES = {"fsdp2": ["train.backend=fsdp2"]}  # what the launch adds to the run config, per backend
 
 
 def cli(*args, cwd=ROOT, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -67,19 +68,19 @@ def test_shipped_accelerate_configs_are_the_launchers_output(name, run_cfg, tmp_
     expected_type = BACKEND_TYPE[backend] if backend else ("NO" if nodes * per_node == 1 else "MULTI_GPU")
     assert conf.distributed_type.value == expected_type
     assert conf.mixed_precision in ("no", None)  # the run config owns precision (a DeepSpeed JSON must not set it)
-    # the printed command uses that file and passes the run config untouched
+    # the printed command uses that file and passes the run config untouched (fsdp2: + train.backend=fsdp2)
     cmds = [shlex.split(line) for line in res.stdout.splitlines() if line.startswith("accelerate launch")]
     assert len(cmds) == nodes
     for rank, cmd in enumerate(cmds):
         assert cmd[cmd.index("--config_file") + 1] == f"configs/accelerate/{name}"
-        assert cmd[-4:] == ["-m", "distlora.train", "--config", str(run_cfg)]
+        assert cmd[cmd.index("-m"):] == ["-m", "distlora.train", "--config", str(run_cfg), *RUN_OVERRIDES.get(backend, [])]
         if nodes > 1:
             assert cmd[cmd.index("--machine_rank") + 1] == str(rank)
             assert cmd[cmd.index("--num_machines") + 1] == "2" and "--main_process_ip" in cmd
             assert cmd[cmd.index("--rdzv_backend") + 1] == "static"
 
 
-@pytest.mark.parametrize("backend,dtype", [("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED"), ("fsdp2", "FSDP")])
+@pytest.mark.parametrize("backend,dtype", [("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED"), ("fsdp2", "MULTI_GPU")])
 def test_backend_configs_load_in_accelerate(backend, dtype, run_cfg, tmp_path):
     res = cli("launch", "--config", str(run_cfg), "--nodes", "2", "--gpus-per-node", "4", "--backend", backend,
               "--accelerate-config", "acc.yaml", "--dry-run", cwd=tmp_path)
@@ -91,8 +92,11 @@ def test_backend_configs_load_in_accelerate(backend, dtype, run_cfg, tmp_path):
         assert conf.deepspeed_config["zero3_init_flag"] is (backend == "zero3")
         # DeepSpeed refuses mixed_precision next to a JSON config; the JSON says "auto"
         assert "mixed_precision" not in yaml.safe_load((tmp_path / "acc.yaml").read_text())
-    else:
-        assert conf.fsdp_config["fsdp_version"] == 2 and conf.mixed_precision == "no"
+    else:  # FSDP2: a plain multi-process config; the run config selects distlora's own fully_shard
+        assert not conf.fsdp_config and conf.mixed_precision == "no"
+        assert "train.backend: fsdp2" in (tmp_path / "acc.yaml").read_text().splitlines()[2]
+    cmds = [shlex.split(line) for line in res.stdout.splitlines() if line.startswith("accelerate launch")]
+    assert len(cmds) == 2 and all(c[c.index("-m"):][4:] == RUN_OVERRIDES.get(backend, []) for c in cmds), res.stdout
 
 
 # ---------------------------------------------------------------------------------------------- real runs
@@ -190,7 +194,7 @@ def test_preflight_ok_and_each_problem_named_with_its_fix(tiny, reference, tmp_p
     res = cli("launch", "--config", str(reference.parent / "run.yaml"), "--cpu", "--check")
     probs = _problems(res)
     assert res.returncode == 3 and len(probs) == 1, res.stderr
-    assert "global batch 8" in probs[0] and "gives 4" in probs[0] and "train.gradient_accumulation_steps=2" in probs[0]
+    assert "global batch 8" in probs[0] and "this run has 4" in probs[0] and "train.gradient_accumulation_steps=2" in probs[0]
     # ... the measured checkpoint size is used once a checkpoint exists
     res = cli("launch", "--config", str(reference.parent / "run.yaml"), "--cpu", "--processes-per-node", "2", "--check")
     assert res.returncode == 0 and "measured on" in res.stderr, res.stderr

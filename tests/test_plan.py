@@ -112,3 +112,46 @@ def test_plan_cli(tiny, tmp_path, capsys):
     assert "micro batch 1 x seq 256" in out and "one packed row of up to 256 tokens" in out, out
     assert main(["plan", "--config", str(path), "--gpus", "2", "train.lr=-1"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ one LoRA config, one count
+# (case, run-config lora section, PEFT LoraConfig attributes it must set)
+LORA = [
+    ("defaults", {}, {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "use_rslora": False, "use_dora": False}),
+    ("dropout-rslora", {"dropout": 0.1, "use_rslora": True}, {"lora_dropout": 0.1, "use_rslora": True}),
+    ("targets", {"target_modules": ["q_proj", "v_proj"], "r": 2, "alpha": 3},
+     {"target_modules": {"q_proj", "v_proj"}, "r": 2, "lora_alpha": 3}),
+    ("dora", {"use_dora": True}, {"use_dora": True}),
+    ("modules-to-save", {"modules_to_save": ["lm_head"], "target_modules": ["o_proj"]},
+     {"modules_to_save": ["lm_head"], "target_modules": {"o_proj"}}),
+]
+
+
+@pytest.mark.parametrize("lora,expected", [c[1:] for c in LORA], ids=[c[0] for c in LORA])
+def test_one_lora_config_and_one_parameter_count(tiny, tmp_path, lora, expected):
+    """model.lora_config carries every lora.* field; the plan's and the launcher's counts (PEFT on
+    the meta device) equal the trainer's real model's trainable parameters."""
+    from distlora import config as C
+    from distlora import launch
+    from distlora.model import load_model, lora_config, param_counts
+    from distlora.plan import model_shape
+
+    raw = base_config(tiny, tmp_path / "o")
+    raw["lora"] = lora
+    cfg = C.load(write_config(tmp_path / "c.yaml", raw))
+    lc = lora_config(cfg)
+    assert {k: getattr(lc, k) for k in expected} == expected
+    assert (lc.bias, lc.task_type) == ("none", "CAUSAL_LM")
+    real = param_counts(load_model(cfg, "no"))["trainable_params"]
+    assert model_shape(cfg).trainable == launch.lora_param_count(cfg) == real
+
+
+def test_one_quantization_config(tiny, tmp_path):
+    """The trainer's and `distlora merge`'s bitsandbytes config, from model.quantization."""
+    from distlora import config as C
+    from distlora.model import quantization_config
+
+    q = C.QuantizationConfig(type="fp4", double_quant=False, compute_dtype="float16", quant_storage="float16")
+    bnb = quantization_config(q)
+    assert (bnb.load_in_4bit, bnb.bnb_4bit_quant_type, bnb.bnb_4bit_use_double_quant) == (True, "fp4", False)
+    assert (bnb.bnb_4bit_compute_dtype, bnb.bnb_4bit_quant_storage) == (torch.float16, torch.float16)

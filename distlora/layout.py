@@ -1,0 +1,172 @@
+"""The checkpoint layout on disk, and what can be read from it without torch.
+
+    output_dir/adapter/                         final adapter (PEFT format) + tokenizer
+    output_dir/checkpoints/step-NNNNNNNN/       adapter/, optimizer.pt, scheduler.pt, trainer_state.json,
+                                                COMPLETE.json (written last: step, files and sizes)
+
+Names, discovery (complete checkpoints, the latest one), the trainer state, the disk space a run
+needs and whether a checkpoint can be resumed: launchers use these on a login node, so this module
+imports no torch (tests/test_torchfree.py checks it). Writing and loading are in distlora.checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+MARKER = "COMPLETE.json"
+STATE = "trainer_state.json"
+
+
+def ckpt_root(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_dir(output_dir, step: int) -> Path:
+    return ckpt_root(output_dir) / f"step-{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    marker = path / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            return False
+    return True
+
+
+def complete_checkpoints(output_dir) -> tuple[list[Path], list[Path]]:
+    """(complete checkpoints sorted by step, partial ones)."""
+    root = ckpt_root(output_dir)
+    if not root.is_dir():
+        return [], []
+    done, partial = [], []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir():
+            continue
+        if d.name.startswith("step-") and is_complete(d):
+            done.append(d)
+        else:
+            partial.append(d)
+    return done, partial
+
+
+def latest(output_dir) -> Path | None:
+    done, _ = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE).read_text())
+
+
+def lora_shape(cfg) -> dict:
+    """What fixes the adapter tensors' keys and shapes."""
+    lo = cfg.lora
+    return {"r": lo.r, "target_modules": lo.target_modules, "use_dora": lo.use_dora,
+            "modules_to_save": lo.modules_to_save}
+
+
+CHECKPOINT_OVERHEAD = 16 << 20  # per checkpoint: tokenizer files, scheduler and trainer state
+UNBOUNDED_KEPT = 12  # checkpoints counted when keep_last is null and the number of steps is not known
+
+
+def checkpoint_bytes(trainable_params: int) -> int:
+    """One checkpoint, estimated: the fp32 adapter and its two fp32 Adam moments (12 bytes per
+    trainable parameter) + CHECKPOINT_OVERHEAD."""
+    return 12 * trainable_params + CHECKPOINT_OVERHEAD
+
+
+def disk_need(ckpt_bytes: int, keep_last: int | None, save_every: int, max_steps: int | None = None) -> tuple[int, int]:
+    """(bytes output_dir must hold, checkpoints counted): the one disk formula (the launcher's
+    preflight and the trainer's start). While a checkpoint is written, keep_last complete ones, the
+    best by eval loss (rotation keeps it) and the new one exist; then the final adapter, a third of
+    a checkpoint (no optimizer state). `ckpt_bytes`: measured on an existing checkpoint, or
+    checkpoint_bytes(trainable parameters)."""
+    if not save_every:
+        kept = 0
+    elif keep_last:
+        kept = keep_last + 2
+    elif max_steps:
+        kept = max_steps // save_every + 1
+    else:
+        kept = UNBOUNDED_KEPT
+    return ckpt_bytes * kept + ckpt_bytes // 3, kept
+
+
+def check_room(output_dir, trainable_params: int, keep_last: int | None, save_every: int,
+               max_steps: int | None = None) -> str | None:
+    """At trainer start: can output_dir hold what this run will write? (None = yes, else the problem.)"""
+    out = Path(output_dir)
+    probe = out / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        return f"train.output_dir: cannot write to {out} ({exc.strerror or exc}); point it at a writable directory"
+    ckpt = checkpoint_bytes(trainable_params)
+    need, copies = disk_need(ckpt, keep_last, save_every, max_steps)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        return (f"train.output_dir: {free / 2**20:,.0f} MiB free on {out}, this run needs ~{need / 2**20:,.0f} MiB "
+                f"({copies} checkpoint(s) of ~{ckpt / 2**20:,.0f} MiB + the adapter); free space, lower "
+                "train.keep_last, or use another directory")
+    return None
+
+
+def global_batch_problem(state: dict, ckpt: Path, cfg, global_batch: int, dp: int) -> str | None:
+    """The global batch `ckpt` was written with vs this run's (micro x accumulation x `dp` processes):
+    the data order depends on it, so a resume needs it equal (the launcher's preflight and the trainer)."""
+    written = state.get("global_batch")  # absent only in hand-made states
+    if written is None or written == global_batch:
+        return None
+    t = cfg.train
+    per_step = t.micro_batch_size * dp
+    keep = (f"train.gradient_accumulation_steps={written // per_step}" if written % per_step == 0
+            else "raise gradient_accumulation_steps when using fewer processes")
+    return (f"train: {ckpt.name} was written with global batch {written} (micro x accumulation x processes), this "
+            f"run has {global_batch} = {t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp}; the data order "
+            f"depends on the global batch. Keep it equal (e.g. {keep}), or set train.resume_weights_only=true with "
+            "train.resume=<that checkpoint>, or train.resume=never")
+
+
+def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, reshardable: bool,
+                    data_order: dict | None = None) -> list[tuple[str, bool]]:
+    """Why `ckpt` cannot be resumed exactly by this run: (message, fixable by train.resume_weights_only)."""
+    t = cfg.train
+    problems = []
+    old_order = state.get("data_order")  # absent in checkpoints written before it was recorded
+    if data_order is not None and old_order is not None and old_order != data_order:
+        where = {"seed": "train.seed", "shuffle": "data.shuffle", "group_by_length": "data.group_by_length",
+                 "row_capacity": "data.packing / train.micro_batch_tokens / data.max_seq_len (packed row tokens)",
+                 "items": "the training data (examples, or packed rows, after filtering)"}
+        changed = [f"{where[k]}: {old_order.get(k)} -> {v}" for k, v in data_order.items() if old_order.get(k) != v]
+        problems.append((
+            f"data: {ckpt.name} was trained on another data order ({'; '.join(changed)}), so the remaining steps would "
+            "not hold the examples an uninterrupted run would; restore those settings, or set "
+            "train.resume_weights_only=true (fresh schedule and order), or train.resume=never", True))
+    gb = global_batch_problem(state, ckpt, cfg, global_batch, dp)
+    if gb:
+        problems.append((gb, True))
+    if state.get("model", cfg.model.name_or_path) != cfg.model.name_or_path:
+        problems.append((f"model.name_or_path: {ckpt.name} trained on '{state['model']}', this run loads "
+                         f"'{cfg.model.name_or_path}'; set train.resume_weights_only=true to start from its adapter "
+                         "anyway, or train.resume=never", True))
+    old_shape = state.get("lora_shape", lora_shape(cfg))
+    if old_shape != lora_shape(cfg):
+        changed = {k: (old_shape.get(k), v) for k, v in lora_shape(cfg).items() if old_shape.get(k) != v}
+        problems.append((f"lora: {ckpt.name} holds an adapter of another shape ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
+                         "its tensors cannot load into this model: restore those settings, or set train.resume=never", False))
+    if state["dp_size"] != dp and not reshardable:
+        problems.append((f"train: {ckpt.name} holds optimizer state partitioned over {state['dp_size']} ranks (ZeRO), "
+                         f"which cannot be resharded to {dp}; resume on {state['dp_size']} processes, or set "
+                         "train.resume_weights_only=true (fresh optimizer)", True))
+    return problems
