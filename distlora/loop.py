@@ -205,7 +205,9 @@ def setup(cfg, backend) -> Run:
 
     tokenizer = load_tokenizer(cfg)
     train_records, eval_records, _ = datacache.load_datasets(cfg, tokenizer, acc.main_process_first, log=say)
-    model = load_model(cfg, acc.mixed_precision)
+    hooks.point("before_model", backend=backend)
+    with backend.loading_model():
+        model = load_model(cfg, acc.mixed_precision)
     dp = backend.dp_size
     pad_id = tokenizer.pad_token_id
     pack = data.row_capacity(cfg)  # 0: no packing
@@ -228,7 +230,7 @@ def setup(cfg, backend) -> Run:
     counts = param_counts(model)
     run = Run(cfg, backend, out, stop, tokenizer, model, optimizer, scheduler, sampler, train_loader, eval_loader,
               total_steps, counts)
-    run.memory["after_prepare"] = backend.model_state_bytes()
+    record_memory(run, "after_prepare")
     run.base_checksum_start = backend.frozen_checksum()
     if acc.is_main_process:  # the launcher's preflight again, now that the run is really here (not the port)
         problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every, total_steps)
@@ -314,6 +316,12 @@ def run_eval(run: Run, metrics, step: int) -> dict | None:
     metrics.log(ev)
     run.say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
     return ev
+
+
+def record_memory(run: Run, where: str) -> None:
+    """The model-state bytes this rank holds now (backend.model_state_bytes), into summary.json."""
+    run.memory[where] = run.backend.model_state_bytes()
+    hooks.point("memory", backend=run.backend, where=where, memory=run.memory)
 
 
 def note_gathered_base(run: Run, where: str) -> None:
@@ -484,15 +492,15 @@ def finish(run: Run, metrics, fitted: dict) -> None:
     from distlora.metrics import peak_memory_mb, summary_table
 
     t, backend, acc = run.cfg.train, run.backend, run.acc
-    run.memory["after_train"] = backend.model_state_bytes()
+    record_memory(run, "after_train")
     final_eval = run_eval(run, metrics, run.total_steps)
-    run.memory["after_eval"] = backend.model_state_bytes()
+    record_memory(run, "after_eval")
     if t.save_every and run.total_steps % t.save_every == 0 and run.start_step < run.total_steps:
         save(run, run.total_steps, final_eval)
     checkpoint.save_adapter(backend, run.tokenizer, run.out / "adapter")
     backend.release_gathered()
     note_gathered_base(run, "save adapter")
-    run.memory["after_save"] = backend.model_state_bytes()
+    record_memory(run, "after_save")
     hooks.point("run_end", backend=backend, out=run.out, memory=run.memory)
     memory_per_rank = backend.gather_objects(run.memory)
     adapter_sum = sum(float(v.double().abs().sum() + v.double().sum()) for v in backend.adapter_state_dict().values())

@@ -113,6 +113,10 @@ class Backend:
             )
         return self.acc
 
+    def loading_model(self):
+        """Context the base model is loaded in."""
+        return contextlib.nullcontext()
+
     def prepare(self, model, make_optimizer, train_loader):
         """Wrap the model, build its optimizer (`make_optimizer(model)`) and prepare the loader."""
         self.model, self.optimizer, loader = self.acc.prepare(model, make_optimizer(model), train_loader)

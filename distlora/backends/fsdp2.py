@@ -106,14 +106,21 @@ class FSDP2(Backend):
         return self.acc.accumulate(model)
 
     def clip(self, params, max_norm):
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
-        return norm.full_tensor() if _is_dtensor(norm) else norm
+        """The norm exactly as DDP computes it (torch's clip_grad_norm_ over full gradients): each
+        adapter gradient is gathered (adapter-sized: one all-gather of A bytes), so the clipped update
+        is bitwise DDP's; the shards are then scaled in place by the same coefficient."""
+        grads = [p.grad for p in params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm([g.full_tensor() if _is_dtensor(g) else g for g in grads], 2.0)
+        coef = torch.clamp((max_norm or float("inf")) / (total + 1e-6), max=1.0)
+        for g in grads:
+            (g._local_tensor if _is_dtensor(g) else g).mul_(coef)
+        return total
 
     def comm_bytes_per_step(self) -> int:
         """Per micro step, every unit's parameters are all-gathered for the forward and, except the
         root's (kept unsharded between forward and backward), again for the backward; on the
         window's last micro step the adapter's fp32 gradients are reduce-scattered. Each collective
-        counted by its full (padded) size."""
+        counted by its full (padded) size; then the gradients are gathered once for the norm (`clip`)."""
         from torch.distributed.fsdp import FSDPModule
 
         n = self.acc.num_processes
@@ -131,7 +138,8 @@ class FSDP2(Backend):
                 gather += size
         grads = sum(self._padded(p, n) * 4 for p in self.model.parameters() if p.requires_grad)
         accum = self.acc.gradient_accumulation_steps
-        return accum * (root + 2 * gather) + grads
+        norm = sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad)  # clip: full gradients
+        return accum * (root + 2 * gather) + grads + norm
 
     @staticmethod
     def _padded(p, n: int) -> int:

@@ -117,9 +117,8 @@ def install_skip_gather() -> None:
 class CommCounter:
     """Bytes the backend moves between ranks, counted at the collectives themselves.
 
-    DDP: a comm hook around the default all-reduce sees every gradient bucket. DeepSpeed and FSDP2:
     torch.distributed's collectives, wrapped at interpreter start (before any engine keeps references
-    to them). Per call the payload is counted once: all-reduce and broadcast the tensor,
+    to them); DDP's buckets reach them through its Python default comm hook. Per call the payload is counted once: all-reduce and broadcast the tensor,
     reduce-scatter its full input, all-gather its full output. distlora's own small reductions
     (backend.all_sum: token counts, metrics) are not counted."""
 
@@ -129,6 +128,7 @@ class CommCounter:
         "all_reduce": (0, "tensor"), "broadcast": (0, "tensor"), "reduce": (0, "tensor"),
         "reduce_scatter_tensor": (1, "input"), "_reduce_scatter_base": (1, "input"),
         "all_gather_into_tensor": (0, "output_tensor"), "_all_gather_base": (0, "output_tensor"),
+        "all_gather_single": (0, "output_tensor"), "reduce_scatter_single": (1, "input"),  # FSDP2
     }
 
     @classmethod
@@ -153,6 +153,19 @@ class CommCounter:
                 return _fn(*args, **kwargs)
 
             setattr(tdist, name, counted)
+        import torch.distributed._functional_collectives as funcol
+
+        for name, size in (("all_gather_single", "out"), ("all_reduce", "in"), ("reduce_scatter_single", "in")):
+            fn = getattr(funcol, name)  # DTensor's collectives (FSDP2's full_tensor)
+
+            @functools.wraps(fn)
+            def counted_f(t, *args, _fn=fn, _size=size, **kwargs):
+                out = _fn(t, *args, **kwargs)
+                if not cls.paused:
+                    cls.bytes += (out if _size == "out" else t).numel() * t.element_size()
+                return out
+
+            setattr(funcol, name, counted_f)
         all_sum = Backend.all_sum
 
         def unpaused(self, tensor):
@@ -169,11 +182,9 @@ class CommCounter:
             if isinstance(model, torch.nn.parallel.DistributedDataParallel):
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-                def hook(state, bucket):
-                    cls.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
-                    return default_hooks.allreduce_hook(state, bucket)
-
-                model.register_comm_hook(None, hook)
+                # the default hook all-reduces each bucket through torch.distributed.all_reduce (counted
+                # there); without a hook the C++ reducer calls the process group directly
+                model.register_comm_hook(None, default_hooks.allreduce_hook)
 
         def before_step(step, **_):
             cls.bytes = 0  # what eval or a save moved is not the step's
