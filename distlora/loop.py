@@ -206,8 +206,7 @@ def setup(cfg, backend) -> Run:
     tokenizer = load_tokenizer(cfg)
     train_records, eval_records, _ = datacache.load_datasets(cfg, tokenizer, acc.main_process_first, log=say)
     hooks.point("before_model", backend=backend)
-    with backend.loading_model():
-        model = load_model(cfg, acc.mixed_precision)
+    model = load_model(cfg, backend.mixed_precision)
     dp = backend.dp_size
     pad_id = tokenizer.pad_token_id
     pack = data.row_capacity(cfg)  # 0: no packing
@@ -237,7 +236,7 @@ def setup(cfg, backend) -> Run:
         if problem:
             raise checkpoint.CheckpointError(problem)
     say(
-        f"distlora: {acc.num_processes} process(es), backend {backend.name}, mixed precision {acc.mixed_precision}; "
+        f"distlora: {acc.num_processes} process(es), backend {backend.name}, mixed precision {backend.mixed_precision}; "
         f"trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters; "
         f"global batch {sampler.global_batch} = micro {t.micro_batch_size} x accumulation "
         f"{t.gradient_accumulation_steps} x {dp} rank(s); {sampler.steps_per_epoch} steps/epoch, {total_steps} steps"
@@ -379,7 +378,7 @@ def apply_nonfinite_policy(run: Run, step: int, applied: bool, window_bad: bool)
     if applied:
         run.in_a_row = 0
         return
-    if run.acc.mixed_precision == "fp16" and not window_bad:
+    if run.backend.mixed_precision == "fp16" and not window_bad:
         run.say(f"distlora: fp16 gradient overflow at step {step + 1}: step skipped, loss scale lowered")
         return
     run.skipped, run.in_a_row = run.skipped + 1, run.in_a_row + 1
@@ -539,7 +538,7 @@ def run(cfg, backend=None) -> None:
     backend = backend or backends.select(cfg)
     r = setup(cfg, backend)
     resume(r)
-    info = run_info(r.acc, r.counts) | {"backend": backend.name}
+    info = run_info(r.acc, r.counts) | {"backend": backend.name, "mixed_precision": backend.mixed_precision}
     if r.acc.is_main_process:
         (r.out / "run_info.json").write_text(json.dumps(info, indent=1))
     with MetricsLog(r.acc, cfg, cfg.to_dict() | info, r.start_step) as metrics:

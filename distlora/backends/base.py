@@ -66,6 +66,7 @@ class Backend:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.mixed_precision = resolve_mixed_precision(cfg)  # no | bf16 | fp16: the run config's, resolved
         self.acc = None
         self.model = None  # what `prepare` returned: the module the loop calls
         self.optimizer = None
@@ -95,7 +96,7 @@ class Backend:
             kwargs["log_with"] = list(self.cfg.log.report_to)
             kwargs["project_config"] = ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "tensorboard"))
         self.acc = Accelerator(
-            mixed_precision=resolve_mixed_precision(self.cfg),
+            mixed_precision=self.mixed_precision,
             # Windows always hold whole global batches (data.py pads the last one), so the
             # accumulation boundary never follows the end of the dataloader.
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -112,10 +113,6 @@ class Backend:
                 "`accelerate launch --config_file configs/accelerate/cpu_ddp.yaml` (CPU) or multi_gpu.yaml (GPUs)."
             )
         return self.acc
-
-    def loading_model(self):
-        """Context the base model is loaded in."""
-        return contextlib.nullcontext()
 
     def prepare(self, model, make_optimizer, train_loader):
         """Wrap the model, build its optimizer (`make_optimizer(model)`) and prepare the loader."""

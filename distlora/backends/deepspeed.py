@@ -61,7 +61,15 @@ def _num_eq(a, b) -> bool:
 
 
 def owned_values(cfg, mp: str) -> dict:
-    """The DeepSpeed JSON values the run config owns, as DeepSpeed spells them."""
+    """The DeepSpeed JSON values the run config owns, as DeepSpeed spells them.
+
+    bf16 runs as on every other backend: the frozen base in bf16, compute under autocast, and the
+    adapter, its gradient reduction, master weights and optimizer state in fp32. DeepSpeed's own bf16
+    mode would cast the adapter to bf16 and reduce its gradients in bf16, so it stays off and the
+    engine's `torch_autocast` runs the forward in bf16 instead; its lower_precision_safe_modules
+    (default: nn.Linear, which LoRA's A and B are) would reduce those modules' gradients in bf16, so
+    the list is empty (deepspeed 0.19.8 runtime/torch_autocast.py: the list only sets each
+    parameter's communication dtype; compute is one autocast around the whole forward)."""
     t = cfg.train
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -69,7 +77,10 @@ def owned_values(cfg, mp: str) -> dict:
         "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * env_world_size(),
         "gradient_clipping": float(t.max_grad_norm or 0.0),  # 0 = no clipping in DeepSpeed
         "fp16.enabled": mp == "fp16",
-        "bf16.enabled": mp == "bf16",
+        "bf16.enabled": False,
+        "torch_autocast.enabled": mp == "bf16",
+        "torch_autocast.dtype": "bfloat16",
+        "torch_autocast.lower_precision_safe_modules": [],
     }
 
 
@@ -79,7 +90,10 @@ _WHERE = {
     "train_batch_size": "train.micro_batch_size x train.gradient_accumulation_steps x processes",
     "gradient_clipping": "train.max_grad_norm",
     "fp16.enabled": "train.mixed_precision",
-    "bf16.enabled": "train.mixed_precision",
+    "bf16.enabled": "train.mixed_precision (bf16 runs through torch_autocast with an fp32 adapter)",
+    "torch_autocast.enabled": "train.mixed_precision",
+    "torch_autocast.dtype": "train.mixed_precision",
+    "torch_autocast.lower_precision_safe_modules": "train.mixed_precision (adapter gradients reduced in fp32)",
 }
 
 
@@ -123,7 +137,12 @@ class DeepSpeed(Backend):
             got = _get(conf, key)
             if got is None or got == "auto":
                 continue
-            same = (str(got).lower() == str(want).lower()) if isinstance(want, bool) else _num_eq(got, want)
+            if isinstance(want, bool):
+                same = str(got).lower() == str(want).lower()
+            elif isinstance(want, (int, float)):
+                same = _num_eq(got, want)
+            else:
+                same = got == want
             if not same:
                 problems.append(
                     f"{_WHERE[key]}: the DeepSpeed config {path} sets {key}: {json.dumps(got)} but the run config gives "
@@ -145,6 +164,12 @@ class DeepSpeed(Backend):
                     f"schedule from the run config (train.lr, train.lr_scheduler, ...): remove \"{key}\" from the JSON"
                 )
         q = cfg.model.quantization
+        want = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}[mp]
+        if zero_stage_from_env() == 3 and q is None and cfg.model.dtype not in ("auto", want):
+            # accelerate registers transformers' DeepSpeed hook whatever zero3_init_flag says, so the base
+            # is built inside zero.Init, in the precision of the engine config, whatever dtype is asked
+            problems.append(f"model.dtype: ZeRO-3 builds the base in the training precision ({want} under "
+                            f"train.mixed_precision {mp}), not {cfg.model.dtype}; set model.dtype: auto")
         if q is not None and q.quant_storage == "uint8" and zero_stage_from_env() == 3:
             problems.append(
                 f"model.quantization.quant_storage: uint8 cannot be sharded by ZeRO-3; set it to {q.compute_dtype}"
@@ -172,7 +197,7 @@ class DeepSpeed(Backend):
         # The run config's values over the JSON's "auto"s before `prepare` (accelerate would fill
         # gradient_clipping "auto" with 1.0 whatever train.max_grad_norm says).
         conf = acc.state.deepspeed_plugin.deepspeed_config
-        for key, value in owned_values(self.cfg, acc.mixed_precision).items():
+        for key, value in owned_values(self.cfg, self.mixed_precision).items():
             node, *rest = key.split(".")
             if rest:
                 conf.setdefault(node, {})[rest[0]] = value

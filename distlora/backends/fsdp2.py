@@ -36,6 +36,7 @@ def _is_dtensor(t) -> bool:
 class FSDP2(Backend):
     name = "fsdp2"
     reshardable = True
+    reduce_dtype = torch.float32  # the gradient reduce-scatter's dtype, as DDP's all-reduce of fp32 gradients
 
     @classmethod
     def conflicts(cls, cfg) -> list[str]:
@@ -65,7 +66,7 @@ class FSDP2(Backend):
 
         model.to(self.acc.device)
         mesh = init_device_mesh(self.acc.device.type, (tdist.get_world_size(),))
-        policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=self.reduce_dtype)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         layer_types = set(getattr(base, "_no_split_modules", None) or [])
         layers = [m for m in model.modules() if type(m).__name__ in layer_types]

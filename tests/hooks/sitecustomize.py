@@ -3,8 +3,7 @@ installs the test instrumentation that the test's environment asks for (distlora
 
 import os
 
-if any(os.environ.get(k) for k in ("DISTLORA_FAULT", "DISTLORA_TRACE_IDS", "DISTLORA_TEST_GRAD_BYTES",
-                                    "DISTLORA_TEST_SKIP_GATHER", "DISTLORA_TEST_COMM")):
+if any(k.startswith(("DISTLORA_TEST_", "DISTLORA_FAULT", "DISTLORA_TRACE")) for k in os.environ):
     import distlora_test_hooks
 
     distlora_test_hooks.install_from_env()
