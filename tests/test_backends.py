@@ -69,6 +69,13 @@ def zero3(tiny, small_data, tmp_path_factory) -> Path:
     return _run(tiny, small_data, tmp_path_factory, "zero3", ZERO3, eval_every=EVAL_EVERY)
 
 
+@pytest.fixture(scope="module")
+def fsdp2(tiny, small_data, tmp_path_factory) -> Path:
+    """Our fully_shard backend over the plain 2-process launch, selected by the run config; with periodic
+    eval and saves like the ZeRO-3 run (the root unit must be resharded after each eval)."""
+    return _run(tiny, small_data, tmp_path_factory, "fsdp2", None, "train.backend=fsdp2", eval_every=EVAL_EVERY)
+
+
 def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
@@ -97,23 +104,113 @@ def test_zero_matches_ddp(backend, ddp, request):
     assert max(abs(a - b) / a for a, b in zip(ga, gb)) < 1e-5, (ga, gb)
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_fsdp2_matches_ddp_bitwise(ddp, fsdp2, tiny):
+    """FSDP2 (2 CPU processes, fp32, accumulation 2, variable lengths, shuffled, clipping active: grad norms
+    ~2 against max_grad_norm 1) trains exactly the DDP adapter: the reduce-scatter of fp32 gradients
+    averages like DDP's all-reduce, and the norm for clipping is computed over full gradients as DDP's
+    clip_grad_norm_ does (with a DTensor norm, a different summation order, it was 5.9e-8 away)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert _summary(fsdp2)["backend"] == "fsdp2"
+    ref, got = load_adapter(ddp / "adapter"), load_adapter(fsdp2 / "adapter")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), max_abs_diff(ref, got)
+    assert _losses(ddp) == _losses(fsdp2)
+    norms = [[r["grad_norm"] for r in read_metrics(out) if "loss" in r] for out in (ddp, fsdp2)]
+    assert norms[0] == norms[1] and max(norms[0]) > 1.0  # clipping was active
+    base = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, fsdp2 / "adapter")  # loads as a plain PEFT adapter
+    live = {n.replace(".default.", "."): p for n, p in model.named_parameters() if ".lora_" in n}
+    assert live.keys() == got.keys() and all(torch.equal(live[k], got[k]) for k in got)
+
+
+def test_fsdp2_holds_half_the_base_after_train_eval_and_save(fsdp2, ddp):
+    """Each rank holds its shard of every tensor (dim 0 split in 2: the 103-row embedding and lm_head give
+    one rank 52 rows, the other 51, 256 bytes each) after prepare, training, eval and the saves; no
+    full-shape base tensor is left (frozen_materialized: a root unit left unsharded after eval counts)."""
+    ranks = _summary(fsdp2)["memory_per_rank"]
+    for when in ("after_prepare", "after_train", "after_eval", "after_save"):
+        total = _summary(ddp)["memory_per_rank"][0][when]["frozen_total"]
+        assert sum(r[when]["frozen_local"] for r in ranks) == total
+        for m in (r[when] for r in ranks):
+            assert m["frozen_total"] == total and abs(2 * m["frozen_local"] - total) <= 2 * 256, (when, m)
+            assert m["frozen_materialized"] == 0, (when, m)
+            assert 2 * m["trainable_local"] == m["trainable_total"] and m["master_weights"] == 0, (when, m)
+
+
+def test_fsdp2_resume_equals_uninterrupted(tiny, small_data, tmp_path_factory, fsdp2):
+    ckpt = fsdp2 / "checkpoints" / f"step-{SAVE:08d}"
+    assert (ckpt / "optimizer-full.pt").is_file()  # the full (FQN-keyed) optimizer state: reshardable
+    tmp = tmp_path_factory.mktemp("fsdp2resumed")
+    out = tmp / "resumed" / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+    res = launch(2, _cfg(tiny, tmp, small_data, "resumed", eval_every=EVAL_EVERY), "train.backend=fsdp2", timeout=600)
+    assert f"resumed from {out / 'checkpoints' / ckpt.name} at step {SAVE}" in res.stdout + res.stderr
+    a, b = load_adapter(fsdp2 / "adapter"), load_adapter(out / "adapter")
+    assert all(torch.equal(a[k], b[k]) for k in a), f"not bitwise equal: {max_abs_diff(a, b)}"
+    assert _losses(fsdp2)[SAVE:] == _losses(out)
+
+
+def test_fsdp2_on_one_process(tiny, small_data, tmp_path_factory, ddp):
+    """World size 1 (one GPU can run it): fully_shard over a group of one; the same global batch as the
+    2-process runs (accumulation 4) gives their adapter up to summation order (README: 1e-5)."""
+    tmp = tmp_path_factory.mktemp("fsdp2ws1")
+    launch(1, _cfg(tiny, tmp, small_data, "one", gradient_accumulation_steps=4), "train.backend=fsdp2", timeout=600)
+    out = tmp / "one" / "out"
+    assert _summary(out)["backend"] == "fsdp2"
+    assert max_abs_diff(load_adapter(ddp / "adapter"), load_adapter(out / "adapter")) < 1e-5
+
+
+def test_qlora_under_fsdp2_is_refused_by_name(tiny, tmp_path):
+    from distlora import backends
+    from distlora import config as C
+
+    raw = base_config(tiny, tmp_path / "out", model={"dtype": "auto", "quantization": {"compute_dtype": "float32",
+                                                                                       "quant_storage": "float32"}},
+                      train={"backend": "fsdp2"})
+    cfg = C.load(write_config(tmp_path / "c.yaml", raw))
+    problems = backends.launcher_conflicts(cfg)
+    assert len(problems) == 1 and problems[0].startswith("model.quantization: 4-bit base weights"), problems
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "fsdp2"])
 def test_comm_bytes_per_step_match_the_backend(backend, request):
     """Bytes the collectives moved per optimizer step (accumulation 2, 2 processes), counted at the
     collectives by the test hook (CommCounter), against what each backend must move for an adapter of
     A fp32 gradient bytes, and against the formula the backend logs as comm_bytes: DDP all-reduces
     the gradients once per step (no sync on the accumulation micro step); ZeRO-2 reduces them on
     every micro step (DeepSpeed has no no_sync), all-gathers the updated adapter partitions after
-    the step, and all-reduces one fp32 grad norm (4 bytes). Measured on this machine: DDP 32,768,
-    ZeRO-2 98,308 for A = 32,768."""
+    the step, and all-reduces one fp32 grad norm (4 bytes); FSDP2 see _fsdp2_comm. Measured on this
+    machine: DDP 32,768, ZeRO-2 98,308, FSDP2 1,487,360 for A = 32,768."""
     out = request.getfixturevalue(backend)
     adapter_bytes = sum(v.numel() * 4 for v in load_adapter(out / "adapter").values())
     accum = 2
-    expected = {"ddp": adapter_bytes, "zero2": accum * adapter_bytes + adapter_bytes + 4}[backend]
+    expected = {"ddp": adapter_bytes, "zero2": accum * adapter_bytes + adapter_bytes + 4,
+                "fsdp2": _fsdp2_comm(request.getfixturevalue("tiny"), accum, adapter_bytes)}[backend]
     for rank in (0, 1):
         measured = [json.loads(x)["bytes"] for x in (out / f"comm-rank{rank}.jsonl").read_text().splitlines()]
         assert measured == [expected] * STEPS, measured
     assert {r["comm_bytes"] for r in read_metrics(out) if "loss" in r} == {expected}
+
+
+def _fsdp2_comm(tiny: Path, accum: int, adapter_bytes: int) -> int:
+    """FSDP2 per optimizer step, from the model's shapes: every micro step all-gathers each decoder layer
+    (base + its LoRA) for the forward and again for the backward (resharded after forward), and the root
+    unit (embeddings, final norm, lm_head) once (kept until its backward); the last micro step
+    reduce-scatters the fp32 adapter gradients, and clipping gathers them once. Each tensor counts at
+    FSDP2's padded size (dim 0 rounded up to a multiple of the 2 ranks: the 103-token vocabulary pads
+    to 104). Measured: 2 x (53,504 + 2 x (295,936 + 32,768)) + 2 x 32,768 = 1,487,360 bytes."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32)
+
+    def padded(p):
+        return -(-p.shape[0] // 2) * 2 * (p.numel() // p.shape[0]) * 4
+
+    layers = sum(padded(p) for p in base.model.layers.parameters()) + adapter_bytes  # LoRA: all in the layers
+    root = sum(padded(p) for n, p in base.named_parameters() if ".layers." not in n)
+    return accum * (root + 2 * layers) + 2 * adapter_bytes
 
 
 # ------------------------------------------------------------------------------ ZeRO-3 sharding
@@ -324,7 +421,7 @@ def test_shipped_deepspeed_configs_leave_owned_values_auto(yaml_path):
 # ------------------------------------------------------------------------------ distlora plan
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_plan_model_state_matches_measured_bytes_per_rank(backend, request):
     """`distlora plan` (model config only) vs the bytes each of the 2 ranks held, measured from the live
     parameters, ZeRO partitions and optimizer state after training, and the gradient peak of every
@@ -371,7 +468,8 @@ from distlora.backends import DistributedSetupError
 from distlora.backends.ddp import DDP
 # the trap from shared/reference/cpu-distributed-facts.md: gloo without cpu=True on a CPU machine
 acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-backend = DDP(None)
+from types import SimpleNamespace
+backend = DDP(SimpleNamespace(train=SimpleNamespace(mixed_precision="no")))
 backend.acc, backend.model = acc, acc.prepare(torch.nn.Linear(2, 2))
 try:
     backend.check_wrapped()
