@@ -37,7 +37,8 @@ def _git_commit() -> str | None:
 
 
 def run_info(acc, counts: dict) -> dict:
-    """What a dashboard needs to tell runs apart: sizes, world, backend, versions, commit."""
+    """What a dashboard needs to tell runs apart: sizes, world, versions, commit (the loop adds the
+    backend and the precision it runs, which the backend owns)."""
     import accelerate
     import peft
     import torch
@@ -48,8 +49,6 @@ def run_info(acc, counts: dict) -> dict:
     return {
         **counts,
         "world_size": acc.num_processes,
-        "backend": str(acc.distributed_type).split(".")[-1],
-        "mixed_precision": acc.mixed_precision,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": {
             "distlora": distlora.__version__, "torch": torch.__version__, "transformers": transformers.__version__,

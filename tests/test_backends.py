@@ -40,13 +40,35 @@ def _cfg(tiny, tmp: Path, small_data, name: str, **train) -> Path:
     return write_config(tmp / name / "c.yaml", raw)
 
 
-def _run(tiny, small_data, tmp_path_factory, name, config_file, *overrides, **train) -> Path:
+def _run(tiny, small_data, tmp_path_factory, name, config_file, *overrides, probed=False, **train) -> Path:
+    """A 2-process run on the production path; `probed`: a separate, shorter run with the measuring
+    test hooks (tests/hooks): each step's gradient memory (summary.json memory_per_rank[r]["gradients"])
+    and the bytes the collectives move per step (comm-rank<R>.jsonl). The comparisons between backends
+    use only unprobed runs, so they prove the code users run, not the instrumented one."""
     tmp = tmp_path_factory.mktemp(name)
-    # test hooks (tests/hooks): each step's gradient memory (summary.json memory_per_rank[r]["gradients"])
-    # and the bytes the collectives move per step (comm-rank<R>.jsonl)
-    launch(2, _cfg(tiny, tmp, small_data, name, **train), *overrides, config_file=config_file, timeout=600,
-           env={"DISTLORA_TEST_GRAD_BYTES": "1", "DISTLORA_TEST_COMM": "1"})
+    env = {"DISTLORA_TEST_GRAD_BYTES": "1", "DISTLORA_TEST_COMM": "1"} if probed else None
+    if probed:
+        train = {"max_steps": PROBED_STEPS, "save_every": 0, **train}
+    launch(2, _cfg(tiny, tmp, small_data, name, **train), *overrides, config_file=config_file, timeout=600, env=env)
     return tmp / name / "out"
+
+
+PROBED_STEPS = 2
+PROBED = {"ddp": (None, ()), "zero2": (ZERO2, ()), "zero3": (ZERO3, ()), "fsdp2": (None, ("train.backend=fsdp2",))}
+
+
+@pytest.fixture(scope="module")
+def probed(tiny, small_data, tmp_path_factory) -> dict:
+    """backend -> its probed run (made on first use)."""
+    runs: dict[str, Path] = {}
+
+    def get(backend: str) -> Path:
+        if backend not in runs:
+            conf, overrides = PROBED[backend]
+            runs[backend] = _run(tiny, small_data, tmp_path_factory, f"{backend}-probed", conf, *overrides, probed=True)
+        return runs[backend]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +197,7 @@ def test_qlora_under_fsdp2_is_refused_by_name(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero2", "fsdp2"])
-def test_comm_bytes_per_step_match_the_backend(backend, request):
+def test_comm_bytes_per_step_match_the_backend(backend, probed, request):
     """Bytes the collectives moved per optimizer step (accumulation 2, 2 processes), counted at the
     collectives by the test hook (CommCounter), against what each backend must move for an adapter of
     A fp32 gradient bytes, and against the formula the backend logs as comm_bytes: DDP all-reduces
@@ -183,14 +205,14 @@ def test_comm_bytes_per_step_match_the_backend(backend, request):
     every micro step (DeepSpeed has no no_sync), all-gathers the updated adapter partitions after
     the step, and all-reduces one fp32 grad norm (4 bytes); FSDP2 see _fsdp2_comm. Measured on this
     machine: DDP 32,768, ZeRO-2 98,308, FSDP2 1,487,360 for A = 32,768."""
-    out = request.getfixturevalue(backend)
+    out = probed(backend)
     adapter_bytes = sum(v.numel() * 4 for v in load_adapter(out / "adapter").values())
     accum = 2
     expected = {"ddp": adapter_bytes, "zero2": accum * adapter_bytes + adapter_bytes + 4,
                 "fsdp2": _fsdp2_comm(request.getfixturevalue("tiny"), accum, adapter_bytes)}[backend]
     for rank in (0, 1):
         measured = [json.loads(x)["bytes"] for x in (out / f"comm-rank{rank}.jsonl").read_text().splitlines()]
-        assert measured == [expected] * STEPS, measured
+        assert measured == [expected] * PROBED_STEPS, measured
     assert {r["comm_bytes"] for r in read_metrics(out) if "loss" in r} == {expected}
 
 
@@ -422,7 +444,7 @@ def test_shipped_deepspeed_configs_leave_owned_values_auto(yaml_path):
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3", "fsdp2"])
-def test_plan_model_state_matches_measured_bytes_per_rank(backend, request):
+def test_plan_model_state_matches_measured_bytes_per_rank(backend, probed):
     """`distlora plan` (model config only) vs the bytes each of the 2 ranks held, measured from the live
     parameters, ZeRO partitions and optimizer state after training, and the gradient peak of every
     step (the GradientBytes test hook) (summary.json). Measured here (A = 32,768 adapter bytes, hidden 64,
@@ -433,7 +455,7 @@ def test_plan_model_state_matches_measured_bytes_per_rank(backend, request):
     from distlora import config as C
     from distlora.plan import estimate
 
-    out = request.getfixturevalue(backend)
+    out = probed(backend)
     plan = estimate(C.load(out.parent / "c.yaml"), gpus=2, backend=backend)
     pairs = {"frozen_base": "frozen_local", "adapter_params": "trainable_local",
              "master_weights": "master_weights", "gradients": "gradients", "optimizer_state": "optimizer_state"}
@@ -447,17 +469,18 @@ def test_plan_model_state_matches_measured_bytes_per_rank(backend, request):
         assert plan.rows["frozen_base"] * 2 == pytest.approx(estimate(C.load(out.parent / "c.yaml"), 2, "ddp").rows["frozen_base"], rel=1e-3)
 
 
-def test_ddp_gradients_are_bucket_views(ddp):
+def test_ddp_gradients_are_bucket_views(probed):
     """gradient_as_bucket_view with gradients zeroed in place (backends.ddp.DDP.zero_grad) and created
     before DDP is built (DDP.prepare): from the first micro step on, every adapter gradient is a
     view of the reducer's all-reduce buckets, so a step holds the adapter's gradients once. Without
     these the same probes measure 65,536 bytes (32,768 of p.grad next to 32,768 of buckets), and the
     adapter trained is bitwise equal to this run's (both measured once on this config)."""
+    ddp = probed("ddp")
     adapter_bytes = sum(v.numel() * 4 for v in load_adapter(ddp / "adapter").values())
     for rank in _summary(ddp)["memory_per_rank"]:
         g = rank["gradients"]
         assert g["by_kind"] == {"ddp_buckets": adapter_bytes}, g  # no gradient outside the buckets
-        assert g["peak_bytes"] == adapter_bytes and g["probes"] == STEPS * (2 + 1), g  # 2 forwards + 1 update
+        assert g["peak_bytes"] == adapter_bytes and g["probes"] == PROBED_STEPS * (2 + 1), g  # 2 forwards + 1 update
 
 
 UNWRAPPED = """

@@ -33,7 +33,7 @@ Deliberate differences between the two runs, and why they do not change the numb
 - Trainer gets the examples pre-ordered (distlora's seeded per-epoch order for the steps run,
   flattened) with `train_sampling_strategy="sequential"`: Trainer's own RandomSampler draws a
   different permutation. The order fed to Trainer is checked against the ids distlora actually
-  trained on (its DISTLORA_TRACE_IDS hook).
+  trained on (the trace-ids test hook).
 - `optim="adamw_torch"`: this transformers version defaults to the fused AdamW kernel, which differs
   from torch.optim.AdamW (what distlora uses) at the 1e-8 level. Same algorithm.
 - Tokenisation/prompt masking comes from distlora.data.build_datasets for both sides: this test is
@@ -178,7 +178,7 @@ def _reference_run(cfg, order: list[int], records: list[dict], out) -> dict:
 # train_on_prompt (labels[:, 0] = BOS is a label that no prediction targets: counting it would be an
 # off-by-one in the normaliser that the completion-only run cannot see).
 @pytest.mark.parametrize("train_on_prompt", [False, True], ids=["completion_only", "train_on_prompt"])
-def test_matches_hf_trainer_peft(tiny, tmp_path, monkeypatch, train_on_prompt):
+def test_matches_hf_trainer_peft(tiny, tmp_path, train_on_prompt):
     from distlora import config as config_mod
     from distlora import data
 
@@ -222,8 +222,15 @@ def test_matches_hf_trainer_peft(tiny, tmp_path, monkeypatch, train_on_prompt):
     assert len(lengths) > 5, lengths  # variable-length examples: padding and token weighting matter
 
     # ---- distlora, 1 process
-    monkeypatch.setenv("DISTLORA_TRACE_IDS", "1")
-    assert run_inprocess(cfg_path) == 0
+    from distlora_test_hooks import install_trace_ids
+
+    from distlora import hooks
+
+    trace_hook = install_trace_ids()
+    try:
+        assert run_inprocess(cfg_path) == 0
+    finally:
+        hooks.remove("window_done", trace_hook)
     _reset_accelerate_state()
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))

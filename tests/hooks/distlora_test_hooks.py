@@ -102,13 +102,14 @@ class Faults:
 # ------------------------------------------------------------------------------ traces
 
 
-def install_trace_ids() -> None:
+def install_trace_ids():
+    """Returns the hook function (hooks.remove("window_done", it) uninstalls it in-process)."""
     def write(backend, step, window, **_):
         out = Path(backend.cfg.train.output_dir)
         with open(out / f"trace-ids-rank{backend.acc.process_index}.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, "ids": [int(i) for b in window for i in b["ids"]]}) + "\n")
 
-    hooks.add("window_done", write)
+    return hooks.add("window_done", write)
 
 
 def install_skip_gather() -> None:
