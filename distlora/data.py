@@ -229,6 +229,50 @@ class Renderer:
             return self._chat(row["messages"])
         raise DataError(f"unknown format {self.fmt}")
 
+    def batch(self, rows: list[dict], start: int = 0, source: str = "") -> list[Tokenized]:
+        """`self(row)` for each row, with one call of the fast tokenizer's batch API per text field
+        (chat renders row by row). The first bad row raises, named by its example index."""
+        if self.fmt not in ("completion", "alpaca", "text"):
+            out = []
+            for j, row in enumerate(rows):
+                try:
+                    out.append(self(row))
+                except DataError as exc:
+                    raise DataError(f"{source}, example {start + j}: {exc}") from None
+            return out
+        fields = {"completion": (self.pf, self.cf), "alpaca": ("instruction", "output"), "text": ("text",)}[self.fmt]
+        for j, row in enumerate(rows):
+            try:
+                self._need(row, *fields)
+            except DataError as exc:
+                raise DataError(f"{source}, example {start + j}: {exc}") from None
+        if not rows:
+            return []
+        if self.fmt == "text":
+            ids = self._batch_ids([str(r["text"]) for r in rows])
+            return [Tokenized(x, list(x)) for x in (self.bos + t + [self.eos] for t in ids)]
+        if self.fmt == "completion":
+            prompts, completions = [str(r[self.pf]) for r in rows], [str(r[self.cf]) for r in rows]
+        else:
+            prompts, completions = [], []
+            for row in rows:
+                inp = str(row.get("input") or "")
+                prompts.append(ALPACA_PROMPT.format(
+                    ctx=", paired with an input that provides further context" if inp else "",
+                    instruction=row["instruction"],
+                    input_block=f"### Input:\n{inp}\n\n" if inp else "",
+                ))
+                completions.append(str(row["output"]))
+        out = []
+        for p_ids, c_ids in zip(self._batch_ids(prompts), self._batch_ids(completions)):
+            p = self.bos + p_ids
+            c = c_ids + [self.eos]
+            out.append(Tokenized(p + c, (p if self.train_on_prompt else [IGNORE] * len(p)) + c))
+        return out
+
+    def _batch_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
     def _render(self, messages: list[dict], gen: bool = False) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
 
@@ -305,13 +349,20 @@ class DataStats:
         )
 
 
-def tokenize_rows(rows: list[dict], renderer: Renderer, data_cfg, stats: DataStats, source: str) -> list[dict]:
-    out = []
-    for i, row in enumerate(rows):
-        try:
-            t = renderer(row)
-        except DataError as exc:
-            raise DataError(f"{source}, example {i}: {exc}") from None
+CHUNK = 1024  # rows per batch-API call and per task of a tokenizing worker
+PARALLEL_MIN_ROWS = 8 * CHUNK  # fewer rows: tokenize in this process (starting workers costs more)
+
+
+def encode_chunk(rows: list[dict], renderer: Renderer, data_cfg, start: int = 0, source: str = ""):
+    """Rows -> (input_ids int32, labels int32, lengths int64, DataStats): flat arrays of the usable
+    examples, too-long ones truncated or dropped and examples without a trained token dropped, counted."""
+    import numpy as np
+
+    stats = DataStats()
+    ids_out: list[int] = []
+    labels_out: list[int] = []
+    lengths: list[int] = []
+    for row, t in zip(rows, renderer.batch(rows, start, source)):
         ids, labels = t.input_ids, t.labels
         if len(ids) > data_cfg.max_seq_len:
             if data_cfg.too_long == "drop":
@@ -326,8 +377,77 @@ def tokenize_rows(rows: list[dict], renderer: Renderer, data_cfg, stats: DataSta
         if not any(lab != IGNORE for lab in labels[1:]):
             stats.dropped_no_target += 1
             continue
-        out.append({"input_ids": ids, "labels": labels})
-    stats.examples += len(out)
+        ids_out += ids
+        labels_out += labels
+        lengths.append(len(ids))
+    stats.examples = len(lengths)
+    return (np.array(ids_out, dtype=np.int32), np.array(labels_out, dtype=np.int32),
+            np.array(lengths, dtype=np.int64), stats)
+
+
+_JOB: tuple = ()  # (rows, renderer, data_cfg, source) of the group the forked workers tokenize
+
+
+def _encode_task(start: int):
+    rows, renderer, data_cfg, source = _JOB
+    return encode_chunk(rows[start : start + CHUNK], renderer, data_cfg, start, source)
+
+
+def tokenizer_procs() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def iter_encoded(rows: list[dict], renderer: Renderer, data_cfg, stats: DataStats, source: str, procs: int | None = None):
+    """Yield `encode_chunk` arrays for consecutive chunks of `rows`, in order, tokenized by `procs`
+    forked workers (default: the CPUs this process may use); `stats` gathers the counts."""
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _JOB
+    procs = tokenizer_procs() if procs is None else procs
+    starts = iter(range(0, len(rows), CHUNK))
+
+    def add(counts):
+        for k, v in vars(counts).items():
+            setattr(stats, k, getattr(stats, k) + v)
+
+    if procs <= 1 or len(rows) < PARALLEL_MIN_ROWS or "fork" not in mp.get_all_start_methods():
+        for i in starts:
+            ids, labels, lengths, st = encode_chunk(rows[i : i + CHUNK], renderer, data_cfg, i, source)
+            add(st)
+            yield ids, labels, lengths
+        return
+    # fork: the workers inherit rows and renderer; only chunk starts and token arrays travel. A bounded
+    # window of chunks in flight keeps the results in order and the memory flat.
+    _JOB = (rows, renderer, data_cfg, source)
+    n = min(procs, -(-len(rows) // CHUNK))
+    ex = ProcessPoolExecutor(n, mp_context=mp.get_context("fork"))
+    try:
+        pending = deque(ex.submit(_encode_task, i) for _, i in zip(range(4 * n), starts))
+        while pending:
+            ids, labels, lengths, st = pending.popleft().result()
+            nxt = next(starts, None)
+            if nxt is not None:
+                pending.append(ex.submit(_encode_task, nxt))
+            add(st)
+            yield ids, labels, lengths
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        _JOB = ()
+
+
+def tokenize_rows(rows: list[dict], renderer: Renderer, data_cfg, stats: DataStats, source: str,
+                  procs: int | None = None) -> list[dict]:
+    out = []
+    for ids, labels, lengths in iter_encoded(rows, renderer, data_cfg, stats, source, procs):
+        ids, labels = ids.tolist(), labels.tolist()
+        at = 0
+        for n in lengths.tolist():
+            out.append({"input_ids": ids[at : at + n], "labels": labels[at : at + n]})
+            at += n
     return out
 
 
@@ -343,12 +463,10 @@ def _weighted(rows: list[dict], weight: float, seed: int) -> list[dict]:
     return rows * whole + extra
 
 
-def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
-    """Return (train_records, eval_records_or_None), each a list of {input_ids, labels, id}."""
-    import contextlib
-
+def split_rows(cfg):
+    """(train, eval or None): the rows of every source, weighted and split, each paired with its
+    source's settings; the bytes are read and checked here (file:line errors)."""
     data_cfg = cfg.data
-    first = main_process_first or contextlib.nullcontext
     train_rows: list[tuple[dict, dict]] = []  # (row, source settings)
     for s in _sources(data_cfg):
         rows = read_source(s["path"], s["split"])
@@ -367,28 +485,54 @@ def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
     elif isinstance(data_cfg.eval, str):
         base = _sources(data_cfg)[0]
         eval_rows = [(r, {**base, "path": data_cfg.eval}) for r in read_source(data_cfg.eval)]
+    return train_rows, eval_rows
+
+
+def encode_split(cfg, tokenizer, pairs, name: str, sink, main_process_first=None, log=print, procs=None) -> DataStats:
+    """Tokenize one split: `sink(ids, labels, lengths)` gets its examples as consecutive chunks of flat
+    arrays, in order (grouped by source settings, as always). Returns the counts; raises when nothing
+    usable is left."""
+    import contextlib
+
+    data_cfg = cfg.data
+    first = main_process_first or contextlib.nullcontext
+    stats = DataStats()
+    groups: dict[tuple, list[dict]] = {}
+    for row, s in pairs:
+        groups.setdefault(tuple(sorted((k, v) for k, v in s.items() if k != "weight")), []).append(row)
+    for key, rows in groups.items():
+        s = dict(key)
+        fmt, pf, cf = s["format"], s["prompt_field"], s["completion_field"]
+        if fmt == "auto":
+            fmt, pf, cf = detect_format(rows[0], pf, cf)
+            log(f"data: {s['path']}: detected format '{fmt}'" + (f" ({pf} -> {cf})" if fmt == "completion" else ""))
+        renderer = Renderer(tokenizer, fmt, pf, cf, data_cfg, add_bos=cfg.tokenizer.add_special_tokens,
+                            truncation_side=s["truncation_side"])
+        with first():  # rank discipline: the main process goes first
+            for chunk in iter_encoded(rows, renderer, data_cfg, stats, s["path"], procs):
+                sink(*chunk)
+    if not stats.examples:
+        raise DataError(f"{name}: no usable examples ({stats.line(name)})")
+    log(stats.line(name))
+    return stats
+
+
+def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
+    """Return (train_records, eval_records_or_None, train_stats), records as lists of {input_ids, labels, id}
+    (distlora.datacache writes the same examples into a mapped TokenStore instead)."""
+    train_rows, eval_rows = split_rows(cfg)
 
     def encode(pairs, name):
-        stats = DataStats()
-        groups: dict[tuple, list[dict]] = {}
-        for row, s in pairs:
-            groups.setdefault(tuple(sorted((k, v) for k, v in s.items() if k != "weight")), []).append(row)
-        out = []
-        for key, rows in groups.items():
-            s = dict(key)
-            fmt, pf, cf = s["format"], s["prompt_field"], s["completion_field"]
-            if fmt == "auto":
-                fmt, pf, cf = detect_format(rows[0], pf, cf)
-                log(f"data: {s['path']}: detected format '{fmt}'" + (f" ({pf} -> {cf})" if fmt == "completion" else ""))
-            renderer = Renderer(tokenizer, fmt, pf, cf, data_cfg, add_bos=cfg.tokenizer.add_special_tokens,
-                                truncation_side=s["truncation_side"])
-            with first():  # rank discipline: the main process goes first (a future on-disk cache is written once)
-                out += tokenize_rows(rows, renderer, data_cfg, stats, s["path"])
-        if not out:
-            raise DataError(f"{name}: no usable examples ({stats.line(name)})")
-        for i, r in enumerate(out):
-            r["id"] = i
-        log(stats.line(name))
+        out: list[dict] = []
+
+        def sink(ids, labels, lengths):
+            ids, labels = ids.tolist(), labels.tolist()
+            at = 0
+            for n in lengths.tolist():
+                out.append({"input_ids": ids[at : at + n], "labels": labels[at : at + n], "id": len(out)})
+                at += n
+
+        stats = encode_split(cfg, tokenizer, pairs, name, sink, main_process_first, log)
         return out, stats
 
     train, train_stats = encode(train_rows, "train data")
