@@ -141,7 +141,7 @@ class DataConfig(_Section):
     )
     shuffle: bool = Field(True, description="Shuffle examples each epoch (order depends on seed and global batch only).")
     cache: bool = Field(
-        False, description="Trainer also writes the tokenized-data cache (distlora preprocess always does; a matching one is always read)."
+        True, description="The main process tokenizes (in parallel) into the memory-mapped token-store cache that every process maps; false: each process tokenizes into memory (a matching cache is still read)."
     )
     cache_dir: Optional[str] = Field(None, description="Tokenized-data cache directory; None = output_dir/data_cache.")
     group_by_length: bool = Field(

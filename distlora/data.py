@@ -229,6 +229,50 @@ class Renderer:
             return self._chat(row["messages"])
         raise DataError(f"unknown format {self.fmt}")
 
+    def batch(self, rows: list[dict], start: int = 0, source: str = "") -> list[Tokenized]:
+        """`self(row)` for each row, with one call of the fast tokenizer's batch API per text field
+        (chat renders row by row). The first bad row raises, named by its example index."""
+        if self.fmt not in ("completion", "alpaca", "text"):
+            out = []
+            for j, row in enumerate(rows):
+                try:
+                    out.append(self(row))
+                except DataError as exc:
+                    raise DataError(f"{source}, example {start + j}: {exc}") from None
+            return out
+        fields = {"completion": (self.pf, self.cf), "alpaca": ("instruction", "output"), "text": ("text",)}[self.fmt]
+        for j, row in enumerate(rows):
+            try:
+                self._need(row, *fields)
+            except DataError as exc:
+                raise DataError(f"{source}, example {start + j}: {exc}") from None
+        if not rows:
+            return []
+        if self.fmt == "text":
+            ids = self._batch_ids([str(r["text"]) for r in rows])
+            return [Tokenized(x, list(x)) for x in (self.bos + t + [self.eos] for t in ids)]
+        if self.fmt == "completion":
+            prompts, completions = [str(r[self.pf]) for r in rows], [str(r[self.cf]) for r in rows]
+        else:
+            prompts, completions = [], []
+            for row in rows:
+                inp = str(row.get("input") or "")
+                prompts.append(ALPACA_PROMPT.format(
+                    ctx=", paired with an input that provides further context" if inp else "",
+                    instruction=row["instruction"],
+                    input_block=f"### Input:\n{inp}\n\n" if inp else "",
+                ))
+                completions.append(str(row["output"]))
+        out = []
+        for p_ids, c_ids in zip(self._batch_ids(prompts), self._batch_ids(completions)):
+            p = self.bos + p_ids
+            c = c_ids + [self.eos]
+            out.append(Tokenized(p + c, (p if self.train_on_prompt else [IGNORE] * len(p)) + c))
+        return out
+
+    def _batch_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
     def _render(self, messages: list[dict], gen: bool = False) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
 
@@ -305,13 +349,20 @@ class DataStats:
         )
 
 
-def tokenize_rows(rows: list[dict], renderer: Renderer, data_cfg, stats: DataStats, source: str) -> list[dict]:
-    out = []
-    for i, row in enumerate(rows):
-        try:
-            t = renderer(row)
-        except DataError as exc:
-            raise DataError(f"{source}, example {i}: {exc}") from None
+CHUNK = 1024  # rows per batch-API call and per task of a tokenizing worker
+PARALLEL_MIN_ROWS = 8 * CHUNK  # fewer rows: tokenize in this process (starting workers costs more)
+
+
+def encode_chunk(rows: list[dict], renderer: Renderer, data_cfg, start: int = 0, source: str = ""):
+    """Rows -> (input_ids int32, labels int32, lengths int64, DataStats): flat arrays of the usable
+    examples, too-long ones truncated or dropped and examples without a trained token dropped, counted."""
+    import numpy as np
+
+    stats = DataStats()
+    ids_out: list[int] = []
+    labels_out: list[int] = []
+    lengths: list[int] = []
+    for row, t in zip(rows, renderer.batch(rows, start, source)):
         ids, labels = t.input_ids, t.labels
         if len(ids) > data_cfg.max_seq_len:
             if data_cfg.too_long == "drop":
@@ -326,8 +377,77 @@ def tokenize_rows(rows: list[dict], renderer: Renderer, data_cfg, stats: DataSta
         if not any(lab != IGNORE for lab in labels[1:]):
             stats.dropped_no_target += 1
             continue
-        out.append({"input_ids": ids, "labels": labels})
-    stats.examples += len(out)
+        ids_out += ids
+        labels_out += labels
+        lengths.append(len(ids))
+    stats.examples = len(lengths)
+    return (np.array(ids_out, dtype=np.int32), np.array(labels_out, dtype=np.int32),
+            np.array(lengths, dtype=np.int64), stats)
+
+
+_JOB: tuple = ()  # (rows, renderer, data_cfg, source) of the group the forked workers tokenize
+
+
+def _encode_task(start: int):
+    rows, renderer, data_cfg, source = _JOB
+    return encode_chunk(rows[start : start + CHUNK], renderer, data_cfg, start, source)
+
+
+def tokenizer_procs() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def iter_encoded(rows: list[dict], renderer: Renderer, data_cfg, stats: DataStats, source: str, procs: int | None = None):
+    """Yield `encode_chunk` arrays for consecutive chunks of `rows`, in order, tokenized by `procs`
+    forked workers (default: the CPUs this process may use); `stats` gathers the counts."""
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _JOB
+    procs = tokenizer_procs() if procs is None else procs
+    starts = iter(range(0, len(rows), CHUNK))
+
+    def add(counts):
+        for k, v in vars(counts).items():
+            setattr(stats, k, getattr(stats, k) + v)
+
+    if procs <= 1 or len(rows) < PARALLEL_MIN_ROWS or "fork" not in mp.get_all_start_methods():
+        for i in starts:
+            ids, labels, lengths, st = encode_chunk(rows[i : i + CHUNK], renderer, data_cfg, i, source)
+            add(st)
+            yield ids, labels, lengths
+        return
+    # fork: the workers inherit rows and renderer; only chunk starts and token arrays travel. A bounded
+    # window of chunks in flight keeps the results in order and the memory flat.
+    _JOB = (rows, renderer, data_cfg, source)
+    n = min(procs, -(-len(rows) // CHUNK))
+    ex = ProcessPoolExecutor(n, mp_context=mp.get_context("fork"))
+    try:
+        pending = deque(ex.submit(_encode_task, i) for _, i in zip(range(4 * n), starts))
+        while pending:
+            ids, labels, lengths, st = pending.popleft().result()
+            nxt = next(starts, None)
+            if nxt is not None:
+                pending.append(ex.submit(_encode_task, nxt))
+            add(st)
+            yield ids, labels, lengths
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        _JOB = ()
+
+
+def tokenize_rows(rows: list[dict], renderer: Renderer, data_cfg, stats: DataStats, source: str,
+                  procs: int | None = None) -> list[dict]:
+    out = []
+    for ids, labels, lengths in iter_encoded(rows, renderer, data_cfg, stats, source, procs):
+        ids, labels = ids.tolist(), labels.tolist()
+        at = 0
+        for n in lengths.tolist():
+            out.append({"input_ids": ids[at : at + n], "labels": labels[at : at + n]})
+            at += n
     return out
 
 
@@ -343,12 +463,10 @@ def _weighted(rows: list[dict], weight: float, seed: int) -> list[dict]:
     return rows * whole + extra
 
 
-def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
-    """Return (train_records, eval_records_or_None), each a list of {input_ids, labels, id}."""
-    import contextlib
-
+def split_rows(cfg):
+    """(train, eval or None): the rows of every source, weighted and split, each paired with its
+    source's settings; the bytes are read and checked here (file:line errors)."""
     data_cfg = cfg.data
-    first = main_process_first or contextlib.nullcontext
     train_rows: list[tuple[dict, dict]] = []  # (row, source settings)
     for s in _sources(data_cfg):
         rows = read_source(s["path"], s["split"])
@@ -367,28 +485,54 @@ def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
     elif isinstance(data_cfg.eval, str):
         base = _sources(data_cfg)[0]
         eval_rows = [(r, {**base, "path": data_cfg.eval}) for r in read_source(data_cfg.eval)]
+    return train_rows, eval_rows
+
+
+def encode_split(cfg, tokenizer, pairs, name: str, sink, main_process_first=None, log=print, procs=None) -> DataStats:
+    """Tokenize one split: `sink(ids, labels, lengths)` gets its examples as consecutive chunks of flat
+    arrays, in order (grouped by source settings, as always). Returns the counts; raises when nothing
+    usable is left."""
+    import contextlib
+
+    data_cfg = cfg.data
+    first = main_process_first or contextlib.nullcontext
+    stats = DataStats()
+    groups: dict[tuple, list[dict]] = {}
+    for row, s in pairs:
+        groups.setdefault(tuple(sorted((k, v) for k, v in s.items() if k != "weight")), []).append(row)
+    for key, rows in groups.items():
+        s = dict(key)
+        fmt, pf, cf = s["format"], s["prompt_field"], s["completion_field"]
+        if fmt == "auto":
+            fmt, pf, cf = detect_format(rows[0], pf, cf)
+            log(f"data: {s['path']}: detected format '{fmt}'" + (f" ({pf} -> {cf})" if fmt == "completion" else ""))
+        renderer = Renderer(tokenizer, fmt, pf, cf, data_cfg, add_bos=cfg.tokenizer.add_special_tokens,
+                            truncation_side=s["truncation_side"])
+        with first():  # rank discipline: the main process goes first
+            for chunk in iter_encoded(rows, renderer, data_cfg, stats, s["path"], procs):
+                sink(*chunk)
+    if not stats.examples:
+        raise DataError(f"{name}: no usable examples ({stats.line(name)})")
+    log(stats.line(name))
+    return stats
+
+
+def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
+    """Return (train_records, eval_records_or_None, train_stats), records as lists of {input_ids, labels, id}
+    (distlora.datacache writes the same examples into a mapped TokenStore instead)."""
+    train_rows, eval_rows = split_rows(cfg)
 
     def encode(pairs, name):
-        stats = DataStats()
-        groups: dict[tuple, list[dict]] = {}
-        for row, s in pairs:
-            groups.setdefault(tuple(sorted((k, v) for k, v in s.items() if k != "weight")), []).append(row)
-        out = []
-        for key, rows in groups.items():
-            s = dict(key)
-            fmt, pf, cf = s["format"], s["prompt_field"], s["completion_field"]
-            if fmt == "auto":
-                fmt, pf, cf = detect_format(rows[0], pf, cf)
-                log(f"data: {s['path']}: detected format '{fmt}'" + (f" ({pf} -> {cf})" if fmt == "completion" else ""))
-            renderer = Renderer(tokenizer, fmt, pf, cf, data_cfg, add_bos=cfg.tokenizer.add_special_tokens,
-                                truncation_side=s["truncation_side"])
-            with first():  # rank discipline: the main process goes first (a future on-disk cache is written once)
-                out += tokenize_rows(rows, renderer, data_cfg, stats, s["path"])
-        if not out:
-            raise DataError(f"{name}: no usable examples ({stats.line(name)})")
-        for i, r in enumerate(out):
-            r["id"] = i
-        log(stats.line(name))
+        out: list[dict] = []
+
+        def sink(ids, labels, lengths):
+            ids, labels = ids.tolist(), labels.tolist()
+            at = 0
+            for n in lengths.tolist():
+                out.append({"input_ids": ids[at : at + n], "labels": labels[at : at + n], "id": len(out)})
+                at += n
+
+        stats = encode_split(cfg, tokenizer, pairs, name, sink, main_process_first, log)
         return out, stats
 
     train, train_stats = encode(train_rows, "train data")
@@ -401,9 +545,10 @@ def build_datasets(cfg, tokenizer, main_process_first=None, log=print):
 
 
 class Records:
-    """Map-style dataset over tokenized records; index -1 is a padding example (no tokens)."""
+    """Map-style dataset over tokenized records (a list, or a TokenStore read by index); index -1 is a
+    padding example (no tokens)."""
 
-    def __init__(self, records: list[dict], pad_id: int):
+    def __init__(self, records, pad_id: int):
         self.records = records
         self.pad = {"input_ids": [pad_id], "labels": [IGNORE], "id": -1}
 
@@ -428,12 +573,14 @@ class GlobalBatchSampler:
     GROUP_SPAN = 32  # group_by_length sorts spans of this many global batches of the shuffled order
 
     def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,
-                 lengths: Optional[list[int]] = None):
+                 lengths=None):
+        import numpy as np
+
         self.n, self.micro, self.accum, self.world = n, micro, accum, world
         self.seed, self.shuffle = seed, shuffle
         self.global_batch = micro * accum * world
         self.epoch, self.start_step = 0, 0
-        self.lengths = lengths  # set: group by length (data.group_by_length)
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)  # set: group by length
 
     @property
     def steps_per_epoch(self) -> int:
@@ -442,68 +589,126 @@ class GlobalBatchSampler:
     def position(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
-    def order(self) -> list[int]:
+    def _perm(self):
+        """The epoch's seeded permutation of the items (an int64 array)."""
+        import numpy as np
         import torch
 
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:
-            perm = list(range(self.n))
+            return torch.randperm(self.n, generator=g).numpy().astype(np.int64)
+        return np.arange(self.n, dtype=np.int64)
+
+    def order_array(self):
+        """The epoch's order as an int64 array, padded with -1 to whole global batches."""
+        import numpy as np
+
+        perm = self._perm()
         if self.lengths is not None:
             perm = self._grouped(perm)
-        return perm + [-1] * (self.steps_per_epoch * self.global_batch - self.n)
+        return np.concatenate([perm, np.full(self.steps_per_epoch * self.global_batch - self.n, -1, dtype=np.int64)])
 
-    def _grouped(self, perm: list[int]) -> list[int]:
+    def order(self) -> list[int]:
+        return self.order_array().tolist()
+
+    def _grouped(self, perm):
         """Length grouping: sort each span of GROUP_SPAN global batches of the shuffled order by length
         (longest first, ties in shuffled order), cut into global batches, and shuffle the whole global
         batches (the last, partial one stays last). Still a permutation of the epoch: exactly once, and a
         function of (seed, epoch, global batch) only, so `position` resumes exactly."""
+        import numpy as np
         import torch
 
         g, span = self.global_batch, self.global_batch * self.GROUP_SPAN
-        out: list[int] = []
-        for i in range(0, len(perm), span):
-            out += sorted(perm[i : i + span], key=lambda j: -self.lengths[j])
+        span_of = np.arange(len(perm), dtype=np.int64) // span
+        out = perm[np.lexsort((-self.lengths[perm], span_of))]  # lexsort is stable: ties keep shuffled order
         whole = len(out) // g
-        batches = [out[k * g : (k + 1) * g] for k in range(whole)]
-        if self.shuffle:
+        if self.shuffle and whole:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 2_000_000_011)
-            batches = [batches[k] for k in torch.randperm(whole, generator=gen).tolist()]
-        return [i for b in batches for i in b] + out[whole * g :]
+            batches = out[: whole * g].reshape(whole, g)[torch.randperm(whole, generator=gen).numpy()]
+            out = np.concatenate([batches.reshape(-1), out[whole * g :]])
+        return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = self.order()
+        order = self.order_array()
         for start in range(self.start_step * self.global_batch, len(order), self.micro):
-            yield order[start : start + self.micro]
+            yield order[start : start + self.micro].tolist()
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accum * self.world
 
 
-def pack_rows(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing: take examples longest first (ties in `order`), put each into the row whose
-    free space fits it most tightly, else open a row. The rows' length structure depends only on the
-    multiset of lengths, so every epoch packs into the same number of rows; `order` decides which of
-    several equally long examples goes where."""
-    import bisect
+class PackPlan:
+    """Best-fit decreasing over a lengths array, worked out once. Examples are taken longest first
+    (ties in the given order); each goes into the row whose free space fits it most tightly (among rows
+    with equally much free space, the lowest row index), else it opens a row. Which row the k-th example
+    of that sorted sequence joins depends only on the sorted lengths, which every permutation of the
+    same examples shares: `slot_row` holds it, and an epoch's rows are one stable argsort away
+    (`rows_for`). Free space is kept in buckets per amount (a heap of row indices each) plus a sorted
+    list of the amounts that have rows: no per-example Python objects are kept."""
 
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (free tokens, row index)
-    for i in sorted(order, key=lambda j: -lengths[j]):
-        n = lengths[i]
-        if n > capacity:
-            raise ValueError(f"example {i} has {n} tokens, more than the row capacity {capacity}")
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            room, r = free.pop(k)
-            rows[r].append(i)
-        else:
-            r, room = len(rows), capacity
-            rows.append([i])
-        if room - n > 0:
-            bisect.insort(free, (room - n, r))
-    return rows
+    def __init__(self, lengths, capacity: int, names=None):
+        import bisect
+        import heapq
+
+        import numpy as np
+
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.capacity = capacity
+        if len(self.lengths) and int(self.lengths.max()) > capacity:  # the first one taken: longest, lowest index
+            i = int(np.argmax(self.lengths))
+            raise ValueError(f"example {int(names[i]) if names is not None else i} has {int(self.lengths[i])} tokens, "
+                             f"more than the row capacity {capacity}")
+        sorted_lengths = np.sort(self.lengths)[::-1]
+        slot_row = np.empty(len(sorted_lengths), dtype=np.int64)
+        buckets: dict[int, list[int]] = {}  # free tokens -> heap of row indices with that much free
+        avail: list[int] = []  # sorted free amounts with a non-empty bucket
+        n_rows = 0
+        for k, n in enumerate(sorted_lengths.tolist()):
+            j = bisect.bisect_left(avail, n)
+            if j < len(avail):
+                room = avail[j]
+                heap = buckets[room]
+                r = heapq.heappop(heap)
+                if not heap:
+                    avail.pop(j)
+            else:
+                r, room = n_rows, capacity
+                n_rows += 1
+            slot_row[k] = r
+            rest = room - n
+            if rest > 0:
+                heap = buckets.setdefault(rest, [])
+                if not heap:
+                    bisect.insort(avail, rest)
+                heapq.heappush(heap, r)
+        self.n_rows = n_rows
+        # slots grouped by row, in the order they were added: an epoch's rows are one gather
+        self.slot_order = np.argsort(slot_row, kind="stable")
+        self.row_offsets = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(slot_row, minlength=n_rows), out=self.row_offsets[1:])
+
+    def rows_for(self, order):
+        """(flat example indices grouped by row, row offsets) for this order of the examples."""
+        import numpy as np
+
+        order = np.asarray(order, dtype=np.int64)
+        by_length = order[np.argsort(-self.lengths[order], kind="stable")]
+        return by_length[self.slot_order], self.row_offsets
+
+
+def pack_rows(order, lengths, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing (see PackPlan): take examples longest first (ties in `order`), put each into
+    the row whose free space fits it most tightly, else open a row. The rows' length structure depends
+    only on the multiset of lengths, so every epoch packs into the same number of rows; `order` decides
+    which of several equally long examples goes where."""
+    import numpy as np
+
+    order = np.asarray(order, dtype=np.int64)
+    sub = np.asarray(lengths, dtype=np.int64)[order]
+    flat, offsets = PackPlan(sub, capacity, names=order).rows_for(np.arange(len(order)))
+    flat = order[flat]
+    return [flat[a:b].tolist() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
 class PackedBatchSampler(GlobalBatchSampler):
@@ -515,31 +720,48 @@ class PackedBatchSampler(GlobalBatchSampler):
     data. A token budget (train.micro_batch_tokens) is capacity = the budget with micro = 1: each micro
     batch is one row, and a micro batch never holds more than the budget's tokens."""
 
-    def __init__(self, lengths: list[int], capacity: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
-        n_rows = len(pack_rows(list(range(len(lengths))), lengths, capacity))
-        super().__init__(n_rows, micro, accum, world, seed, shuffle)
+    def __init__(self, lengths, capacity: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
+        import numpy as np
+
+        lengths = np.asarray(lengths, dtype=np.int64)
+        self.plan = PackPlan(lengths, capacity)  # once: every epoch's rows follow from it
+        super().__init__(self.plan.n_rows, micro, accum, world, seed, shuffle)
         self.example_lengths, self.capacity, self.n_examples = lengths, capacity, len(lengths)
 
-    def rows(self) -> list[list[int]]:
+    def _rows_arrays(self):
+        """(flat example indices by row, row offsets, the epoch's row order)."""
+        import numpy as np
         import torch
 
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            perm = torch.randperm(self.n_examples, generator=g).tolist()
+            perm = torch.randperm(self.n_examples, generator=g).numpy()
         else:
-            perm = list(range(self.n_examples))
-        rows = pack_rows(perm, self.example_lengths, self.capacity)
-        assert len(rows) == self.n, "packing gave a different row count this epoch"
+            perm = np.arange(self.n_examples)
+        flat, offsets = self.plan.rows_for(perm)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_000_007)
-            rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
-        return rows
+            row_order = torch.randperm(self.n, generator=g).numpy()
+        else:
+            row_order = np.arange(self.n)
+        return flat, offsets, row_order
+
+    def rows(self) -> list[list[int]]:
+        flat, offsets, row_order = self._rows_arrays()
+        return [flat[offsets[r] : offsets[r + 1]].tolist() for r in row_order.tolist()]
 
     def order(self) -> list[list[int]]:
         return self.rows() + [[-1]] * (self.steps_per_epoch * self.global_batch - self.n)
 
+    def __iter__(self) -> Iterator[list[list[int]]]:
+        flat, offsets, row_order = self._rows_arrays()
+        row_order = row_order.tolist() + [-1] * (self.steps_per_epoch * self.global_batch - self.n)
+        for start in range(self.start_step * self.global_batch, len(row_order), self.micro):
+            yield [flat[offsets[r] : offsets[r + 1]].tolist() if r >= 0 else [-1]
+                   for r in row_order[start : start + self.micro]]
+
     def summary(self) -> str:
-        used = sum(self.example_lengths)
+        used = int(self.example_lengths.sum())
         return (
             f"packing: {self.n_examples} examples in {self.n} rows of <= {self.capacity} tokens "
             f"({self.n_examples / self.n:.2f} examples/row, {used / (self.n * self.capacity):.1%} of row tokens used); "
@@ -640,17 +862,20 @@ def input_tokens(batch: dict) -> int:
     return int(batch["attention_mask"][batch["ids"] >= 0].sum())
 
 
-def make_loader(records: list[dict], pad_id: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,
+def make_loader(records, pad_id: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,
                 pack: int = 0, group_by_length: bool = False):
-    """DataLoader + sampler; `pack` > 0 packs examples into rows of at most `pack` tokens;
+    """DataLoader + sampler over a list of records or a TokenStore (distlora.store: examples read by index
+    from the mapped store, samplers work from its lengths array); `pack` > 0 packs examples into rows of at most `pack` tokens;
     `group_by_length` batches examples of similar length together (unpacked)."""
     from torch.utils.data import DataLoader
 
+    from distlora.store import lengths_of
+
     if pack:
-        sampler = PackedBatchSampler([len(r["input_ids"]) for r in records], pack, micro, accum, world, seed, shuffle)
+        sampler = PackedBatchSampler(lengths_of(records), pack, micro, accum, world, seed, shuffle)
         collate = PackedCollator(pad_id)
     else:
-        lengths = [len(r["input_ids"]) for r in records] if group_by_length else None
+        lengths = lengths_of(records) if group_by_length else None
         sampler = GlobalBatchSampler(len(records), micro, accum, world, seed, shuffle, lengths)
         collate = Collator(pad_id)
     loader = DataLoader(Records(records, pad_id), batch_sampler=sampler, collate_fn=collate, num_workers=0)

@@ -14,8 +14,10 @@ The key is a sha256 over everything that decides the token ids and labels:
 - the data code's version: the sha256 of the source of distlora/data.py and of this module.
 Anything else (learning rate, batch sizes, packing, token budget...) does not change the records: same key.
 
-Records are stored as flat int32 arrays plus offsets in .npz files (no pickle), written to a
-temporary directory and renamed into place, so a reader never sees half a cache.
+Each split is a token store (distlora.store: flat int32 token and label files and an int64 offsets
+index) under `<key>/train/` and `<key>/eval/`, written chunk by chunk while the data is tokenized in
+parallel, into a temporary directory renamed into place, so a reader never sees half a cache. A hit maps
+the store read-only: every rank on a node shares the same page-cache pages.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import tempfile
 from pathlib import Path
 
 from distlora import data as data_mod
+from distlora import store as store_mod
 
-CODE_FILES = [data_mod.__file__, __file__]
+CODE_FILES = [data_mod.__file__, __file__, store_mod.__file__]
 
 
 def _sha_file(path: str) -> str:
@@ -108,67 +111,95 @@ def cache_root(cfg) -> Path:
     return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.train.output_dir) / "data_cache"
 
 
-def _save_records(path: Path, records: list[dict]) -> None:
-    import numpy as np
-
-    lengths = np.array([len(r["input_ids"]) for r in records], dtype=np.int64)
-    np.savez(
-        path,
-        input_ids=np.array([t for r in records for t in r["input_ids"]], dtype=np.int32),
-        labels=np.array([t for r in records for t in r["labels"]], dtype=np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]),
-    )
+def _meta(cfg, tokenizer, key, stats, has_eval) -> dict:
+    return {"key": key, "parts": key_parts(cfg, tokenizer), "stats": vars(stats), "has_eval": has_eval, "layout": "store-1"}
 
 
-def _load_records(path: Path) -> list[dict]:
-    import numpy as np
-
-    with np.load(path, allow_pickle=False) as z:
-        ids, labels, off = z["input_ids"].tolist(), z["labels"].tolist(), z["offsets"].tolist()
-    return [{"input_ids": ids[a:b], "labels": labels[a:b], "id": i} for i, (a, b) in enumerate(zip(off[:-1], off[1:]))]
-
-
-def write(cfg, tokenizer, train, evals, stats, log=print) -> Path:
-    key = cache_key(cfg, tokenizer)
-    final = cache_root(cfg) / key
-    if (final / "meta.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+def _commit(tmp: Path, final: Path) -> None:
     try:
-        _save_records(tmp / "train.npz", train)
-        if evals is not None:
-            _save_records(tmp / "eval.npz", evals)
-        meta = {"key": key, "parts": key_parts(cfg, tokenizer), "stats": vars(stats), "has_eval": evals is not None}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         os.replace(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (final / "meta.json").is_file():  # another process won the race: fine; else a real error
             raise
+
+
+def _tmpdir(cfg, key) -> tuple[Path, Path]:
+    final = cache_root(cfg) / key
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent)), final
+
+
+def write(cfg, tokenizer, train, evals, stats, log=print) -> Path:
+    """Write already tokenized records (lists of {input_ids, labels}) as the cache's stores."""
+    key = cache_key(cfg, tokenizer)
+    if (cache_root(cfg) / key / "meta.json").is_file():
+        return cache_root(cfg) / key
+    tmp, final = _tmpdir(cfg, key)
+    try:
+        for name, recs in (("train", train), ("eval", evals)):
+            if recs is not None:
+                w = store_mod.StoreWriter(tmp / name)
+                w.add_records(recs)
+                w.close()
+        (tmp / "meta.json").write_text(json.dumps(_meta(cfg, tokenizer, key, stats, evals is not None), indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _commit(tmp, final)
+    log(f"data cache: wrote {final}")
+    return final
+
+
+def build(cfg, tokenizer, log=print, procs=None) -> Path:
+    """Read, check and tokenize the data (in parallel, distlora.data.iter_encoded) straight into the
+    cache's stores; no split is ever held as Python lists of tokens."""
+    key = cache_key(cfg, tokenizer)
+    tmp, final = _tmpdir(cfg, key)
+    try:
+        train_rows, eval_rows = data_mod.split_rows(cfg)
+        stats = None
+        for name, pairs in (("train", train_rows), ("eval", eval_rows)):
+            if not pairs:
+                continue
+            w = store_mod.StoreWriter(tmp / name)
+            try:
+                st = data_mod.encode_split(cfg, tokenizer, pairs, f"{name} data", w.add, None, log, procs)
+            finally:
+                w.close()
+            stats = stats or st
+        (tmp / "meta.json").write_text(json.dumps(_meta(cfg, tokenizer, key, stats, bool(eval_rows)), indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _commit(tmp, final)
     log(f"data cache: wrote {final}")
     return final
 
 
 def read(cfg, tokenizer, log=print):
-    """(train, eval, stats) from the cache, or None on a miss."""
+    """(train, eval, stats) from the cache, each split a read-only TokenStore, or None on a miss."""
     key = cache_key(cfg, tokenizer)
     d = cache_root(cfg) / key
     if not (d / "meta.json").is_file():
         log(f"data cache: miss (no {d})")
         return None
     meta = json.loads((d / "meta.json").read_text())
-    train = _load_records(d / "train.npz")
-    evals = _load_records(d / "eval.npz") if meta["has_eval"] else None
+    if meta.get("layout") != "store-1":
+        log(f"data cache: miss ({d} has an older layout)")
+        return None
+    train = store_mod.TokenStore(d / "train")
+    evals = store_mod.TokenStore(d / "eval") if meta["has_eval"] else None
     stats = data_mod.DataStats(**meta["stats"])
     log(f"data cache: hit {d} ({len(train)} train, {len(evals) if evals else 0} eval examples)")
     return train, evals, stats
 
 
 def load_datasets(cfg, tokenizer, main_process_first=None, log=print, write_cache: bool | None = None):
-    """The trainer's entry: read the cache when the key matches, else tokenize (and write the cache
-    when `data.cache` is set or `write_cache`). Under several processes the main process goes first,
-    so the others read what it wrote."""
+    """The trainer's entry: map the cache when the key matches, else tokenize. With `data.cache` (the
+    default) or `write_cache`, the main process tokenizes in parallel into the cache and every process
+    maps it (TokenStores); otherwise each process tokenizes into lists. Under several processes the
+    main process goes first, so the others only check the key and map what it wrote."""
     import contextlib
 
     first = main_process_first or contextlib.nullcontext
@@ -178,10 +209,13 @@ def load_datasets(cfg, tokenizer, main_process_first=None, log=print, write_cach
             hit = read(cfg, tokenizer, log)
             if hit is not None:
                 return hit
-        train, evals, stats = data_mod.build_datasets(cfg, tokenizer, None, log)
         if write_cache:
             try:
-                write(cfg, tokenizer, train, evals, stats, log)
+                build(cfg, tokenizer, log)
             except OSError as exc:
-                log(f"data cache: not written ({exc}); training goes on")
-        return train, evals, stats
+                log(f"data cache: not written ({exc}); tokenizing in memory")
+            else:
+                hit = read(cfg, tokenizer, lambda *_: None)
+                if hit is not None:
+                    return hit
+        return data_mod.build_datasets(cfg, tokenizer, None, log)

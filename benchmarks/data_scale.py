@@ -1,0 +1,194 @@
+"""Data at scale (issue 14), first part: preprocessing into the token store vs `datasets.map(batched=True)`,
+per-process anonymous memory of the data path, and the packing plan. Prints one table of ratios.
+
+    python benchmarks/data_scale.py --quick      # 100k synthetic examples (2 weighted sources)
+
+Each measurement runs in its own process (peak RSS = ru_maxrss of that process and its workers).
+"Rank at step 1" is the data side of a rank only (records or store opened, loader built, first batch
+collated; no model): RssAnon and Pss from /proc, two processes at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def run(code: str, *args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([PY, "-c", textwrap.dedent(code), *map(str, args)], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def make_data(d: Path, n: int) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = ["the", "sum", "of", "apples", "is", "then", "she", "buys", "more", "each", "day", "total", "so"]
+    sources = []
+    for name, share, weight in (("math", 0.7, 1.0), ("chat", 0.3, 0.5)):
+        k = int(n * share / weight) if weight < 1 else int(n * share)
+        f = d / f"{name}.jsonl"
+        with open(f, "w") as fh:
+            for a, b in zip(rng.lognormal(3.0, 0.7, k).astype(int) + 2, rng.lognormal(3.5, 0.8, k).astype(int) + 2):
+                fh.write(json.dumps({"prompt": " ".join(rng.choice(words, a)), "completion": " ".join(rng.choice(words, b))}) + "\n")
+        sources.append({"path": str(f), "weight": weight})
+    return sources
+
+
+OURS = """
+import json, resource, sys, time
+from distlora import config as C, datacache
+from distlora.model import load_tokenizer
+cfg = C.load(sys.argv[1], check_model=False)
+tok = load_tokenizer(cfg)
+t = time.perf_counter()
+d = datacache.build(cfg, tok, log=lambda *_: None)
+wall = time.perf_counter() - t
+from distlora.store import TokenStore
+tokens = TokenStore(d / "train").n_tokens
+peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(json.dumps({"wall": wall, "tokens": tokens, "peak_mb": peak / 1024, "store": str(d)}))
+"""
+
+BASELINE = """
+import json, os, resource, sys, time
+import datasets
+from transformers import AutoTokenizer
+datasets.disable_progress_bars()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+files, procs, cache = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+t = time.perf_counter()
+ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache)
+def enc(b):
+    p = tok(b["prompt"], add_special_tokens=False)["input_ids"]
+    c = tok(b["completion"], add_special_tokens=False)["input_ids"]
+    ids = [[tok.bos_token_id] + x + y + [tok.eos_token_id] for x, y in zip(p, c)]
+    return {"input_ids": ids, "labels": [[-100] * (len(x) + 1) + y + [tok.eos_token_id] for x, y in zip(p, c)]}
+ds = ds.map(enc, batched=True, num_proc=procs, remove_columns=ds.column_names)
+tokens = sum(len(x) for x in ds.with_format("numpy")["input_ids"])
+wall = time.perf_counter() - t
+peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(json.dumps({"wall": wall, "tokens": int(tokens), "peak_mb": peak / 1024}))
+"""
+
+RANK = """
+import json, os, sys, time
+from pathlib import Path
+def mem():
+    out = {}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k == "RssAnon":
+            out[k] = int(v.split()[0]) / 1024
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("Pss:"):
+            out["Pss"] = int(line.split()[1]) / 1024
+    return out
+import torch, numpy as np
+from distlora import config as C, data as D
+from distlora.store import TokenStore
+base = mem()
+if sys.argv[1] == "store":
+    recs = TokenStore(Path(sys.argv[2]) / "train")
+else:  # the list path: every rank holds the records as Python lists (as each rank did without a cache)
+    s = TokenStore(Path(sys.argv[2]) / "train")
+    recs = [dict(r) for r in s]
+loader, sampler = D.make_loader(recs, 0, 4, 1, 2, 0, True, pack=512)
+next(iter(loader))
+Path(sys.argv[3] + f".{os.getpid()}").write_text("x")
+while len(list(Path(sys.argv[3]).parent.glob(Path(sys.argv[3]).name + ".*"))) < 2:
+    time.sleep(0.05)
+m = mem()
+time.sleep(1.0)
+print(json.dumps({k: m[k] - base[k] for k in m}))
+"""
+
+PACK = """
+import bisect, json, sys, time
+import numpy as np
+from distlora import data as D
+from distlora.store import TokenStore
+L = TokenStore(sys.argv[1] + "/train").lengths
+order = np.random.default_rng(0).permutation(len(L))
+t = time.perf_counter(); plan = D.PackPlan(L, 512); flat, off = plan.rows_for(order); new = time.perf_counter() - t
+Ll, ol = L.tolist(), order.tolist()
+def ref(order, lengths, capacity):
+    rows, free = [], []
+    for i in sorted(order, key=lambda j: -lengths[j]):
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k); rows[r].append(i)
+        else:
+            r, room = len(rows), capacity; rows.append([i])
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+t = time.perf_counter(); r = ref(ol, Ll, 512); old = time.perf_counter() - t
+same = r == [flat[a:b].tolist() for a, b in zip(off[:-1], off[1:])]
+print(json.dumps({"new": new, "old_twice": 2 * old, "same": same}))
+"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="100k examples")
+    ap.add_argument("--examples", type=int, default=None)
+    args = ap.parse_args(argv)
+    n = args.examples or 100_000
+    import yaml
+
+    from distlora.data import tokenizer_procs
+    from distlora.tiny import build_assets
+
+    procs = tokenizer_procs()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tiny = build_assets(tmp / "tiny")
+        sources = make_data(tmp, n)
+        cfg = {"model": {"name_or_path": str(tiny / "model")},
+               "data": {"train": sources, "eval": None, "max_seq_len": 512},
+               "train": {"output_dir": str(tmp / "out")}}
+        (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
+        ours = run(OURS, tmp / "c.yaml")
+        files = [s["path"] for s in sources]
+        base = run(BASELINE, tiny / "model", json.dumps(files), procs, tmp / "hf")
+        ranks = {}
+        for kind in ("list", "store"):
+            ps = [subprocess.Popen([PY, "-c", textwrap.dedent(RANK), kind, ours["store"], tmp / f"sync-{kind}"],
+                                   stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                  for _ in range(2)]
+            ranks[kind] = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in ps]
+        pack = run(PACK, ours["store"])
+    tps_o, tps_b = ours["tokens"] / ours["wall"], base["tokens"] / base["wall"]
+    anon = {k: max(r["RssAnon"] for r in v) for k, v in ranks.items()}
+    pss = {k: max(r["Pss"] for r in v) for k, v in ranks.items()}
+    rows = [
+        ("preprocess tokens/s", f"{tps_o:,.0f}", f"{tps_b:,.0f} (datasets.map, num_proc={procs})", tps_o / tps_b),
+        ("preprocess peak RSS MB", f"{ours['peak_mb']:.0f}", f"{base['peak_mb']:.0f}", ours["peak_mb"] / base["peak_mb"]),
+        ("rank RssAnon at step 1 MB (data)", f"{anon['store']:.1f}", f"{anon['list']:.1f} (records as lists)", anon["store"] / anon["list"]),
+        ("rank Pss at step 1 MB (data)", f"{pss['store']:.1f}", f"{pss['list']:.1f} (records as lists)", pss["store"] / pss["list"]),
+        ("packing plan s", f"{pack['new']:.2f}", f"{pack['old_twice']:.2f} (old packer, run twice)", pack["new"] / pack["old_twice"]),
+    ]
+    print(f"data_scale: {n:,} examples, {ours['tokens']:,} tokens, {procs} processes; plans identical: {pack['same']}")
+    print(f"| {'measure':34} | {'token store':>12} | {'baseline':44} | {'ratio':>6} |")
+    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 46}|{'-' * 8}|")
+    for name, a, b, r in rows:
+        print(f"| {name:34} | {a:>12} | {b:44} | {r:6.2f} |")
+    return 0 if pack["same"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
