@@ -424,7 +424,7 @@ def iter_encoded(rows: list[dict], renderer: Renderer, data_cfg, stats: DataStat
     # window of chunks in flight keeps the results in order and the memory flat.
     _JOB = (rows, renderer, data_cfg, source)
     n = min(procs, -(-len(rows) // CHUNK))
-    ex = ProcessPoolExecutor(n, mp_context=mp.get_context("fork"))
+    ex = ProcessPoolExecutor(n, mp_context=mp.get_context("fork"), initializer=_die_with_parent)
     try:
         pending = deque(ex.submit(_encode_task, i) for _, i in zip(range(4 * n), starts))
         while pending:
@@ -437,6 +437,18 @@ def iter_encoded(rows: list[dict], renderer: Renderer, data_cfg, stats: DataStat
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
         _JOB = ()
+
+
+def _die_with_parent() -> None:
+    """A tokenizer worker ends when the process that forked it does (killed mid-tokenization, a worker
+    would otherwise sleep on forever as an orphan: seen here after a stopped launch)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux/glibc: no such guarantee
+        pass
 
 
 def tokenize_rows(rows: list[dict], renderer: Renderer, data_cfg, stats: DataStats, source: str,
