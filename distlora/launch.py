@@ -347,6 +347,9 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
                                               shape.world)
             if err:
                 problems.append(err)
+            err = layout.schedule_problem(layout.read_state(latest), latest, cfg)
+            if err:
+                problems.append(err)
 
     # output dir: writable; with several nodes, the same directory on all of them
     err = check_output_writable(out)
@@ -466,19 +469,27 @@ def main(argv=None) -> int:
             return 0
 
     acc_path = args.accelerate_config or str(out / "launch" / "accelerate.yaml")
-    Path(acc_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(acc_path).write_text(render_accelerate_yaml(shape, acc_path, port if multi else None))
-    print(f"distlora: wrote {acc_path} ({shape.describe()})", file=sys.stderr)
+    runs_here = not args.dry_run and (not multi or (args.machine_rank is not None and args.main_ip))
+    # A run that never starts replaces no file of the run already in output_dir: the config it launches
+    # with is written aside and kept under its name only once the trainer started (_run).
+    write_to = str(Path(acc_path).with_name(f".pending-{os.getpid()}-{Path(acc_path).name}")) if runs_here else acc_path
+    Path(write_to).parent.mkdir(parents=True, exist_ok=True)
+    Path(write_to).write_text(render_accelerate_yaml(shape, acc_path, port if multi else None))
+    if not runs_here:
+        print(f"distlora: wrote {acc_path} ({shape.describe()})", file=sys.stderr)
 
     if not multi:
         cmd = launch_command(shape, acc_path, args.config, args.overrides, main_port=port)
         print(shlex.join(cmd), flush=True)
-        return 0 if args.dry_run else _run(cmd, out)
+        if args.dry_run:
+            return 0
+        return _run(launch_command(shape, write_to, args.config, args.overrides, main_port=port), out, Path(acc_path))
     if args.machine_rank is not None and args.main_ip and not args.dry_run:
         cmd = launch_command(shape, acc_path, args.config, args.overrides, main_port=port,
                              machine_rank=args.machine_rank, main_ip=args.main_ip)
         print(shlex.join(cmd), flush=True)
-        return _run(cmd, out)
+        return _run(launch_command(shape, write_to, args.config, args.overrides, main_port=port,
+                                   machine_rank=args.machine_rank, main_ip=args.main_ip), out, Path(acc_path))
     ip = args.main_ip or "$MAIN_IP"
     print(f"# {shape.describe()}: run on every node, with MAIN_IP = node 0's address "
           f"(the accelerate config must be readable there)")
@@ -489,29 +500,103 @@ def main(argv=None) -> int:
     return 0
 
 
-def _run(cmd: list[str], out: Path) -> int:
-    """Run it in the foreground. SIGTERM/SIGUSR1 to this process become a stop request the trainer
-    sees at its next optimizer step (the STOP file; it checkpoints and exits 75): accelerate's
-    launcher would die on USR1. Ctrl-C reaches the whole process group by itself. Returns 75 when
-    the run stopped on request before finishing (rerun the same command to resume)."""
+EXIT_FAILED = 1  # a rank failed: its one-line error is shown, the whole output is in the log file
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: the run was killed without a checkpoint
+
+
+class _Shown:
+    """What of the launched job's output reaches the terminal: everything but tracebacks and torch
+    elastic's failure block (both stay in the log file). Ranks name their own error in one line
+    (`distlora: rank N failed: ...`); the first of them is kept for the end of the run."""
+
+    def __init__(self):
+        self.in_traceback = self.in_block = False
+        self.first_failure = None
+
+    def keep(self, line: str) -> bool:
+        s = line.rstrip("\n")
+        body = s.split("]:", 1)[1].lstrip() if s.startswith("[rank") and "]:" in s else s  # accelerate's rank prefix
+        if "distlora: rank " in body and " failed: " in body and self.first_failure is None:
+            self.first_failure = body[body.index("distlora: rank "):]
+        if body.startswith("Traceback (most recent call last):"):
+            self.in_traceback = True
+            return False
+        if self.in_traceback:
+            if body.startswith((" ", "\t")) or not body or body.startswith("During handling") \
+                    or body.startswith("The above exception"):
+                return False
+            self.in_traceback = False  # the exception line ends it; it is in the log with the rest
+            return False
+        if body.startswith("=" * 20):
+            self.in_block = not self.in_block
+            return False
+        if self.in_block:
+            return False
+        return True
+
+
+def _run(cmd: list[str], out: Path, acc_final: Path | None = None) -> int:
+    """Run it in the foreground, in its own process group, its whole output in
+    <output_dir>/logs/launch-<time>.log and on the terminal without tracebacks. SIGTERM, SIGUSR1 and
+    a first Ctrl-C become a stop request the trainer sees at its next optimizer step (the STOP file: it
+    checkpoints and exits 75); a second Ctrl-C kills the job (exit 130). Exit codes: 0 done, 1 a rank
+    failed (its error line repeated at the end, with the log's path), 75 stopped on request.
+    `acc_final`: where the accelerate config the command uses (a pending copy) is kept once the trainer
+    really started (status.json written by this run); otherwise the pending copy is removed, so that a
+    run that never started replaces nothing."""
     import signal
+    import time
 
     # A STOP file left by the previous stop: remove it before any rank starts, or a rank that
     # reaches its first step before rank 0 deletes it would stop the new run at once.
+    out.mkdir(parents=True, exist_ok=True)
     (out / "STOP").unlink(missing_ok=True)
-    proc = subprocess.Popen(runnable(cmd))
+    log_path = out / "logs" / time.strftime("launch-%Y%m%d-%H%M%S.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    proc = subprocess.Popen(runnable(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)  # Ctrl-C reaches this process only; it asks for a stop
     asked = []
 
     def request_stop(signum, _frame):
-        print(f"distlora: {signal.Signals(signum).name}: asking the trainer to checkpoint and stop", file=sys.stderr)
+        if signum == signal.SIGINT and signal.SIGINT in asked:
+            print("distlora: second interrupt: killing the run (progress since the last checkpoint is lost)",
+                  file=sys.stderr, flush=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            asked.append("kill")
+            return
+        print(f"distlora: {signal.Signals(signum).name}: asking the trainer to checkpoint and stop", file=sys.stderr,
+              flush=True)
         (out / "STOP").touch()
         asked.append(signum)
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGUSR1, request_stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    shown = _Shown()
+    with open(log_path, "w") as log:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if shown.keep(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
     rc = proc.wait()
-    if rc != 0 and asked and not (out / "adapter" / "COMPLETE.json").is_file():
-        print("distlora: stopped on request; rerun the same command to resume", file=sys.stderr)
+    status = layout.read_status(out) or {}
+    this_run = status.get("time", 0) >= started
+    pending = Path(cmd[cmd.index("--config_file") + 1]) if "--config_file" in cmd else None
+    if acc_final is not None and pending is not None and pending != acc_final and pending.exists():
+        if this_run:
+            pending.replace(acc_final)
+        else:
+            pending.unlink()
+    if "kill" in asked:
+        return EXIT_INTERRUPTED
+    if this_run and status.get("status") == "stopped":
+        print(f"distlora: stopped on request at step {status.get('step')}/{status.get('total_steps')}; rerun the "
+              f"same command to resume (log: {log_path})", file=sys.stderr)
         return EXIT_STOPPED
-    return rc
+    if rc != 0:
+        what = shown.first_failure or f"the job failed (exit {rc})"
+        print(f"{what}\ndistlora: full log: {log_path}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0

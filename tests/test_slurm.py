@@ -174,7 +174,7 @@ def test_sbatch_completes_and_equals_plain_run(slurm, tiny, reference, tmp_path,
     info = wait_job(job, slurm)
     log = log_of(tmp_path / "out", job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-4000:]
-    assert "distlora: preflight ok" in log and "2 process(es), DistributedType.MULTI_CPU" in log
+    assert "distlora: preflight ok" in log and "distlora: 2 process(es), backend ddp" in log
     assert_same_adapter(reference, tmp_path / "out" / "adapter")
 
 
