@@ -294,6 +294,64 @@ def check_shared_dir_slurm(out: Path, nodes: int, timeout: int = 120) -> str | N
     return None
 
 
+def model_problem(name_or_path: str) -> str | None:
+    """The base model's config.json readable: in a local directory, or from the hub (or its cache under
+    HF_HUB_OFFLINE=1). Read directly, without torch."""
+    p = Path(name_or_path).expanduser()
+    if p.exists() or name_or_path.startswith((".", "/", "~")):
+        if not (p / "config.json").is_file():
+            return (f"model.name_or_path: '{name_or_path}' has no config.json; point it at a saved model directory "
+                    "(save_pretrained) or a hub id")
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(name_or_path, "config.json", etag_timeout=5)
+    except Exception as exc:  # noqa: BLE001 - not found, no network, gated: all named the same way
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        how = ("HF_HUB_OFFLINE=1 is set and it is not in the local cache" if offline else
+               "no network, no such repo, or no access; without network set HF_HUB_OFFLINE=1 with the model in the cache")
+        return (f"model.name_or_path: cannot read config.json of hub model '{name_or_path}' ({how}: "
+                f"{type(exc).__name__}); or point it at a local directory")
+    return None
+
+
+DATA_FIXES = {
+    "malformed JSON": "fix or remove that line",
+    "not UTF-8": "re-encode the file as UTF-8",
+    "must be a JSON object": "one JSON object per line",
+    "no usable examples": "raise data.max_seq_len or set data.too_long=truncate if examples were dropped as too "
+                          "long; check data.prompt_field / data.completion_field",
+    "holds no examples": "point data.train at a file with examples",
+}
+
+
+def input_problems(cfg) -> list[str]:
+    """Before any worker starts: the base model's config, then every data source read and tokenized by
+    the trainer's own code (distlora.datacache / distlora.data; the cache when its key matches)."""
+    err = model_problem(cfg.model.name_or_path)
+    if err:
+        return [err]
+    from distlora import datacache
+    from distlora.data import DataError
+    from distlora.model import load_tokenizer
+
+    try:
+        tok = load_tokenizer(cfg)
+    except Exception as exc:  # noqa: BLE001 - a missing or unreadable tokenizer, named in one line
+        src = cfg.tokenizer.name_or_path or cfg.model.name_or_path
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return [f"tokenizer: cannot load the tokenizer of '{src}' ({type(exc).__name__}: {first}); set "
+                "tokenizer.name_or_path to a directory or hub id that has one"]
+    try:
+        datacache.load_datasets(cfg, tok, log=lambda *_: None)
+    except DataError as exc:
+        msg = str(exc)
+        fix = next((f for k, f in DATA_FIXES.items() if k in msg), None)
+        return [f"data: {msg}" + (f"; fix: {fix}" if fix else "")]
+    return []
+
+
 def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = True, env=None) -> tuple[list[str], list[str]]:
     """(problems, notes). Each problem says what is wrong and how to fix it."""
     problems, notes = [], []
@@ -456,6 +514,12 @@ def main(argv=None) -> int:
     alloc = slurm_allocation()
     is_main_node = (args.machine_rank or 0) == 0 and (alloc is None or alloc["node_id"] == 0)
     if args.check or not args.dry_run:
+        bad = input_problems(cfg)
+        for prob in bad:
+            print(f"distlora: {prob}", file=sys.stderr)
+        if bad:
+            print(f"distlora: {len(bad)} problem(s) with the run's inputs; nothing launched", file=sys.stderr)
+            return 2
         problems, notes = preflight(cfg, shape, main_port=port, is_main_node=is_main_node)
         for n in notes:
             print(f"distlora: preflight: {n}", file=sys.stderr)
@@ -504,9 +568,12 @@ EXIT_FAILED = 1  # a rank failed: its one-line error is shown, the whole output 
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: the run was killed without a checkpoint
 
 
+_LOG_LINE = __import__("re").compile(r"^\[?[WEI]\d{4} \d\d:\d\d:\d\d")
+
+
 class _Shown:
-    """What of the launched job's output reaches the terminal: everything but tracebacks and torch
-    elastic's failure block (both stay in the log file). Ranks name their own error in one line
+    """What of the launched job's output reaches the terminal: everything but tracebacks, torch's own
+    log lines (elastic's and gloo's warnings) and elastic's failure block (all stay in the log file). Ranks name their own error in one line
     (`distlora: rank N failed: ...`); the first of them is kept for the end of the run."""
 
     def __init__(self):
@@ -518,6 +585,8 @@ class _Shown:
         body = s.split("]:", 1)[1].lstrip() if s.startswith("[rank") and "]:" in s else s  # accelerate's rank prefix
         if "distlora: rank " in body and " failed: " in body and self.first_failure is None:
             self.first_failure = body[body.index("distlora: rank "):]
+        if _LOG_LINE.match(body):  # torch's (elastic's, gloo's) own log lines: in the log file only
+            return False
         if body.startswith("Traceback (most recent call last):"):
             self.in_traceback = True
             return False

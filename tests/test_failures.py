@@ -124,3 +124,89 @@ def test_resume_names_changed_keys_and_refuses_a_new_schedule(tiny, tmp_path, ca
     for key in ("train.log_every: 1 -> 2", "train.micro_batch_size: 4 -> 2", "train.gradient_accumulation_steps: 1 -> 2"):
         assert key in said
     assert "resumed from" in said and json.loads((out / "status.json").read_text())["status"] == "complete"
+
+
+# ------------------------------------------------------------------------------ before any worker starts
+
+
+def _cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distlora.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.fixture
+def finished(tiny, tmp_path) -> tuple[Path, Path]:
+    """A finished run (checkpoint at its last step) with the launch config of its launch."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, out, train={"max_steps": 3, "save_every": 3}))
+    assert run_inprocess(cfg) == 0
+    (out / "launch").mkdir()
+    (out / "launch" / "accelerate.yaml").write_text("# the launch config of the finished run\n")
+    return cfg, out
+
+
+def test_bad_data_is_named_before_any_worker_starts(finished, tmp_path):
+    """`distlora launch` with a malformed line 3: exit 2, one line `file:3: malformed JSON ...; fix: ...`,
+    no traceback, no worker started, every file of the finished run in that output dir as it was.
+    Before: exit 1 after ~13 s, the line buried under rank 1's gloo traceback, config.yaml and
+    launch/accelerate.yaml replaced."""
+    cfg, out = finished
+    bad = tmp_path / "bad.jsonl"
+    src = Path(_train_path(cfg)).read_text().splitlines()[:6]
+    src[2] = src[2][:-3]  # line 3 cut short
+    bad.write_text("\n".join(src) + "\n")
+    before = _files(out)
+    t0 = time.monotonic()
+    res = _cli("launch", "--config", str(cfg), "--cpu", "--processes-per-node", "1", f"data.train={bad}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("distlora: data:")]
+    assert len(lines) == 1 and f"{bad}:3: malformed JSON" in lines[0] and "fix: fix or remove that line" in lines[0]
+    assert "Traceback" not in res.stderr + res.stdout and "accelerate launch" not in res.stdout
+    assert time.monotonic() - t0 < 60 and _files(out) == before
+
+
+def _train_path(cfg: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(cfg.read_text())["data"]["train"]
+
+
+def test_unreachable_hub_model_is_named_with_the_offline_setting(finished):
+    """--check with a hub id that is not in the cache, under HF_HUB_OFFLINE=1: exit 2 naming the model
+    field and the offline setting (before: "preflight ok")."""
+    cfg, _ = finished
+    res = _cli("launch", "--config", str(cfg), "--cpu", "--check", "model.name_or_path=no-such-org/no-such-model",
+               env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "model.name_or_path: cannot read config.json of hub model 'no-such-org/no-such-model'" in res.stderr
+    assert "HF_HUB_OFFLINE=1 is set" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_run_refused_by_its_workers_keeps_the_finished_runs_files(finished):
+    """A resume the trainer refuses (another LoRA shape): exit 1 with the rank's one-line error and the
+    log file's path, no traceback, and config.yaml and launch/accelerate.yaml of the finished run kept."""
+    cfg, out = finished
+    before = _files(out)
+    res = _cli("launch", "--config", str(cfg), "--cpu", "--processes-per-node", "1", "lora.r=8")
+    shown = res.stdout + res.stderr
+    assert res.returncode == 1, shown[-3000:]
+    assert "distlora: rank 0 failed: ResumeError: cannot resume from" in shown and "Traceback" not in shown
+    log = shown.split("distlora: full log: ")[1].split()[0]
+    assert Path(log).is_file() and "lora: step-00000003 holds an adapter of another shape" in Path(log).read_text()
+    assert _files(out) == before
+
+
+def test_failing_worker_shows_its_one_line_error_and_the_log(tiny, tmp_path):
+    """An error on rank 1 at step 2 through `distlora launch`: exit 1, the rank's line repeated last with
+    the log's path, no traceback on the terminal (the log keeps it)."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, out))
+    res = _cli("launch", "--config", str(cfg), "--cpu", "--processes-per-node", "2",
+               env={"DISTLORA_FAULT": "rank1:step1:raise"})
+    shown = res.stdout + res.stderr
+    assert res.returncode == 1, shown[-3000:]
+    assert "Traceback" not in shown and "ChildFailedError" not in shown, shown[-3000:]
+    last = res.stderr.strip().splitlines()[-2:]
+    assert last[0] == "distlora: rank 1 failed: InjectedFault: injected fault at step1 on rank 1", last
+    log = Path(last[1].split("distlora: full log: ")[1])
+    assert "Traceback" in log.read_text()
