@@ -210,3 +210,75 @@ def test_failing_worker_shows_its_one_line_error_and_the_log(tiny, tmp_path):
     assert last[0] == "distlora: rank 1 failed: InjectedFault: injected fault at step1 on rank 1", last
     log = Path(last[1].split("distlora: full log: ")[1])
     assert "Traceback" in log.read_text()
+
+
+# ------------------------------------------------------------------------------ portable adapters
+
+
+def test_adapter_names_its_base_absolutely_and_is_group_readable(tiny, tmp_path, monkeypatch):
+    """model.name_or_path given relative ('./model', from the assets' directory): adapter_config.json
+    records the absolute path, and every saved file and directory is readable by the group, also
+    under a umask of 077 (before: 'model' recorded as given; safetensors 0600)."""
+    import stat
+
+    monkeypatch.chdir(tiny)
+    old = os.umask(0o077)
+    try:
+        out = tmp_path / "out"
+        raw = base_config(tiny, out, train={"max_steps": 2, "save_every": 2})
+        raw["model"]["name_or_path"] = "./model"
+        assert run_inprocess(write_config(tmp_path / "c.yaml", raw)) == 0
+    finally:
+        os.umask(old)
+    recorded = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((tiny / "model").resolve())
+    saved = [out / "adapter", *(out / "adapter").rglob("*"), *(out / "checkpoints").rglob("*")]
+    assert len(saved) > 5 and all(p.stat().st_mode & stat.S_IRGRP for p in saved), \
+        [p for p in saved if not p.stat().st_mode & stat.S_IRGRP][:3]
+
+
+# ------------------------------------------------------------------------------ side commands
+
+
+@pytest.mark.parametrize("case", ["merge_no_adapter", "plot_no_metrics", "preprocess_bad_data",
+                                  "plan_unreachable", "slurm_no_sbatch", "version"])
+def test_side_commands_end_with_one_line(case, tiny, tmp_path):
+    """Each side command on bad input: one line naming the input and the fix, no traceback, a non-zero
+    exit (before: tracebacks, and merge --out FILE said "written" and exited 0)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "out"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": \n')
+    env = {}
+    args, code, needle = {
+        "merge_no_adapter": (["merge", "--adapter", str(tmp_path), "--base", str(tiny / "model"), "--out",
+                              str(tmp_path / "m")], 2, f"distlora merge: --adapter: '{tmp_path}' holds no adapter_config.json"),
+        "plot_no_metrics": (["plot", str(tmp_path)], 2, f"distlora plot: '{tmp_path}' has no metrics.jsonl"),
+        "preprocess_bad_data": (["preprocess", "--config", str(cfg), f"data.train={bad}"], 2,
+                                f"distlora preprocess: data: {bad}:2: malformed JSON"),
+        "plan_unreachable": (["plan", "--config", str(cfg), "--gpus", "2", "model.name_or_path=no-such-org/no-such-model"],
+                             2, "distlora plan: model.name_or_path: cannot read config.json of hub model"),
+        "slurm_no_sbatch": (["slurm", "--config", str(cfg), "--gpus-per-node", "1", "--time", "1:00:00", "--submit"], 3,
+                            "distlora slurm: cannot run sbatch"),
+        "version": (["--version"], 0, "distlora 0.1.0"),
+    }[case]
+    if case == "plan_unreachable":
+        env["HF_HUB_OFFLINE"] = "1"
+    if case == "slurm_no_sbatch":
+        env["PATH"] = str(Path(sys.executable).parent)  # no sbatch there
+    res = _cli(*args, env=env)
+    said = (res.stdout + res.stderr).strip()
+    assert res.returncode == code and needle in said, (res.returncode, said[-2000:])
+    assert "Traceback" not in said
+
+
+def test_merge_refuses_a_file_as_output(tiny, tmp_path):
+    """A real adapter, --out an existing file: exit 2 naming --out, the file untouched."""
+    out = tmp_path / "out"
+    assert run_inprocess(write_config(tmp_path / "c.yaml", base_config(tiny, out, train={"max_steps": 1}))) == 0
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    res = _cli("merge", "--adapter", str(out / "adapter"), "--base", str(tiny / "model"), "--out", str(a_file))
+    assert res.returncode == 2 and f"distlora merge: --out: '{a_file}' is a file" in res.stderr, res.stderr[-2000:]
+    assert a_file.read_text() == "x" and "merged model written" not in res.stdout
