@@ -68,7 +68,9 @@ def main(argv=None) -> int:
 
         from distlora.backends import env_rank
 
-        print(f"distlora: rank {env_rank()} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        # one write: other ranks share the launcher's pipe, and print's separate newline could be split off
+        sys.stderr.write(f"distlora: rank {env_rank()} failed: {type(exc).__name__}: {exc}\n")
+        sys.stderr.flush()
         if not isinstance(exc, _expected_errors()):
             traceback.print_exc()
         return 1
