@@ -385,7 +385,8 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
             n = torch.cuda.device_count()
             if n < shape.procs_per_node:
                 problems.append(f"world size: {shape.procs_per_node} GPU processes but this machine has {n} GPU(s); fix: "
-                                f"--gpus-per-node {n}" + (" (or --cpu --processes-per-node N without GPUs)" if n == 0 else ""))
+                                + (f"--gpus-per-node {n}" if n else "--cpu --processes-per-node N (no GPU here), or run on a machine "
+                                 "with GPUs"))
     else:
         notes.append("not in a SLURM job: the other nodes' GPUs and the shared output dir cannot be checked from here")
 

@@ -175,7 +175,7 @@ def global_batch_problem(state: dict, ckpt: Path, cfg, global_batch: int, dp: in
         return None
     t = cfg.train
     per_step = t.micro_batch_size * dp
-    keep = (f"train.gradient_accumulation_steps={written // per_step}" if written % per_step == 0
+    keep = (f"train.gradient_accumulation_steps={written // per_step}" if written % per_step == 0 and written >= per_step
             else "raise gradient_accumulation_steps when using fewer processes")
     return (f"train: {ckpt.name} was written with global batch {written} (micro x accumulation x processes), this "
             f"run has {global_batch} = {t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp}; the data order "

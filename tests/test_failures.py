@@ -282,3 +282,16 @@ def test_merge_refuses_a_file_as_output(tiny, tmp_path):
     res = _cli("merge", "--adapter", str(out / "adapter"), "--base", str(tiny / "model"), "--out", str(a_file))
     assert res.returncode == 2 and f"distlora merge: --out: '{a_file}' is a file" in res.stderr, res.stderr[-2000:]
     assert a_file.read_text() == "x" and "merged model written" not in res.stdout
+
+
+def test_preflight_fix_for_no_gpu_is_one_the_tool_accepts(tiny, tmp_path):
+    """--check for GPUs on a machine without one: the fix named is the CPU launch, never
+    `--gpus-per-node 0` (which the tool itself refuses)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "out"))
+    res = _cli("launch", "--config", str(cfg), "--gpus-per-node", "2", "--check")
+    assert res.returncode == 3 and "this machine has 0 GPU(s); fix: --cpu --processes-per-node N" in res.stderr, res.stderr
+    assert "--gpus-per-node 0" not in res.stderr
