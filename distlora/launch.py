@@ -588,7 +588,7 @@ class _Shown:
             self.first_failure = body[body.index("distlora: rank "):]
         if _LOG_LINE.match(body):  # torch's (elastic's, gloo's) own log lines: in the log file only
             return False
-        if body.startswith("Traceback (most recent call last):"):
+        if "Traceback (most recent call last):" in body:  # also after another rank's unfinished line
             self.in_traceback = True
             return False
         if self.in_traceback:
