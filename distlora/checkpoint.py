@@ -32,8 +32,11 @@ class CheckpointError(RuntimeError):
 
 
 def _fsync_tree(path: Path) -> dict[str, int]:
+    """fsync every file; files and directories made readable by the group (safetensors writes 0600)."""
     sizes = {}
-    for f in sorted(path.rglob("*")):
+    for f in [path, *sorted(path.rglob("*"))]:
+        mode = f.stat().st_mode
+        os.chmod(f, mode | (0o050 if f.is_dir() else 0o040))
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -57,6 +60,7 @@ def _publish(tmp: Path, final: Path, meta: dict) -> None:
         json.dump(meta, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
+    os.chmod(tmp / MARKER, (tmp / MARKER).stat().st_mode | 0o040)
     _fsync_dir(tmp)
     hooks.point("save.before_rename")
     if final.exists():  # same step written again (e.g. a rerun): replace only once the new copy is complete

@@ -30,6 +30,27 @@ def merge(adapter: str, base: str, out: str, dtype: str = "float32", quantizatio
     AutoTokenizer.from_pretrained(tok_src).save_pretrained(out)
 
 
+class UsageError(Exception):
+    """Bad input to a side command: one line, exit 2."""
+
+
+def check_merge_args(adapter: str, base: str, out: str) -> None:
+    """Everything `merge` can check before loading a model, each named with its flag and the fix."""
+    from pathlib import Path
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter: '{adapter}' holds no adapter_config.json; point it at an adapter "
+                         "directory (output_dir/adapter or a checkpoint's adapter/)")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out: '{out}' is a file; the merged model is a directory: give a new or existing "
+                         "directory")
+    from distlora.launch import model_problem
+
+    err = model_problem(base)
+    if err:
+        raise UsageError("--base: " + err.split(": ", 1)[1])
+
+
 def preprocess(config_path: str, overrides: list[str]) -> int:
     """Tokenize the run's train/eval data into the cache (distlora.datacache); print where it is."""
     from distlora import config as config_mod
@@ -41,8 +62,16 @@ def preprocess(config_path: str, overrides: list[str]) -> int:
     except config_mod.ConfigError as err:
         print(err.render(), file=sys.stderr)
         return 2
+    from distlora.data import DataError
+    from distlora.launch import DATA_FIXES
+
     tok = load_tokenizer(cfg)
-    datacache.load_datasets(cfg, tok, log=print, write_cache=True)
+    try:
+        datacache.load_datasets(cfg, tok, log=print, write_cache=True)
+    except DataError as exc:
+        fix = next((f for k, f in DATA_FIXES.items() if k in str(exc)), None)
+        print(f"distlora preprocess: data: {exc}" + (f"; fix: {fix}" if fix else ""), file=sys.stderr)
+        return 2
     print(f"data cache: {datacache.cache_root(cfg) / datacache.cache_key(cfg, tok)}")
     return 0
 
@@ -51,7 +80,10 @@ def main(argv=None) -> int:
     from distlora.config import LAUNCH_BACKENDS
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    from distlora import __version__
+
     p = argparse.ArgumentParser(prog="distlora")
+    p.add_argument("--version", action="version", version=f"distlora {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="train in this process (multi-process: accelerate launch -m distlora.train)", add_help=False)
     sub.add_parser("launch", help="write the accelerate config for a shape, check, print or run the command", add_help=False)
@@ -89,12 +121,25 @@ def main(argv=None) -> int:
 
         return slurm_main(argv[1:])
     args = p.parse_args(argv)
+    try:
+        return _side_command(args)
+    except UsageError as err:
+        print(f"distlora {args.cmd}: {err}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback; exit 1
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"distlora {args.cmd}: failed: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
+
+
+def _side_command(args) -> int:
     if args.cmd == "merge":
         quant = None
         if args.config:
             from distlora import config as config_mod
 
             quant = config_mod.RunConfig.model_validate(config_mod.read_yaml(args.config)).model.quantization
+        check_merge_args(args.adapter, args.base, args.out)
         merge(args.adapter, args.base, args.out, args.dtype, quant)
         print(f"merged model written to {args.out}")
     elif args.cmd == "plot":
@@ -102,10 +147,23 @@ def main(argv=None) -> int:
 
         from distlora.plot import plot
 
+        if not (Path(args.output_dir) / "metrics.jsonl").is_file():
+            raise UsageError(f"'{args.output_dir}' has no metrics.jsonl; point it at a run's train.output_dir")
         drawn = plot(args.output_dir, args.out)
         print(f"wrote {', '.join(drawn)} to {Path(args.out or Path(args.output_dir) / 'plots')}")
     elif args.cmd == "plan":
+        from distlora import config as config_mod
+        from distlora.launch import model_problem
         from distlora.plan import main as plan_main
+
+        try:
+            name = config_mod.load(args.config, args.overrides, check_model=False).model.name_or_path
+        except config_mod.ConfigError as err:
+            print(err.render(), file=sys.stderr)
+            return 2
+        err = model_problem(name)
+        if err:
+            raise UsageError(err)
 
         return plan_main(args)
     elif args.cmd == "preprocess":

@@ -294,6 +294,64 @@ def check_shared_dir_slurm(out: Path, nodes: int, timeout: int = 120) -> str | N
     return None
 
 
+def model_problem(name_or_path: str) -> str | None:
+    """The base model's config.json readable: in a local directory, or from the hub (or its cache under
+    HF_HUB_OFFLINE=1). Read directly, without torch."""
+    p = Path(name_or_path).expanduser()
+    if p.exists() or name_or_path.startswith((".", "/", "~")):
+        if not (p / "config.json").is_file():
+            return (f"model.name_or_path: '{name_or_path}' has no config.json; point it at a saved model directory "
+                    "(save_pretrained) or a hub id")
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(name_or_path, "config.json", etag_timeout=5)
+    except Exception as exc:  # noqa: BLE001 - not found, no network, gated: all named the same way
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        how = ("HF_HUB_OFFLINE=1 is set and it is not in the local cache" if offline else
+               "no network, no such repo, or no access; without network set HF_HUB_OFFLINE=1 with the model in the cache")
+        return (f"model.name_or_path: cannot read config.json of hub model '{name_or_path}' ({how}: "
+                f"{type(exc).__name__}); or point it at a local directory")
+    return None
+
+
+DATA_FIXES = {
+    "malformed JSON": "fix or remove that line",
+    "not UTF-8": "re-encode the file as UTF-8",
+    "must be a JSON object": "one JSON object per line",
+    "no usable examples": "raise data.max_seq_len or set data.too_long=truncate if examples were dropped as too "
+                          "long; check data.prompt_field / data.completion_field",
+    "holds no examples": "point data.train at a file with examples",
+}
+
+
+def input_problems(cfg) -> list[str]:
+    """Before any worker starts: the base model's config, then every data source read and tokenized by
+    the trainer's own code (distlora.datacache / distlora.data; the cache when its key matches)."""
+    err = model_problem(cfg.model.name_or_path)
+    if err:
+        return [err]
+    from distlora import datacache
+    from distlora.data import DataError
+    from distlora.model import load_tokenizer
+
+    try:
+        tok = load_tokenizer(cfg)
+    except Exception as exc:  # noqa: BLE001 - a missing or unreadable tokenizer, named in one line
+        src = cfg.tokenizer.name_or_path or cfg.model.name_or_path
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return [f"tokenizer: cannot load the tokenizer of '{src}' ({type(exc).__name__}: {first}); set "
+                "tokenizer.name_or_path to a directory or hub id that has one"]
+    try:
+        datacache.load_datasets(cfg, tok, log=lambda *_: None)
+    except DataError as exc:
+        msg = str(exc)
+        fix = next((f for k, f in DATA_FIXES.items() if k in msg), None)
+        return [f"data: {msg}" + (f"; fix: {fix}" if fix else "")]
+    return []
+
+
 def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = True, env=None) -> tuple[list[str], list[str]]:
     """(problems, notes). Each problem says what is wrong and how to fix it."""
     problems, notes = [], []
@@ -327,7 +385,8 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
             n = torch.cuda.device_count()
             if n < shape.procs_per_node:
                 problems.append(f"world size: {shape.procs_per_node} GPU processes but this machine has {n} GPU(s); fix: "
-                                f"--gpus-per-node {n}" + (" (or --cpu --processes-per-node N without GPUs)" if n == 0 else ""))
+                                + (f"--gpus-per-node {n}" if n else "--cpu --processes-per-node N (no GPU here), or run on a machine "
+                                 "with GPUs"))
     else:
         notes.append("not in a SLURM job: the other nodes' GPUs and the shared output dir cannot be checked from here")
 
@@ -345,6 +404,9 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
             err = layout.global_batch_problem(layout.read_state(latest), latest, cfg,
                                               t.micro_batch_size * t.gradient_accumulation_steps * shape.world,
                                               shape.world)
+            if err:
+                problems.append(err)
+            err = layout.schedule_problem(layout.read_state(latest), latest, cfg)
             if err:
                 problems.append(err)
 
@@ -453,6 +515,12 @@ def main(argv=None) -> int:
     alloc = slurm_allocation()
     is_main_node = (args.machine_rank or 0) == 0 and (alloc is None or alloc["node_id"] == 0)
     if args.check or not args.dry_run:
+        bad = input_problems(cfg)
+        for prob in bad:
+            print(f"distlora: {prob}", file=sys.stderr)
+        if bad:
+            print(f"distlora: {len(bad)} problem(s) with the run's inputs; nothing launched", file=sys.stderr)
+            return 2
         problems, notes = preflight(cfg, shape, main_port=port, is_main_node=is_main_node)
         for n in notes:
             print(f"distlora: preflight: {n}", file=sys.stderr)
@@ -466,19 +534,27 @@ def main(argv=None) -> int:
             return 0
 
     acc_path = args.accelerate_config or str(out / "launch" / "accelerate.yaml")
-    Path(acc_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(acc_path).write_text(render_accelerate_yaml(shape, acc_path, port if multi else None))
-    print(f"distlora: wrote {acc_path} ({shape.describe()})", file=sys.stderr)
+    runs_here = not args.dry_run and (not multi or (args.machine_rank is not None and args.main_ip))
+    # A run that never starts replaces no file of the run already in output_dir: the config it launches
+    # with is written aside and kept under its name only once the trainer started (_run).
+    write_to = str(Path(acc_path).with_name(f".pending-{os.getpid()}-{Path(acc_path).name}")) if runs_here else acc_path
+    Path(write_to).parent.mkdir(parents=True, exist_ok=True)
+    Path(write_to).write_text(render_accelerate_yaml(shape, acc_path, port if multi else None))
+    if not runs_here:
+        print(f"distlora: wrote {acc_path} ({shape.describe()})", file=sys.stderr)
 
     if not multi:
         cmd = launch_command(shape, acc_path, args.config, args.overrides, main_port=port)
         print(shlex.join(cmd), flush=True)
-        return 0 if args.dry_run else _run(cmd, out)
+        if args.dry_run:
+            return 0
+        return _run(launch_command(shape, write_to, args.config, args.overrides, main_port=port), out, Path(acc_path))
     if args.machine_rank is not None and args.main_ip and not args.dry_run:
         cmd = launch_command(shape, acc_path, args.config, args.overrides, main_port=port,
                              machine_rank=args.machine_rank, main_ip=args.main_ip)
         print(shlex.join(cmd), flush=True)
-        return _run(cmd, out)
+        return _run(launch_command(shape, write_to, args.config, args.overrides, main_port=port,
+                                   machine_rank=args.machine_rank, main_ip=args.main_ip), out, Path(acc_path))
     ip = args.main_ip or "$MAIN_IP"
     print(f"# {shape.describe()}: run on every node, with MAIN_IP = node 0's address "
           f"(the accelerate config must be readable there)")
@@ -489,29 +565,108 @@ def main(argv=None) -> int:
     return 0
 
 
-def _run(cmd: list[str], out: Path) -> int:
-    """Run it in the foreground. SIGTERM/SIGUSR1 to this process become a stop request the trainer
-    sees at its next optimizer step (the STOP file; it checkpoints and exits 75): accelerate's
-    launcher would die on USR1. Ctrl-C reaches the whole process group by itself. Returns 75 when
-    the run stopped on request before finishing (rerun the same command to resume)."""
+EXIT_FAILED = 1  # a rank failed: its one-line error is shown, the whole output is in the log file
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: the run was killed without a checkpoint
+
+
+_LOG_LINE = __import__("re").compile(r"^\[?[WEI]\d{4} \d\d:\d\d:\d\d")
+
+
+class _Shown:
+    """What of the launched job's output reaches the terminal: everything but tracebacks, torch's own
+    log lines (elastic's and gloo's warnings) and elastic's failure block (all stay in the log file). Ranks name their own error in one line
+    (`distlora: rank N failed: ...`); the first of them is kept for the end of the run."""
+
+    def __init__(self):
+        self.in_traceback = self.in_block = False
+        self.first_failure = None
+
+    def keep(self, line: str) -> bool:
+        s = line.rstrip("\n")
+        body = s.split("]:", 1)[1].lstrip() if s.startswith("[rank") and "]:" in s else s  # accelerate's rank prefix
+        if "distlora: rank " in body and " failed: " in body and self.first_failure is None:
+            self.first_failure = body[body.index("distlora: rank "):]
+        if _LOG_LINE.match(body):  # torch's (elastic's, gloo's) own log lines: in the log file only
+            return False
+        if "Traceback (most recent call last):" in body:  # also after another rank's unfinished line
+            self.in_traceback = True
+            return False
+        if self.in_traceback:
+            if body.startswith((" ", "\t")) or not body or body.startswith("During handling") \
+                    or body.startswith("The above exception"):
+                return False
+            self.in_traceback = False  # the exception line ends it; it is in the log with the rest
+            return False
+        if body.startswith("=" * 20):
+            self.in_block = not self.in_block
+            return False
+        if self.in_block:
+            return False
+        return True
+
+
+def _run(cmd: list[str], out: Path, acc_final: Path | None = None) -> int:
+    """Run it in the foreground, in its own process group, its whole output in
+    <output_dir>/logs/launch-<time>.log and on the terminal without tracebacks. SIGTERM, SIGUSR1 and
+    a first Ctrl-C become a stop request the trainer sees at its next optimizer step (the STOP file: it
+    checkpoints and exits 75); a second Ctrl-C kills the job (exit 130). Exit codes: 0 done, 1 a rank
+    failed (its error line repeated at the end, with the log's path), 75 stopped on request.
+    `acc_final`: where the accelerate config the command uses (a pending copy) is kept once the trainer
+    really started (status.json written by this run); otherwise the pending copy is removed, so that a
+    run that never started replaces nothing."""
     import signal
+    import time
 
     # A STOP file left by the previous stop: remove it before any rank starts, or a rank that
     # reaches its first step before rank 0 deletes it would stop the new run at once.
+    out.mkdir(parents=True, exist_ok=True)
     (out / "STOP").unlink(missing_ok=True)
-    proc = subprocess.Popen(runnable(cmd))
+    log_path = out / "logs" / time.strftime("launch-%Y%m%d-%H%M%S.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    proc = subprocess.Popen(runnable(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)  # Ctrl-C reaches this process only; it asks for a stop
     asked = []
 
     def request_stop(signum, _frame):
-        print(f"distlora: {signal.Signals(signum).name}: asking the trainer to checkpoint and stop", file=sys.stderr)
+        if signum == signal.SIGINT and signal.SIGINT in asked:
+            print("distlora: second interrupt: killing the run (progress since the last checkpoint is lost)",
+                  file=sys.stderr, flush=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            asked.append("kill")
+            return
+        print(f"distlora: {signal.Signals(signum).name}: asking the trainer to checkpoint and stop", file=sys.stderr,
+              flush=True)
         (out / "STOP").touch()
         asked.append(signum)
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGUSR1, request_stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    shown = _Shown()
+    with open(log_path, "w") as log:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if shown.keep(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
     rc = proc.wait()
-    if rc != 0 and asked and not (out / "adapter" / "COMPLETE.json").is_file():
-        print("distlora: stopped on request; rerun the same command to resume", file=sys.stderr)
+    status = layout.read_status(out) or {}
+    this_run = status.get("time", 0) >= started
+    pending = Path(cmd[cmd.index("--config_file") + 1]) if "--config_file" in cmd else None
+    if acc_final is not None and pending is not None and pending != acc_final and pending.exists():
+        if this_run:
+            pending.replace(acc_final)
+        else:
+            pending.unlink()
+    if "kill" in asked:
+        return EXIT_INTERRUPTED
+    if this_run and status.get("status") == "stopped":
+        print(f"distlora: stopped on request at step {status.get('step')}/{status.get('total_steps')}; rerun the "
+              f"same command to resume (log: {log_path})", file=sys.stderr)
         return EXIT_STOPPED
-    return rc
+    if rc != 0:
+        what = shown.first_failure or f"the job failed (exit {rc})"
+        print(f"{what}\ndistlora: full log: {log_path}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0

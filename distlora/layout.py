@@ -18,6 +18,51 @@ from pathlib import Path
 
 MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
+STATUS = "status.json"  # output_dir/status.json: running | stopped | complete, written by the trainer's rank 0
+
+# Config keys whose change makes a resumed run not the run it continues: the lr schedule (the data
+# order's keys are checked through data_order). Refused by name unless train.resume_weights_only.
+SCHEDULE_KEYS = ("train.max_steps", "train.epochs", "train.lr", "train.lr_scheduler", "train.warmup_ratio",
+                 "train.warmup_steps")
+# Keys that never matter to a resume (where the run is, how it is resumed).
+RESUME_KEYS = ("train.output_dir", "train.resume", "train.resume_weights_only")
+
+
+def write_status(output_dir, status: str, **info) -> None:
+    """The run's state for launchers and reruns (atomic: written aside, then renamed)."""
+    import time
+
+    path = Path(output_dir) / STATUS
+    tmp = path.with_name(f".{STATUS}.tmp")
+    tmp.write_text(json.dumps({"status": status, "time": time.time(), **info}, indent=1))
+    tmp.replace(path)
+
+
+def read_status(output_dir) -> dict | None:
+    try:
+        return json.loads((Path(output_dir) / STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}"""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict | None, new: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for each run-config key that differs (resume keys aside)."""
+    if old is None:
+        return []
+    a, b = flat(old), flat(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k not in RESUME_KEYS]
 
 
 def ckpt_root(output_dir) -> Path:
@@ -130,7 +175,7 @@ def global_batch_problem(state: dict, ckpt: Path, cfg, global_batch: int, dp: in
         return None
     t = cfg.train
     per_step = t.micro_batch_size * dp
-    keep = (f"train.gradient_accumulation_steps={written // per_step}" if written % per_step == 0
+    keep = (f"train.gradient_accumulation_steps={written // per_step}" if written % per_step == 0 and written >= per_step
             else "raise gradient_accumulation_steps when using fewer processes")
     return (f"train: {ckpt.name} was written with global batch {written} (micro x accumulation x processes), this "
             f"run has {global_batch} = {t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp}; the data order "
@@ -138,11 +183,26 @@ def global_batch_problem(state: dict, ckpt: Path, cfg, global_batch: int, dp: in
             "train.resume=<that checkpoint>, or train.resume=never")
 
 
+def schedule_problem(state: dict, ckpt: Path, cfg) -> str | None:
+    """A checkpoint written under another lr schedule (SCHEDULE_KEYS) is not resumed exactly (the
+    launcher's preflight and the trainer)."""
+    schedule = [(k, a, b) for k, a, b in config_changes(state.get("config"), cfg.to_dict()) if k in SCHEDULE_KEYS]
+    if not schedule:
+        return None
+    return (f"train: {ckpt.name} was trained with another lr schedule "
+            f"({'; '.join(f'{k}: {a} -> {b}' for k, a, b in schedule)}), so resuming it would not continue that run; "
+            "restore those settings, or set train.resume_weights_only=true with "
+            f"train.resume={ckpt} (its adapter, a fresh schedule from step 0), or train.resume=never")
+
+
 def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, reshardable: bool,
                     data_order: dict | None = None) -> list[tuple[str, bool]]:
     """Why `ckpt` cannot be resumed exactly by this run: (message, fixable by train.resume_weights_only)."""
     t = cfg.train
     problems = []
+    sched = schedule_problem(state, ckpt, cfg)
+    if sched:
+        problems.append((sched, True))
     old_order = state.get("data_order")  # absent in checkpoints written before it was recorded
     if data_order is not None and old_order is not None and old_order != data_order:
         where = {"seed": "train.seed", "shuffle": "data.shuffle", "group_by_length": "data.group_by_length",

@@ -20,13 +20,17 @@ from pathlib import Path
 
 import torch
 
-from distlora import checkpoint, hooks
+from distlora import checkpoint, hooks, layout
 from distlora import config as config_mod
 from distlora import data
 
 
 class Stopped(Exception):
     resumable = True
+
+
+class Complete(Exception):
+    """The output dir holds this run, finished: nothing to do, nothing written."""
 
 
 class NonFiniteError(RuntimeError):
@@ -186,7 +190,6 @@ def setup(cfg, backend) -> Run:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "STOP").unlink(missing_ok=True)  # a leftover from the stop that ended the previous leg
-        config_mod.dump(cfg, out / "config.yaml")
     backend.barrier()
     blind = backend.ranks_not_sharing(out)
     if blind:
@@ -268,7 +271,11 @@ def resume(run: Run) -> None:
     if state["dp_size"] != dp and not problems:
         run.say(f"distlora: resuming a {state['dp_size']}-process checkpoint on {dp} processes with the same global "
                 "batch: same examples per step; results equal up to summation order, not bitwise")
-    if state["config_hash"] != run.cfg.hash():
+    changes = layout.config_changes(state.get("config"), run.cfg.to_dict())
+    if changes:
+        run.say(f"distlora: the run config changed since {ckpt.name}: "
+                + "; ".join(f"{k}: {a} -> {b}" for k, a, b in changes))
+    elif state["config_hash"] != run.cfg.hash():  # a checkpoint that predates the recorded config
         run.say(f"distlora: warning: the run config changed since {ckpt.name}; resuming anyway")
     run.resumed_from = ckpt
     if t.resume_weights_only:
@@ -295,6 +302,7 @@ def save(run: Run, step: int, ev: dict | None) -> None:
         "data_order": data_order(run.cfg, run.sampler),
         "dp_size": run.sampler.world,
         "config_hash": run.cfg.hash(),
+        "config": run.cfg.to_dict(),  # a resume names each key that changed (layout.config_changes)
         "model": run.cfg.model.name_or_path,
         "lora_shape": checkpoint.lora_shape(run.cfg),
         "eval_loss": ev["eval_loss"] if ev else None,
@@ -427,6 +435,8 @@ def fit(run: Run, metrics) -> dict:
         if stop_votes:  # every rank agrees here, so none enters a collective alone
             if step != run.start_step or run.resumed_from is None:
                 save(run, step, None)
+            if acc.is_main_process:
+                layout.write_status(run.out, "stopped", step=step, total_steps=run.total_steps)
             raise Stopped(
                 f"distlora: stopped at step {step}/{run.total_steps} ({run.stop.reason or 'another rank was asked'}); "
                 f"checkpoint in {checkpoint.step_dir(run.out, step)}; rerun the same command to resume"
@@ -527,7 +537,25 @@ def finish(run: Run, metrics, fitted: dict) -> None:
             "memory_per_rank": memory_per_rank,
         }
         (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        layout.write_status(run.out, "complete", step=run.total_steps, total_steps=run.total_steps,
+                            config_hash=run.cfg.hash())
         run.say(summary_table(summary))
+
+
+def check_not_complete(run: Run) -> None:
+    """A rerun of a finished run (its status says complete with this config, or its checkpoint is at
+    the last step) changes nothing: no summary rewritten, no eval row appended."""
+    t = run.cfg.train
+    if t.resume == "never" or t.resume_weights_only:
+        return
+    status = layout.read_status(run.out) or {}
+    done = status.get("status") == "complete" and status.get("config_hash") == run.cfg.hash()
+    if (done or run.start_step >= run.total_steps) and layout.is_complete(run.out / "adapter"):
+        raise Complete(
+            f"distlora: {run.out} holds this run, finished (step {run.total_steps}/{run.total_steps}; adapter in "
+            f"{run.out / 'adapter'}); nothing to do, nothing changed. To train again there set train.resume=never, "
+            "or use another train.output_dir"
+        )
 
 
 def run(cfg, backend=None) -> None:
@@ -538,9 +566,13 @@ def run(cfg, backend=None) -> None:
     backend = backend or backends.select(cfg)
     r = setup(cfg, backend)
     resume(r)
+    check_not_complete(r)
+    # The run really starts here: only now are the files of a previous run in output_dir replaced.
     info = run_info(r.acc, r.counts) | {"backend": backend.name, "mixed_precision": backend.mixed_precision}
     if r.acc.is_main_process:
+        config_mod.dump(cfg, r.out / "config.yaml")
         (r.out / "run_info.json").write_text(json.dumps(info, indent=1))
+        layout.write_status(r.out, "running", step=r.start_step, total_steps=r.total_steps)
     with MetricsLog(r.acc, cfg, cfg.to_dict() | info, r.start_step) as metrics:
         fitted = fit(r, metrics)
         finish(r, metrics, fitted)

@@ -116,7 +116,16 @@ def load_model(cfg, mixed_precision: str):
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    # adapter_config.json names the base as a hub id as given, or by absolute path: it loads from anywhere
+    model.peft_config["default"].base_model_name_or_path = base_reference(cfg.model.name_or_path)
     return model
+
+
+def base_reference(name_or_path: str) -> str:
+    from pathlib import Path
+
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.exists() else name_or_path
 
 
 def keep_4bit_layout(model) -> None:

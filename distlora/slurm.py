@@ -140,9 +140,15 @@ def main(argv=None) -> int:
     if not args.submit:
         print(f"sbatch {shlex.quote(str(script))}")
         return 0
-    res = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    try:
+        res = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    except OSError as exc:  # no sbatch here: not a SLURM login node
+        print(f"distlora slurm: cannot run sbatch ({exc.strerror or exc}); submit {script} from a SLURM login node, "
+              "or drop --submit", file=sys.stderr)
+        return 3
     if res.returncode != 0:
-        print(res.stderr, file=sys.stderr)
+        first = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
+        print(f"distlora slurm: sbatch refused {script}: {first}", file=sys.stderr)
         return res.returncode
     print(res.stdout.strip().split(";")[0])
     return 0

@@ -2,8 +2,9 @@
 
 main() validates the config and the launch before anything heavy, then runs the loop
 (distlora/loop.py: setup, resume, fit, finish) and turns its outcome into the documented exit code:
-0 done, 1 failed (the failing rank names itself), 2 config problems, 75 stopped on request after a
-checkpoint (rerun the same command to resume).
+0 done (also: the output dir already holds this run, finished: nothing changed), 1 failed (the
+failing rank names itself), 2 config problems, 75 stopped on request after a checkpoint (rerun the
+same command to resume).
 """
 
 from __future__ import annotations
@@ -48,11 +49,15 @@ def main(argv=None) -> int:
             # the one that prints, time to do so.
             time.sleep(3)
         return 2
-    from distlora.loop import Stopped, run
+    from distlora.loop import Complete, Stopped, run
 
     try:
         run(cfg)
         _end_process_group()
+    except Complete as done:
+        _say_once(str(done))
+        _end_process_group()
+        return 0
     except Stopped as stop:
         _say_once(str(stop))
         return EXIT_STOPPED
@@ -63,7 +68,9 @@ def main(argv=None) -> int:
 
         from distlora.backends import env_rank
 
-        print(f"distlora: rank {env_rank()} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        # one write: other ranks share the launcher's pipe, and print's separate newline could be split off
+        sys.stderr.write(f"distlora: rank {env_rank()} failed: {type(exc).__name__}: {exc}\n")
+        sys.stderr.flush()
         if not isinstance(exc, _expected_errors()):
             traceback.print_exc()
         return 1

@@ -4,9 +4,10 @@ accelerator), proven by comparison with the DDP run of the same config.
 Tolerances: fp32, dropout 0, same seed and data. DDP and ZeRO differ only in how gradients are
 reduced (all-reduce vs reduce-scatter of flat buffers) and where Adam runs (full vs partitioned
 flat tensors): summation order, ~1e-8 (shared/reference/cpu-distributed-facts.md: ZeRO-2 was
-bitwise equal to DDP, ZeRO-3 within 4.5e-8). 1e-5 fails loudly for a loss-scaling bug: a missing
-or doubled 1/accum or 1/world changes the first update by a factor of 2 (the adapter moves by
-> 1e-2 in these runs).
+bitwise equal to DDP, ZeRO-3 within 4.5e-8; measured here 2026-12-01: ZeRO-2 5.4e-8, ZeRO-3 3.5e-8).
+The adapter bound is the README's 1e-7; losses and
+grad norms keep 1e-5. Both fail loudly for a loss-scaling bug: a missing or doubled 1/accum or
+1/world changes the first update by a factor of 2 (the adapter moves by > 1e-2 in these runs).
 
 The first DeepSpeed launch on a machine compiles deepspeed_shm_comm (~27 s); the runs are shared
 between tests through module-scoped fixtures to keep the number of launches small.
@@ -116,7 +117,7 @@ def test_zero_matches_ddp(backend, ddp, request):
     ref, got = load_adapter(ddp / "adapter"), load_adapter(out / "adapter")
     diff = max_abs_diff(ref, got)
     print(f"{backend} vs DDP: max |adapter diff| = {diff:.3e}")
-    assert diff < 1e-5
+    assert diff < 1e-7  # README: "ZeRO-2 and ZeRO-3 give the DDP adapter within 1e-7"
     assert max(float(v.abs().max()) for k, v in ref.items() if "lora_B" in k) > 1e-2  # it trained
     la, lb = _losses(ddp), _losses(out)
     assert len(la) == len(lb) == STEPS and max(abs(a - b) for a, b in zip(la, lb)) < 1e-5

@@ -118,7 +118,7 @@ def test_single_node_launch_runs_it(tiny, reference, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     printed = [line for line in res.stdout.splitlines() if line.startswith("accelerate launch")]
     assert len(printed) == 1 and "--num_processes 2" in printed[0]
-    assert "2 process(es), backend ddp" in res.stdout + res.stderr
+    assert "distlora: 2 process(es), backend ddp" in res.stdout + res.stderr
     a, b = load_adapter(reference / "adapter"), load_adapter(tmp_path / "out" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a), f"max |diff| {max_abs_diff(a, b)}"
 
@@ -155,7 +155,7 @@ def test_two_machines_on_one_box_equal_single_machine(tiny, reference, tmp_path)
                 p.kill()
     text = [(tmp_path / f"node{r}.log").read_text() for r in range(2)]
     assert codes == [0, 0], text[0][-3000:] + text[1][-3000:]
-    assert "2 process(es), backend ddp" in text[0]
+    assert "distlora: 2 process(es), backend ddp" in text[0]
     a, b = load_adapter(reference / "adapter"), load_adapter(tmp_path / "out" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a), f"max |diff| {max_abs_diff(a, b)}"
     # and the checkpoints agree too (save_every 3: step 3)

@@ -68,35 +68,6 @@ def test_packed_equals_unpacked_per_example_and_gradient(tiny, tmp_path, attn, c
         assert float((g_p[k] - g_u[k]).abs().max()) / scale < 1e-5, k
 
 
-def test_no_attention_across_examples(tiny, tmp_path):
-    """Changing example A's tokens leaves the logits of example B (same row, after A) unchanged;
-    the same row with continuous position ids (one long sequence) does change them, so the check
-    can see leakage. Measured: 0.0 change when isolated; 6.97 with continuous positions; 7.07 with
-    position ids restarting but use_cache=True (the KV-cache trap); B packed vs B alone 2.1e-6."""
-    from distlora.loss import model_inputs
-
-    model, tok, recs, _, _ = _setup(tiny, tmp_path, "sdpa")
-    a, b = recs[0], recs[1]
-    a2 = dict(a, input_ids=[a["input_ids"][0]] + [(t + 7) % 90 + 6 for t in a["input_ids"][1:]])
-    collate = D.PackedCollator(tok.pad_token_id)
-    model.eval()
-
-    def logits_of_b(first, continuous=False):
-        batch = collate([[first, b]])
-        if continuous:
-            batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
-        with torch.no_grad():
-            out = model(**model_inputs(batch), use_cache=False).logits
-        return out[0, len(first["input_ids"]) : len(first["input_ids"]) + len(b["input_ids"])]
-
-    assert float((logits_of_b(a) - logits_of_b(a2)).abs().max()) < 1e-5
-    assert float((logits_of_b(a, True) - logits_of_b(a2, True)).abs().max()) > 1e-2
-    # and B's logits in the packed row equal B's logits alone
-    with torch.no_grad():
-        alone = model(input_ids=torch.tensor([b["input_ids"]]), use_cache=False).logits[0]
-    assert float((logits_of_b(a) - alone).abs().max()) < 1e-5
-
-
 def test_pack_rows_fills_rows_and_keeps_every_example():
     import random
 

@@ -260,7 +260,17 @@ def test_disk_full_mid_write_keeps_previous_checkpoint(tiny, tmp_path):
     The limit (48 KiB) lets the 32 KiB adapter through and stops optimizer.pt (~66 KiB) mid-write."""
     cfg = _cfg(tiny, tmp_path, "full", save_every=2, dropout=0.0)
     out = tmp_path / "full" / "out"
-    assert run_inprocess(cfg, "train.max_steps=4") == 0  # checkpoints 2 and 4, no limit
+    from distlora import hooks
+
+    def stop_at_4(step, **_):  # an 8-step run stopped after step 4 (a changed max_steps would not resume)
+        if step == 4:
+            (out / "STOP").touch()
+
+    hooks.add("step", stop_at_4)
+    try:
+        assert run_inprocess(cfg, "train.max_steps=8") == 75  # checkpoints 2 and 4, no limit
+    finally:
+        hooks.remove("step", stop_at_4)
     assert (out / "checkpoints" / "step-00000004" / "optimizer.pt").stat().st_size > 48 * 1024
 
     def limit():

@@ -59,7 +59,8 @@ def slurm():
 
 def job_env(slurm: dict, **extra) -> dict:
     # sbatch exports the submitting environment: the job runs this checkout's code, 1 thread per process
-    return {**slurm, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+    # PYTHONPATH as conftest set it: this checkout and its test hooks (tests/hooks: DISTLORA_FAULT ...)
+    return {**slurm, "PYTHONPATH": os.environ["PYTHONPATH"], "OMP_NUM_THREADS": "1", **extra}
 
 
 def render(cfg: Path, *args: str, env=None) -> Path:
@@ -174,7 +175,7 @@ def test_sbatch_completes_and_equals_plain_run(slurm, tiny, reference, tmp_path,
     info = wait_job(job, slurm)
     log = log_of(tmp_path / "out", job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-4000:]
-    assert "distlora: preflight ok" in log and "2 process(es), backend ddp" in log
+    assert "distlora: preflight ok" in log and "distlora: 2 process(es), backend ddp" in log
     assert_same_adapter(reference, tmp_path / "out" / "adapter")
 
 

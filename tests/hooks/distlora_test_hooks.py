@@ -7,7 +7,8 @@ tests call the install functions directly. Variables:
   `rank<R|*>:<point>[@<skip>]:<action>`. `point` is a glob over the hook points: `step<N>` (before the
   forward of the step after N finished steps) and the checkpoint writer's (`save.*`,
   `rotate.before_delete`). `@<skip>` lets the first <skip> hits pass. Actions: raise, kill (SIGKILL),
-  exit (os._exit(1)), slow (sleep 0.5 s), nan (this rank's loss and gradients become NaN for that
+  exit (os._exit(1)), usr1 (this process sends itself SIGUSR1: a stop request on one rank only),
+  slow (sleep 0.5 s), nan (this rank's loss and gradients become NaN for that
   step), inf (this rank's loss becomes +inf while its gradient stays finite).
 - DISTLORA_TRACE_IDS=1: per rank, the example ids of every step, in output_dir/trace-ids-rank<R>.jsonl.
 - DISTLORA_TEST_GRAD_BYTES=1: the gradient memory each step holds (GradientBytes), in summary.json's
@@ -18,6 +19,8 @@ tests call the install functions directly. Variables:
   collectives and DDP's comm hook; per optimizer step in output_dir/comm-rank<R>.jsonl; the dtypes
   of the collectives, adapter, base, master weights and optimizer state in summary.json's
   memory_per_rank[r]["dtypes"].
+- DISTLORA_TEST_NO_WRAP=1: accelerate's prepare_model returns the model unwrapped (a launch whose
+  gradients would not be synchronised): the trainer must refuse it.
 - DISTLORA_TEST_BF16_REDUCE=1: FSDP2 reduces gradients in bf16 (a variant the precision tests catch).
 - DISTLORA_TEST_LIVE_MEMORY=1: at each "memory" point, the bytes of the unique storages of every live
   torch tensor in the process and the growth of RssAnon since "before_model", in summary.json's
@@ -75,6 +78,8 @@ class Faults:
                 os.kill(os.getpid(), signal.SIGKILL)
             elif rule["action"] == "exit":
                 os._exit(1)
+            elif rule["action"] == "usr1":
+                os.kill(os.getpid(), signal.SIGUSR1)
             elif rule["action"] == "raise":
                 raise InjectedFault(f"injected fault at {point} on rank {os.environ.get('RANK', '0')}")
 
@@ -470,6 +475,10 @@ def install_from_env() -> None:
         CommCounter.install()
     if os.environ.get("DISTLORA_TEST_GRAD_BYTES"):
         install_grad_bytes()
+    if os.environ.get("DISTLORA_TEST_NO_WRAP"):
+        import accelerate
+
+        accelerate.Accelerator.prepare_model = lambda self, model, *a, **k: model
     if os.environ.get("DISTLORA_TEST_BF16_REDUCE"):
         import torch
 
