@@ -28,7 +28,10 @@ def _files(out: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------ stop requests
 
 
-@pytest.mark.parametrize("how", ["stop_file", "SIGTERM", "SIGINT", "SIGUSR1"])
+# SIGTERM in `make test`; the other three (~20 s each, the same path after the signal) with the slow tests
+@pytest.mark.parametrize("how", [pytest.param("stop_file", marks=pytest.mark.slow), "SIGTERM",
+                                 pytest.param("SIGINT", marks=pytest.mark.slow),
+                                 pytest.param("SIGUSR1", marks=pytest.mark.slow)])
 def test_stop_through_distlora_launch_exits_75_without_traceback(tiny, tmp_path, how):
     """`distlora launch --cpu --processes-per-node 2`, stopped by a STOP file, SIGTERM or SIGUSR1 to
     the launcher, or Ctrl-C (SIGINT to its whole process group, as a terminal sends it): exit 75, a
