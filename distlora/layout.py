@@ -198,7 +198,6 @@ def schedule_problem(state: dict, ckpt: Path, cfg) -> str | None:
 def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, reshardable: bool,
                     data_order: dict | None = None) -> list[tuple[str, bool]]:
     """Why `ckpt` cannot be resumed exactly by this run: (message, fixable by train.resume_weights_only)."""
-    t = cfg.train
     problems = []
     sched = schedule_problem(state, ckpt, cfg)
     if sched:

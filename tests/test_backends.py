@@ -265,7 +265,6 @@ def test_gathered_base_bytes_counts_what_is_not_partitioned():
     """The partition check on parameters in each of DeepSpeed's states (its own ZeroParamStatus): a frozen
     parameter counts, at its full size, when it is AVAILABLE or INFLIGHT or still holds full data;
     trainable ones and those DeepSpeed keeps whole on purpose (ds_persist) never do; other backends: 0."""
-    from types import SimpleNamespace
 
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus as S
 

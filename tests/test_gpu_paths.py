@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ROOT, base_config, launch, load_adapter, max_abs_diff, read_metrics, write_config
+from conftest import ROOT, base_config, launch, load_adapter, max_abs_diff, read_metrics, run_inprocess, write_config
 
 ACCELERATE_FSDP = """compute_environment: LOCAL_MACHINE
 distributed_type: FSDP

@@ -13,7 +13,6 @@ broken on purpose in the production code (the break is named in each docstring).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

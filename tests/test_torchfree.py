@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections import namedtuple
-from pathlib import Path
 
 import pytest
 
