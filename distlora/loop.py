@@ -178,6 +178,15 @@ class Run:
 # --------------------------------------------------------------------------------------------- setup
 
 
+def raise_on_main_problem(backend, problem: str | None) -> None:
+    """A problem only the main process can see (its file system checks), raised on every rank alike: the
+    others would otherwise wait in the next collective and die of the main process's exit with a
+    transport error that buries the one line that says what to fix."""
+    problem = backend.gather_objects(problem)[0]
+    if problem:
+        raise checkpoint.CheckpointError(problem)
+
+
 def setup(cfg, backend) -> Run:
     from accelerate.utils import set_seed
 
@@ -187,10 +196,14 @@ def setup(cfg, backend) -> Run:
     acc = backend.build_accelerator()
     t = cfg.train
     out = Path(t.output_dir)
+    problem = None
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "STOP").unlink(missing_ok=True)  # a leftover from the stop that ended the previous leg
-    backend.barrier()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "STOP").unlink(missing_ok=True)  # a leftover from the stop that ended the previous leg
+        except OSError as exc:
+            problem = f"train.output_dir: cannot create {out} ({exc.strerror or exc}); point it at a writable directory"
+    raise_on_main_problem(backend, problem)
     blind = backend.ranks_not_sharing(out)
     if blind:
         from distlora.backends import DistributedSetupError
@@ -234,10 +247,10 @@ def setup(cfg, backend) -> Run:
               total_steps, counts)
     record_memory(run, "after_prepare")
     run.base_checksum_start = backend.frozen_checksum()
-    if acc.is_main_process:  # the launcher's preflight again, now that the run is really here (not the port)
-        problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every, total_steps)
-        if problem:
-            raise checkpoint.CheckpointError(problem)
+    # the launcher's preflight again, now that the run is really here (not the port)
+    problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every, total_steps) \
+        if acc.is_main_process else None
+    raise_on_main_problem(backend, problem)
     say(
         f"distlora: {acc.num_processes} process(es), backend {backend.name}, mixed precision {backend.mixed_precision}; "
         f"trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters; "

@@ -102,6 +102,20 @@ def render(shape: Shape, *, run_config: Path, output_dir: Path, accelerate_confi
     return out
 
 
+def _write_keeping(path: Path, text: str) -> Path | None:
+    """Write `path`; a different file already there (an earlier run's job) is kept beside it under its
+    modification time, never overwritten. Returns where the old one went, if anywhere."""
+    import time as _time
+
+    old = None
+    if path.is_file() and path.read_text() != text:
+        stamp = _time.strftime("%Y%m%d-%H%M%S", _time.localtime(path.stat().st_mtime))
+        old = path.with_name(f"{path.name}.{stamp}")
+        path.rename(old)
+    path.write_text(text)
+    return old
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="distlora slurm", description=__doc__.split("\n\n")[0])
     add_shape_args(p)
@@ -122,11 +136,8 @@ def main(argv=None) -> int:
     output_dir = Path(cfg.train.output_dir).resolve()
     script = Path(args.out).resolve() if args.out else output_dir / "launch" / "job.sbatch"
     acc = script.parent / "accelerate.yaml"
-    script.parent.mkdir(parents=True, exist_ok=True)
-    output_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
-    acc.write_text(render_accelerate_yaml(shape, str(acc), args.main_port))
     gen = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
-    try:
+    try:  # everything rendered before anything is written: a refused render leaves the directory as it was
         text = render(shape, run_config=Path(args.config).resolve(), output_dir=output_dir, accelerate_config=acc,
                       time=args.time, job_name=args.job_name, partition=args.partition, account=args.account,
                       cpus_per_task=args.cpus_per_task, mem=args.mem, sbatch_args=args.sbatch_arg,
@@ -135,8 +146,12 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"distlora slurm: {err}", file=sys.stderr)
         return 2
-    script.write_text(text)
-    print(f"distlora: wrote {script} and {acc} ({shape.describe()}); log: {output_dir}/slurm-<jobid>.log", file=sys.stderr)
+    script.parent.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
+    kept = [k for k in (_write_keeping(acc, render_accelerate_yaml(shape, str(acc), args.main_port)),
+                        _write_keeping(script, text)) if k]
+    print(f"distlora: wrote {script} and {acc} ({shape.describe()}); log: {output_dir}/slurm-<jobid>.log"
+          + (f"; the previous versions kept as {', '.join(k.name for k in kept)}" if kept else ""), file=sys.stderr)
     if not args.submit:
         print(f"sbatch {shlex.quote(str(script))}")
         return 0

@@ -298,3 +298,39 @@ def test_preflight_fix_for_no_gpu_is_one_the_tool_accepts(tiny, tmp_path):
     res = _cli("launch", "--config", str(cfg), "--gpus-per-node", "2", "--check")
     assert res.returncode == 3 and "this machine has 0 GPU(s); fix: --cpu --processes-per-node N" in res.stderr, res.stderr
     assert "--gpus-per-node 0" not in res.stderr
+
+
+def test_slurm_render_keeps_an_earlier_jobs_files_and_a_refused_one_writes_nothing(tiny, tmp_path):
+    """`distlora slurm` into an output dir that holds an earlier job: the earlier accelerate config and
+    script are kept beside the new ones (under their modification time), and a render it refuses
+    (--time in a wrong format) writes nothing at all."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, out))
+    shape = ["--nodes", "1", "--processes-per-node", "2", "--cpu"]
+    assert _cli("slurm", "--config", str(cfg), *shape, "--time", "01:00:00").returncode == 0
+    first = _files(out)
+    res = _cli("slurm", "--config", str(cfg), *shape, "--time", "90 minutes")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("distlora slurm: --time")
+    assert _files(out) == first  # refused: nothing written
+    res = _cli("slurm", "--config", str(cfg), "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "02:00:00")
+    assert res.returncode == 0 and "previous versions kept as" in res.stderr
+    now = _files(out)
+    kept = {k: v for k, v in now.items() if k not in first}
+    assert len(kept) == 2 and {first[k] for k in first} <= set(now.values()), (first.keys(), now.keys())
+    assert now["launch/job.sbatch"] != first["launch/job.sbatch"]
+
+
+def test_an_output_dir_that_cannot_be_made_is_one_line_on_every_rank(tiny, tmp_path):
+    """Plain `accelerate launch` (2 processes) with train.output_dir under a regular file (as root a
+    read-only directory cannot be made to fail; this is the same OSError path): every rank reports the
+    main process's finding in one line, first; no distlora traceback and no other rank's transport error
+    ("Connection closed by peer") bury it. Before: 75 lines, rank 0's traceback and rank 1's gloo error."""
+    from conftest import launch
+
+    (tmp_path / "afile").write_text("")
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "afile" / "out", train={"max_steps": 2}))
+    res = launch(2, cfg, check=False, timeout=180)
+    lines = (res.stderr + res.stdout).splitlines()
+    want = f"CheckpointError: train.output_dir: cannot create {tmp_path / 'afile' / 'out'} (Not a directory)"
+    assert res.returncode != 0 and sum(want in ln for ln in lines) == 2, res.stderr[-3000:]
+    assert not any("Connection closed" in ln or "/distlora/" in ln for ln in lines), res.stderr[-3000:]
