@@ -524,7 +524,14 @@ def encode_split(cfg, tokenizer, pairs, name: str, sink, main_process_first=None
             for chunk in iter_encoded(rows, renderer, data_cfg, stats, s["path"], procs):
                 sink(*chunk)
     if not stats.examples:
-        raise DataError(f"{name}: no usable examples ({stats.line(name)})")
+        fix = ""
+        if stats.dropped_too_long:
+            fix = (f"; every kept example was longer than data.max_seq_len={data_cfg.max_seq_len}: raise it, or set "
+                   "data.too_long: truncate")
+        elif stats.dropped_no_target:
+            fix = (f"; no example kept a trained token within data.max_seq_len={data_cfg.max_seq_len}: raise it, or "
+                   "check the completion field (data.train_on_prompt trains on prompts too)")
+        raise DataError(f"{name}: no usable examples ({stats.line(name)}){fix}")
     log(stats.line(name))
     return stats
 

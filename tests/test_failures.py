@@ -334,3 +334,12 @@ def test_an_output_dir_that_cannot_be_made_is_one_line_on_every_rank(tiny, tmp_p
     want = f"CheckpointError: train.output_dir: cannot create {tmp_path / 'afile' / 'out'} (Not a directory)"
     assert res.returncode != 0 and sum(want in ln for ln in lines) == 2, res.stderr[-3000:]
     assert not any("Connection closed" in ln or "/distlora/" in ln for ln in lines), res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("too_long, hint", [("drop", "raise it, or set data.too_long: truncate"),
+                                            ("truncate", "no example kept a trained token within data.max_seq_len=4")])
+def test_a_max_seq_len_that_leaves_no_example_says_to_raise_it(tiny, tmp_path, capsys, too_long, hint):
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "out", data={"max_seq_len": 4, "too_long": too_long}))
+    assert run_inprocess(cfg) != 0
+    err = capsys.readouterr().err
+    assert "no usable examples" in err and hint in err, err[-2000:]
