@@ -320,8 +320,6 @@ DATA_FIXES = {
     "malformed JSON": "fix or remove that line",
     "not UTF-8": "re-encode the file as UTF-8",
     "must be a JSON object": "one JSON object per line",
-    "no usable examples": "raise data.max_seq_len or set data.too_long=truncate if examples were dropped as too "
-                          "long; check data.prompt_field / data.completion_field",
     "holds no examples": "point data.train at a file with examples",
 }
 
@@ -346,9 +344,33 @@ def input_problems(cfg) -> list[str]:
     try:
         datacache.load_datasets(cfg, tok, log=lambda *_: None)
     except DataError as exc:
-        msg = str(exc)
-        fix = next((f for k, f in DATA_FIXES.items() if k in msg), None)
-        return [f"data: {msg}" + (f"; fix: {fix}" if fix else "")]
+        return [data_problem(exc)]
+    return []
+
+
+def data_problem(exc) -> str:
+    """A DataError as one line with its fix."""
+    msg = str(exc)
+    fix = next((f for k, f in DATA_FIXES.items() if k in msg), None)
+    return f"data: {msg}" + (f"; fix: {fix}" if fix else "")
+
+
+def data_file_problems(cfg) -> list[str]:
+    """Every local data file read and checked line by line (file:line), without a tokenizer or torch:
+    what a login node can check before a job waits in the queue (`distlora slurm`). Hub datasets and
+    tokenization are checked by the job's own `distlora launch --check`."""
+    from distlora import data
+    from distlora.data import DataError
+
+    named = [(s["path"], s["split"]) for s in data._sources(cfg.data)]
+    if isinstance(cfg.data.eval, str):
+        named.append((cfg.data.eval, "train"))
+    for path, split in named:
+        if data._expand(path):  # local files (a hub id expands to none)
+            try:
+                data.read_source(path, split)
+            except DataError as exc:
+                return [data_problem(exc)]
     return []
 
 

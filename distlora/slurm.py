@@ -136,6 +136,12 @@ def main(argv=None) -> int:
     output_dir = Path(cfg.train.output_dir).resolve()
     script = Path(args.out).resolve() if args.out else output_dir / "launch" / "job.sbatch"
     acc = script.parent / "accelerate.yaml"
+    from distlora.launch import data_file_problems
+
+    bad = data_file_problems(cfg)
+    if bad:
+        print(f"distlora slurm: {bad[0]}; nothing written", file=sys.stderr)
+        return 2
     gen = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
     try:  # everything rendered before anything is written: a refused render leaves the directory as it was
         text = render(shape, run_config=Path(args.config).resolve(), output_dir=output_dir, accelerate_config=acc,

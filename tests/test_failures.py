@@ -343,3 +343,18 @@ def test_a_max_seq_len_that_leaves_no_example_says_to_raise_it(tiny, tmp_path, c
     assert run_inprocess(cfg) != 0
     err = capsys.readouterr().err
     assert "no usable examples" in err and hint in err, err[-2000:]
+
+
+def test_slurm_names_a_broken_data_file_before_the_job_queues(tiny, tmp_path):
+    """`distlora slurm` (a login node: no torch, no tokenizer) reads every local data line: a malformed
+    line is named with file:line and its fix, exit 2, and no script is written to wait in the queue."""
+    rows = (tiny / "data" / "train.jsonl").read_text().splitlines()
+    rows[6] = rows[6][:-1]  # line 7 loses its closing brace
+    (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    raw = base_config(tiny, tmp_path / "out")
+    raw["data"]["train"] = str(tmp_path / "bad.jsonl")
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    res = _cli("slurm", "--config", str(cfg), "--nodes", "1", "--processes-per-node", "2", "--cpu", "--time", "01:00:00")
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and last.startswith(f"distlora slurm: data: {tmp_path / 'bad.jsonl'}:7: malformed JSON"), res.stderr
+    assert "fix or remove that line" in last and not (tmp_path / "out").exists()
