@@ -423,7 +423,7 @@ def fit(run: Run, metrics) -> dict:
     steps_per_epoch = run.sampler.steps_per_epoch
     fm = flop_model(backend.unwrap())
     peak = device_peak_flops(t.peak_tflops)
-    comm_per_step = getattr(backend, "comm_bytes_per_step", lambda: None)()
+    comm_per_step = backend.comm_bytes_per_step()
     totals = torch.zeros(2, dtype=torch.float64)  # this rank's input tokens and model FLOPs, all steps
     progress = Progress(acc.is_main_process, run.total_steps, run.start_step)
     if t.eval_at_start and run.start_step == 0:

@@ -62,7 +62,6 @@ class Backend:
 
     name = "single"
     reshardable = True  # whether a checkpoint's optimizer state loads on another number of ranks
-    update_in_backward = False  # whether the update runs inside the window's last backward
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -170,6 +169,11 @@ class Backend:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def comm_bytes_per_step(self) -> int | None:
+        """Bytes the backend's collectives move per optimizer step (logged as comm_bytes; None: not
+        modelled). One process: none."""
+        return 0
 
     # ------------------------------------------------------------------ collectives for the loop's bookkeeping
 

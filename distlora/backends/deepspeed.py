@@ -99,7 +99,6 @@ _WHERE = {
 
 class DeepSpeed(Backend):
     reshardable = False
-    update_in_backward = True
 
     def __init__(self, cfg, stage: int):
         super().__init__(cfg)
