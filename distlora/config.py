@@ -189,13 +189,18 @@ class TrainConfig(_Section):
         "(counted; the lr schedule still advances; an fp16 loss scale is lowered) or abort the run."
     )
     nonfinite_max_in_a_row: int = Field(3, gt=0, description="Abort after this many skipped steps in a row.")
+    collective_timeout_s: int = Field(
+        1800, gt=0, description="Seconds a rank waits in any collective (gloo, NCCL, DeepSpeed) before the job ends with a named error; covers rank 0's tokenizing, eval and saving."
+    )
     loss_chunk_size: int = Field(
         0, ge=0, description="Compute lm_head + cross-entropy this many target tokens at a time (less logits memory); 0 = all at once."
     )
     loss_impl: Literal["torch", "liger"] = Field(
         "torch", description="torch (plain or chunked, see loss_chunk_size); liger = liger-kernel's fused lm_head + CE (CUDA, distlora[liger])."
     )
-    log_every: int = Field(1, gt=0, description="Write a metrics row every N optimizer steps.")
+    log_every: int = Field(
+        10, gt=0, description="Write a metrics row and progress line every N optimizer steps (and at the last step and a stop); a row costs a few ms."
+    )
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only at the end.")
     eval_at_start: bool = Field(False, description="Also evaluate before the first step (a baseline).")
     peak_tflops: Optional[float] = Field(None, gt=0, description="Device peak TFLOP/s for MFU; None = known GPU table.")

@@ -819,6 +819,7 @@ class Collator:
             "attention_mask": mask,
             "labels": labels,
             "ids": torch.tensor([e["id"] for e in examples], dtype=torch.long),
+            "host": host_stats(labels, [len(e["input_ids"]) for e in examples if e["id"] >= 0]),
         }
 
 
@@ -840,7 +841,6 @@ class PackedCollator:
         labels = torch.full((n, width), IGNORE, dtype=torch.long)
         position_ids = torch.zeros((n, width), dtype=torch.long)
         example_index = torch.zeros((n, width), dtype=torch.long)
-        real = torch.zeros((n, width), dtype=torch.bool)  # tokens of real examples (for token counts)
         ids: list[int] = []
         for r, row in enumerate(rows):
             at = 0
@@ -850,7 +850,6 @@ class PackedCollator:
                 labels[r, at + 1 : at + k] = torch.tensor(e["labels"][1:])
                 position_ids[r, at : at + k] = torch.arange(k)
                 example_index[r, at : at + k] = len(ids)
-                real[r, at : at + k] = e["id"] >= 0
                 ids.append(e["id"])
                 at += k
             position_ids[r, at:] = torch.arange(width - at)
@@ -859,26 +858,18 @@ class PackedCollator:
             "labels": labels,
             "position_ids": position_ids,
             "example_index": example_index,
-            "real_tokens": real,
             "ids": torch.tensor(ids, dtype=torch.long),
+            "host": host_stats(labels, [len(e["input_ids"]) for row in rows for e in row if e["id"] >= 0]),
         }
 
 
-def example_lengths(batch: dict):
-    """Token count of each real example (padding examples left out) in a padded or packed batch."""
-    import torch
-
-    if "example_index" in batch:
-        counts = torch.bincount(batch["example_index"][batch["real_tokens"]], minlength=len(batch["ids"]))
-        return counts[batch["ids"] >= 0]
-    return batch["attention_mask"][batch["ids"] >= 0].sum(dim=1)
-
-
-def input_tokens(batch: dict) -> int:
-    """Tokens of real examples in a padded or packed batch (no padding, no padding examples)."""
-    if "real_tokens" in batch:
-        return int(batch["real_tokens"].sum())
-    return int(batch["attention_mask"][batch["ids"] >= 0].sum())
+def host_stats(labels, lengths: list[int]) -> dict:
+    """What the loop counts of a micro batch, computed here on the host while the batch is still on the
+    CPU, so the step never reads a device value for it: target tokens (labels[:, 1:] that are not
+    IGNORE, padding examples included: they have none), input tokens and lengths of the real examples,
+    and the padded size. accelerate moves tensors to the device and passes this dict through as is."""
+    return {"targets": int((labels[:, 1:] != IGNORE).sum()), "tokens": sum(lengths), "lengths": lengths,
+            "padded": labels.numel()}
 
 
 def make_loader(records, pad_id: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,

@@ -5,13 +5,14 @@ knowing what is attached. With nothing attached, each call is a dictionary looku
     hooks.add("loss", fn)                      # value = fn(value, **ctx) at `hooks.transform("loss", value, ...)`
 
 Points the trainer calls (ctx keyword arguments in brackets):
-- "step" (step): before the forward of the step after `step` finished steps;
+- "step" (step): before the step after `step` finished steps fetches its window;
+- "fetched" (step, window): the window fetched, before its first collective and forward;
 - "loss" (step; transform of the micro batch's summed NLL);
 - "before_model" (backend): before the base model loads;
 - "prepared" (backend): after the backend wrapped model and optimizer;
 - "memory" (backend, where, memory): after the model-state bytes are recorded at `where`
   (after_prepare, after_train, after_eval, after_save); `memory` goes to summary.json per rank;
-- "window_done" (backend, step, window): after an optimizer step (applied or skipped);
+- "window_done" (backend, step, window): after an optimizer step (applied or skipped) and its log row;
 - "adapter_state_dict" (backend; transform of the gathered adapter tensors before they are saved);
 - "save.before_marker", "save.before_rename", "save.after_optimizer", "save.after_adapter",
   "save.after_scheduler", "rotate.before_delete": inside the checkpoint writer;

@@ -164,7 +164,6 @@ class Run:
     best_eval: float | None = None
     skipped: int = 0  # non-finite steps skipped so far
     in_a_row: int = 0
-    base_checksum_start: float = 0.0
 
     @property
     def acc(self):
@@ -246,7 +245,6 @@ def setup(cfg, backend) -> Run:
     run = Run(cfg, backend, out, stop, tokenizer, model, optimizer, scheduler, sampler, train_loader, eval_loader,
               total_steps, counts)
     record_memory(run, "after_prepare")
-    run.base_checksum_start = backend.frozen_checksum()
     # the launcher's preflight again, now that the run is really here (not the port)
     problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every, total_steps) \
         if acc.is_main_process else None
@@ -358,38 +356,30 @@ def note_gathered_base(run: Run, where: str) -> None:
     rec["seconds"] += time.perf_counter() - t0
 
 
-def train_window(run: Run, window: list, step: int, n_target: float) -> tuple[float, float, bool, bool]:
-    """Forward/backward every micro batch of the window, then clip and update through the backend.
-    Returns (summed NLL on this rank, grad norm, update applied, window had a non-finite loss)."""
+def train_window(run: Run, window: list, step: int, n_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward every micro batch of the window, the loss scaled by the window's target tokens
+    over all ranks (`n_target`, a device tensor). Returns this rank's summed NLL and whether any of its
+    losses was non-finite, both on the device: nothing here reads a device value on the host.
+
+    A non-finite loss is turned into a NaN gradient on this rank (NaN * 0 stays NaN, where inf * 0 of a
+    zero-initialised LoRA B would not); the backend's gradient reduction carries it to every rank, so
+    every backend discards the window alike (DeepSpeed inside the last backward) without a vote
+    between forward and backward."""
     t, backend, model = run.cfg.train, run.backend, run.model
     torch.manual_seed(dropout_seed(t.seed, step, run.acc.process_index))
     scale = backend.loss_scale(n_target)
     nll_total = torch.zeros((), dtype=torch.float64, device=run.acc.device)
-    loss_bad = torch.zeros((), dtype=torch.bool, device=run.acc.device)  # a non-finite loss on this rank's window
-    window_bad = False
+    loss_bad = torch.zeros((), dtype=torch.bool, device=run.acc.device)
     for i, batch in enumerate(window):
-        last = i == len(window) - 1
-        with backend.micro_step(model, last):
+        with backend.micro_step(model, i == len(window) - 1):
             nll = forward_nll(model, batch, t.loss_chunk_size, t.loss_impl, total=True)
             nll = hooks.transform("loss", nll, step=step)
-            loss_bad |= ~torch.isfinite(nll.detach())
-            if last:
-                # Decided before the backward that may apply the update (DeepSpeed steps inside it),
-                # alike on every rank: a window with a non-finite loss anywhere gets a NaN gradient,
-                # which every backend then discards.
-                window_bad = backend.any_rank(loss_bad)
-                if window_bad:
-                    nll = nll * float("nan")
+            finite = torch.isfinite(nll.detach())
+            loss_bad |= ~finite
+            nll = nll * torch.where(finite, 1.0, float("nan"))
             backend.backward(nll * scale)
             nll_total += nll.detach().double()
-    grad_norm, applied = backend.finish_window([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-    if window_bad and applied:
-        raise NonFiniteError(
-            f"step {step + 1}: the backend applied an update from a non-finite loss; the adapter is now corrupt: "
-            "resume from the last checkpoint"
-        )
-    backend.zero_grad()
-    return float(nll_total), grad_norm, applied, window_bad
+    return nll_total, loss_bad
 
 
 def apply_nonfinite_policy(run: Run, step: int, applied: bool, window_bad: bool) -> None:
@@ -414,13 +404,20 @@ def apply_nonfinite_policy(run: Run, step: int, applied: bool, window_bad: bool)
 
 
 def fit(run: Run, metrics) -> dict:
-    """The optimizer steps from `run.start_step` to the end; returns totals for the summary."""
+    """The optimizer steps from `run.start_step` to the end; returns totals for the summary.
+
+    Per step: two small all-reduces (the window's target tokens with the stop votes before the
+    forward; the loss, non-finite votes and throughput counts after the backward) and ONE host read of
+    a device value (those sums with the grad norm, which decides whether the update is applied).
+    Every count the loop needs of a micro batch comes from the collator, computed on the host. A stop
+    asked for during a step is agreed on with that step's counts and taken after it: checkpoint, exit."""
     from distlora.flops import device_peak_flops, flop_model
     from distlora.metrics import Progress, peak_memory_mb
 
     t, backend, acc = run.cfg.train, run.backend, run.acc
     dp, device, accum = backend.dp_size, acc.device, t.gradient_accumulation_steps
     steps_per_epoch = run.sampler.steps_per_epoch
+    params = [p for p in run.model.parameters() if p.requires_grad]
     fm = flop_model(backend.unwrap())
     peak = device_peak_flops(t.peak_tflops)
     comm_per_step = backend.comm_bytes_per_step()
@@ -430,6 +427,7 @@ def fit(run: Run, metrics) -> dict:
         run_eval(run, metrics, 0)
     run.model.train()
     t_loop = time.perf_counter()
+    log_s = 0.0  # seconds spent building and writing log rows (summary.json: log_overhead)
     it, last_eval, row = None, None, None
     for step in range(run.start_step, run.total_steps):
         hooks.point("step", step=step)
@@ -440,40 +438,39 @@ def fit(run: Run, metrics) -> dict:
             it = iter(run.train_loader)
         window = [next(it) for _ in range(accum)]
         t_data = time.perf_counter() - t0
-        local = torch.tensor(
-            [sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in window), run.stop.requested()],
-            dtype=torch.float64, device=device,
-        )
-        n_target, stop_votes = backend.all_sum(local).tolist()  # one all-reduce: the window's tokens, stop votes
-        if stop_votes:  # every rank agrees here, so none enters a collective alone
-            if step != run.start_step or run.resumed_from is None:
-                save(run, step, None)
-            if acc.is_main_process:
-                layout.write_status(run.out, "stopped", step=step, total_steps=run.total_steps)
-            raise Stopped(
-                f"distlora: stopped at step {step}/{run.total_steps} ({run.stop.reason or 'another rank was asked'}); "
-                f"checkpoint in {checkpoint.step_dir(run.out, step)}; rerun the same command to resume"
+        hooks.point("fetched", step=step, window=window)
+        host = [b["host"] for b in window]
+        counts = backend.all_sum(torch.tensor([sum(h["targets"] for h in host), run.stop.requested()],
+                                              dtype=torch.float64, device=device))
+        nll_sum, loss_bad = train_window(run, window, step, counts[0])
+        norm = backend.clip(params, t.max_grad_norm)
+        lengths = [n for h in host for n in h["lengths"]]
+        local_flops = fm.step(sum(lengths), lengths)
+        local = torch.tensor([sum(lengths), sum(h["padded"] for h in host), len(lengths), local_flops],
+                             dtype=torch.float64)
+        stats = backend.all_sum(torch.cat([nll_sum.reshape(1), loss_bad.double().reshape(1), local.to(device)]))
+        # the step's one host read
+        grad_norm, n_target, stop_votes, nll_all, bad_ranks, n_input, n_padded, n_examples, flops = torch.cat(
+            [norm.detach().reshape(1).to(device, torch.float64), counts, stats]).tolist()
+        applied = backend.step(grad_norm)
+        window_bad = bad_ranks > 0
+        if window_bad and applied:
+            raise NonFiniteError(
+                f"step {step + 1}: the backend applied an update from a non-finite loss; the adapter is now corrupt: "
+                "resume from the last checkpoint"
             )
-        nll_sum, grad_norm, applied, window_bad = train_window(run, window, step, n_target)
+        backend.zero_grad()
         apply_nonfinite_policy(run, step, applied, window_bad)
         lr = run.scheduler.get_last_lr()[0]
         run.scheduler.step()  # also on a skipped step: the lr stays a function of the step index
         done = step + 1
+        totals += local[[0, 3]]
         note_gathered_base(run, f"step {done}")
-        hooks.point("window_done", backend=backend, step=done, window=window)
 
-        lengths = torch.cat([data.example_lengths(b) for b in window])  # real examples, padded or packed
-        local_tokens = int(lengths.sum())
-        local_flops = fm.step(local_tokens, lengths.tolist())
-        totals += torch.tensor([local_tokens, local_flops], dtype=torch.float64)
+        t_log = time.perf_counter()
         row = None
-        if done % t.log_every == 0 or done == run.total_steps:
-            stats = torch.tensor(
-                [nll_sum, local_tokens, sum(b["input_ids"].numel() for b in window), len(lengths), local_flops],
-                dtype=torch.float64, device=device,
-            )
-            nll_all, n_input, n_padded, n_examples, flops = backend.all_sum(stats).tolist()
-            dt = time.perf_counter() - t0
+        if done % t.log_every == 0 or done == run.total_steps or stop_votes:
+            dt = t_log - t0
             row = {
                 "step": done,
                 "epoch": round(done / steps_per_epoch, 6),
@@ -497,13 +494,23 @@ def fit(run: Run, metrics) -> dict:
             }
             metrics.log(row)
         progress.update(done, row)
+        log_s += time.perf_counter() - t_log
+        hooks.point("window_done", backend=backend, step=done, window=window)
 
+        if stop_votes:  # every rank read the same sum, so every rank stops here
+            save(run, done, None)
+            if acc.is_main_process:
+                layout.write_status(run.out, "stopped", step=done, total_steps=run.total_steps)
+            raise Stopped(
+                f"distlora: stopped at step {done}/{run.total_steps} ({run.stop.reason or 'another rank was asked'}); "
+                f"checkpoint in {checkpoint.step_dir(run.out, done)}; rerun the same command to resume"
+            )
         if t.eval_every and done % t.eval_every == 0 and done != run.total_steps:
             last_eval = run_eval(run, metrics, done)
         if t.save_every and done % t.save_every == 0 and done != run.total_steps:
             save(run, done, last_eval if last_eval and last_eval["step"] == done else None)
     progress.close()
-    return {"loop_s": time.perf_counter() - t_loop, "totals": totals, "last_row": row, "peak": peak}
+    return {"loop_s": time.perf_counter() - t_loop, "log_s": log_s, "totals": totals, "last_row": row, "peak": peak}
 
 
 # --------------------------------------------------------------------------------------------- finish
@@ -526,9 +533,7 @@ def finish(run: Run, metrics, fitted: dict) -> None:
     hooks.point("run_end", backend=backend, out=run.out, memory=run.memory)
     memory_per_rank = backend.gather_objects(run.memory)
     adapter_sum = sum(float(v.double().abs().sum() + v.double().sum()) for v in backend.adapter_state_dict().values())
-    per_rank = acc.gather(torch.tensor(
-        [[run.base_checksum_start, backend.frozen_checksum(), adapter_sum, peak_memory_mb()]],
-        dtype=torch.float64, device=acc.device))
+    per_rank = acc.gather(torch.tensor([[adapter_sum, peak_memory_mb()]], dtype=torch.float64, device=acc.device))
     tokens, flops = backend.all_sum(fitted["totals"].to(acc.device)).tolist()
     if acc.is_main_process:
         loop_s, peak, row, dp = fitted["loop_s"], fitted["peak"], fitted["last_row"], backend.dp_size
@@ -540,12 +545,14 @@ def finish(run: Run, metrics, fitted: dict) -> None:
             "mean_tokens_per_s": tokens / max(loop_s, 1e-9),
             "mean_tflops_per_device": flops / max(loop_s, 1e-9) / dp / 1e12,
             "mfu": flops / max(loop_s, 1e-9) / dp / peak if peak else None,
-            "peak_mem_mb": max(r[3] for r in per_rank.tolist()),
+            "peak_mem_mb": max(r[1] for r in per_rank.tolist()),
             "final_train_loss": row["loss"] if row else None,
             "final_eval_loss": final_eval["eval_loss"] if final_eval else None,
             "adapter": str(run.out / "adapter"),
-            "per_rank": [dict(zip(("base_checksum_start", "base_checksum_end", "adapter_checksum", "peak_mem_mb"), r))
-                         for r in per_rank.tolist()],
+            "per_rank": [dict(zip(("adapter_checksum", "peak_mem_mb"), r)) for r in per_rank.tolist()],
+            # seconds spent building and writing metrics rows and progress: the cost of train.log_every
+            "log_overhead_s": fitted["log_s"],
+            "log_overhead_fraction": fitted["log_s"] / max(loop_s, 1e-9),
             "backend": backend.name,
             "memory_per_rank": memory_per_rank,
         }

@@ -138,39 +138,49 @@ def batch_nll(model, batch, chunk: int = 0, impl: str = "torch"):
     return example_nll(model, batch, chunk)[0].sum()
 
 
-def _target_owner(batch, keep):
-    """Each target token's slot in `ids` (row-major over `keep`, the target mask of labels[:, 1:])."""
+def _target_positions(batch, keep):
+    """Flat indices (row-major over `keep`, the target mask of labels[:, 1:]) of the micro batch's target
+    tokens, and each one's slot in `ids`. The count comes from the collator (host) and `nonzero_static`
+    takes it as the output size: selecting the targets reads nothing back from the device."""
+    pos = torch.nonzero_static(keep.reshape(-1), size=batch["host"]["targets"]).squeeze(1)
     if "example_index" in batch:  # packed
-        return batch["example_index"][:, 1:][keep]
-    return torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+        return pos, batch["example_index"][:, 1:].reshape(-1)[pos]
+    return pos, pos // keep.shape[1]
+
+
+def _target_hidden(hidden, pos, width: int):
+    """Rows of `hidden` [B, L, H] one position before each target position `pos` (flat over [B, L - 1])."""
+    flat = hidden.reshape(-1, hidden.shape[-1])  # a view: no copy of the whole batch's hidden states
+    return flat.index_select(0, pos // width * (width + 1) + pos % width)
 
 
 def _chunked_example_nll(hidden, head, batch, chunk):
     labels = batch["labels"]
     target = labels[:, 1:]
-    keep = target != IGNORE
-    owner = _target_owner(batch, keep)
-    if not keep.any():
+    if batch["host"]["targets"] == 0:
         # A micro batch of padding examples: no target, but backward must still reach every trainable
         # parameter (DDP expects each one's gradient, here zero), as the plain loss's graph does.
         n = len(batch["ids"])
         zero = 0.0 * chunked_target_nll(head, hidden[:1, 0], labels.new_zeros(1), chunk)
         sums = torch.zeros(n, dtype=zero.dtype, device=zero.device).index_add(0, labels.new_zeros(1), zero)
         return sums, torch.zeros(n, dtype=torch.long, device=labels.device)
-    h = hidden[:, :-1][keep]  # only target positions reach lm_head
-    nll = chunked_target_nll(head, h, target[keep], chunk)
+    pos, owner = _target_positions(batch, target != IGNORE)
+    h = _target_hidden(hidden, pos, target.shape[1])  # only target positions reach lm_head
+    nll = chunked_target_nll(head, h, target.reshape(-1)[pos], chunk)
     return _sum_by_owner(nll, owner, len(batch["ids"]))
 
 
 def _per_example(nll, target, owner, n):
-    keep = target != IGNORE
-    return _sum_by_owner(nll[keep], owner[keep], n)
+    """Per-example sums over every position (an ignored target's NLL is 0): no selection, no device read."""
+    return _sum_by_owner(nll, owner, n, (target != IGNORE).long())
 
 
-def _sum_by_owner(nll, owner, n):
-    """Per-example sums of token NLLs and token counts; `owner` holds each token's slot in `ids`."""
+def _sum_by_owner(nll, owner, n, counted=None):
+    """Per-example sums of token NLLs and token counts; `owner` holds each token's slot in `ids`,
+    `counted` (default: all ones) whether the token is a target."""
     sums = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, owner, nll)
-    counts = torch.zeros(n, dtype=torch.long, device=nll.device).index_add(0, owner, torch.ones_like(owner))
+    counted = torch.ones_like(owner) if counted is None else counted
+    counts = torch.zeros(n, dtype=torch.long, device=nll.device).index_add(0, owner, counted)
     return sums, counts
 
 
@@ -187,22 +197,23 @@ def _liger_nll(model, batch, per_example: bool):
     )
     labels = batch["labels"]
     target = labels[:, 1:]
-    keep = target != IGNORE
     n = len(batch["ids"])
-    if keep.any():
-        h, y = hidden[:, :-1][keep], target[keep]  # only target positions reach lm_head
-    else:
+    empty = batch["host"]["targets"] == 0
+    if empty:
         # A micro batch of padding examples: one ignored row (NLL 0, zero gradient) keeps every trainable
         # parameter in the graph, as the plain and chunked losses do (DDP expects each one's gradient).
         h, y = hidden[:1, 0], labels.new_full((1,), IGNORE)
+    else:
+        pos, owner = _target_positions(batch, target != IGNORE)
+        h, y = _target_hidden(hidden, pos, target.shape[1]), target.reshape(-1)[pos]  # only targets reach lm_head
     with torch.autocast(dev, dtype=dtype, enabled=enabled):  # the state the model's own lm_head runs under
         nll = fused_linear_nll(head, h, y, "none" if per_example else "sum")
     if not per_example:
         return nll
-    if not keep.any():
+    if empty:
         sums = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, labels.new_zeros(1), 0.0 * nll)
         return sums, torch.zeros(n, dtype=torch.long, device=labels.device)
-    return _sum_by_owner(nll, _target_owner(batch, keep), n)
+    return _sum_by_owner(nll, owner, n)
 
 
 def fused_linear_nll(head, hidden, target, reduction: str):

@@ -68,6 +68,14 @@ def main(argv=None) -> int:
 
         from distlora.backends import env_rank
 
+        if _collective_timeout(exc):
+            sys.stderr.write(
+                f"distlora: rank {env_rank()} failed: it waited in a collective longer than train.collective_timeout_s="
+                f"{cfg.train.collective_timeout_s} s: another rank is stuck, slow or gone (its own error, if any, is the "
+                "first one above); if one rank's work (tokenizing, eval, saving) legitimately takes longer, raise "
+                f"train.collective_timeout_s ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})\n")
+            sys.stderr.flush()
+            return 1
         # one write: other ranks share the launcher's pipe, and print's separate newline could be split off
         sys.stderr.write(f"distlora: rank {env_rank()} failed: {type(exc).__name__}: {exc}\n")
         sys.stderr.flush()
@@ -88,6 +96,15 @@ def _end_process_group() -> None:
 
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after writing a checkpoint; rerun the same command
+
+
+def _collective_timeout(exc: BaseException) -> bool:
+    """A collective that gave up waiting: gloo's "Timed out waiting Nms for recv", NCCL's watchdog."""
+    import re
+
+    if not isinstance(exc, RuntimeError) or isinstance(exc, _expected_errors()):  # gloo's and DistError are RuntimeErrors
+        return False
+    return re.search(r"timed out|timeout|watchdog", str(exc), re.IGNORECASE) is not None
 
 
 def _expected_errors() -> tuple:

@@ -83,6 +83,7 @@ def base_config(tiny: Path, out: Path, **sections) -> dict:
             "warmup_steps": 1,
             "save_every": 0,
             "mixed_precision": "no",
+            "log_every": 1,  # tests compare every step's row
         },
     }
     for name, values in sections.items():

@@ -227,9 +227,14 @@ def test_example_lengths_and_tokens_agree_packed_and_padded():
     pad = D.Records([], 0)[-1]
     padded = D.Collator(0)(recs + [pad])
     packed = D.PackedCollator(0)([[recs[0], recs[1]], [recs[2], recs[3]], [pad]])
-    assert D.example_lengths(padded).tolist() == [5, 3, 7, 2]
-    assert sorted(D.example_lengths(packed).tolist()) == [2, 3, 5, 7]
-    assert D.input_tokens(padded) == D.input_tokens(packed) == 17
+    hp, hk = padded["host"], packed["host"]
+    assert hp["lengths"] == [5, 3, 7, 2] and sorted(hk["lengths"]) == [2, 3, 5, 7]
+    assert hp["tokens"] == hk["tokens"] == 17
+    # the host's target count is the device's: what the loss normalises by (packed: one fewer per example)
+    for b in (padded, packed):
+        assert b["host"]["targets"] == int((b["labels"][:, 1:] != D.IGNORE).sum())
+    assert hp["targets"] == 17 - 4 and hk["targets"] == 17 - 4
+    assert hp["padded"] == padded["input_ids"].numel() and hk["padded"] == packed["input_ids"].numel()
     assert packed["position_ids"][0].tolist()[:8] == [0, 1, 2, 3, 4, 0, 1, 2]
     assert packed["labels"][0, 5] == D.IGNORE  # no target across the example boundary
 

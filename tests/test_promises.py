@@ -36,7 +36,8 @@ def _cfg(tiny, tmp_path, name, **train) -> Path:
 
 
 def test_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path):
-    """SIGUSR1 to rank 1 alone, before step 3: both ranks stop after step 2 with one checkpoint there.
+    """SIGUSR1 to rank 1 alone, before step 3: both ranks agree on it with step 3's counts and stop after step 3
+    with one checkpoint there.
     Broken on purpose (each rank acting on its own vote): rank 1 stops alone, rank 0 waits in the next
     collective, the launch hangs past the timeout."""
     import signal
@@ -55,9 +56,9 @@ def test_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail("a stop asked of one rank hung the job: the ranks did not agree on the stop step")
-    assert "distlora: stopped at step 2/6 (another rank was asked)" in out, out[-3000:]
+    assert "distlora: stopped at step 3/6 (another rank was asked)" in out, out[-3000:]
     done, partial = complete_checkpoints(tmp_path / "one" / "out")
-    assert [d.name for d in done] == ["step-00000002"] and not partial
+    assert [d.name for d in done] == ["step-00000003"] and not partial
     assert not (tmp_path / "one" / "out" / "adapter").exists()
 
 

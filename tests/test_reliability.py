@@ -262,8 +262,8 @@ def test_disk_full_mid_write_keeps_previous_checkpoint(tiny, tmp_path):
     out = tmp_path / "full" / "out"
     from distlora import hooks
 
-    def stop_at_4(step, **_):  # an 8-step run stopped after step 4 (a changed max_steps would not resume)
-        if step == 4:
+    def stop_at_4(step, **_):  # an 8-step run stopped after step 4 (a changed max_steps would not resume):
+        if step == 3:  # asked before step 4, agreed with its counts, taken after it
             (out / "STOP").touch()
 
     hooks.add("step", stop_at_4)

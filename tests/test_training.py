@@ -33,7 +33,7 @@ def two_proc(tiny, small_data, tmp_path_factory):
     """2 processes x micro 2 x accumulation 1, with example-id tracing."""
     tmp = tmp_path_factory.mktemp("two")
     cfg = _cfg(tiny, tmp, small_data, "c", micro_batch_size=2)
-    launch(2, cfg, env={"DISTLORA_TRACE_IDS": "1"})
+    launch(2, cfg, env={"DISTLORA_TRACE_IDS": "1", "DISTLORA_TEST_BASE_CHECKSUM": "1"})
     return tmp / "c" / "out"
 
 
@@ -64,8 +64,9 @@ def test_ranks_in_sync_and_adapter_only_allreduced(tiny, two_proc):
     ranks = summary["per_rank"]
     assert len(ranks) == 2
     assert ranks[0]["adapter_checksum"] == ranks[1]["adapter_checksum"]
-    for r in ranks:  # frozen base untouched
-        assert r["base_checksum_start"] == r["base_checksum_end"] == ranks[0]["base_checksum_start"]
+    base = [json.loads((two_proc / f"base-checksum-rank{r}.json").read_text()) for r in range(2)]
+    for b in base:  # frozen base untouched, the same on both ranks
+        assert b["start"] == b["end"] == base[0]["start"] != 0
     adapter = load_adapter(two_proc / "adapter")
     adapter_bytes = sum(v.numel() * 4 for v in adapter.values())  # fp32 gradients of the LoRA params only
     rows = [r for r in read_metrics(two_proc) if "loss" in r]

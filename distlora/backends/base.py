@@ -7,12 +7,15 @@ One window (optimizer step) as the loop drives it:
     for i, batch in enumerate(window):
         with backend.micro_step(model, last=i == accum - 1):
             backend.backward(nll * scale)
-    grad_norm, applied = backend.finish_window(params, max_grad_norm)
+    norm = backend.clip(params, max_grad_norm)    # a device tensor: no host read
+    ...                                           # the loop's one host read of the step
+    applied = backend.step(float(norm))
     backend.zero_grad()
 
-`finish_window` hides where the update happens (after backward here and under DDP and FSDP2; inside
-the last backward under DeepSpeed) and whether it was applied (a non-finite gradient is never
-applied; an fp16 scaler skips an overflow and lowers its scale).
+`step` hides where the update happens (after backward here and under DDP and FSDP2; inside the last
+backward under DeepSpeed) and whether it was applied (a non-finite gradient is never applied; an
+fp16 scaler skips an overflow and lowers its scale). Nothing here reads a device value on the host:
+the loop reads the grad norm once per step together with its own bookkeeping.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class Backend:
         from accelerate.utils import GradientAccumulationPlugin
 
         kwargs = self.accelerator_kwargs()
+        self._with_timeout(kwargs)
         if self.cfg.log.report_to:
             from accelerate.utils import ProjectConfiguration
 
@@ -112,6 +116,24 @@ class Backend:
                 "`accelerate launch --config_file configs/accelerate/cpu_ddp.yaml` (CPU) or multi_gpu.yaml (GPUs)."
             )
         return self.acc
+
+    def _with_timeout(self, kwargs: dict) -> None:
+        """train.collective_timeout_s into the process group's init (accelerate passes it to
+        init_process_group, or to deepspeed.init_distributed): a rank waiting on another longer than that
+        fails with a timeout error instead of hanging (NCCL's watchdog default is 10 minutes, gloo's 30)."""
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers = kwargs.setdefault("kwargs_handlers", [])
+        init = next((h for h in handlers if isinstance(h, InitProcessGroupKwargs)), None)
+        if init is None:
+            init = InitProcessGroupKwargs()
+            handlers.append(init)
+        seconds = self.cfg.train.collective_timeout_s
+        # accelerate's to_kwargs passes only values that differ from its own defaults (600 s): one equal
+        # to it would be dropped and torch's 30-minute default used on gloo and DeepSpeed
+        init.timeout = timedelta(seconds=seconds if seconds != 600 else 600.001)
 
     def prepare(self, model, make_optimizer, train_loader):
         """Wrap the model, build its optimizer (`make_optimizer(model)`) and prepare the loader."""
@@ -138,12 +160,14 @@ class Backend:
 
     # ------------------------------------------------------------------ the step
 
-    def loss_scale(self, n_target: float) -> float:
+    def loss_scale(self, n_target: torch.Tensor) -> torch.Tensor:
         """Factor for a micro batch's summed NLL so that the step's gradient is exactly
         d(sum of NLL over the window, all ranks)/dθ / n_target: every backend divides the loss by the
         accumulation steps (accelerate's `backward`, or the DeepSpeed engine's) and averages gradients
-        over the data-parallel ranks (DDP's all-reduce, ZeRO's and FSDP2's reduce-scatter); undo both."""
-        return self.dp_size * self.acc.gradient_accumulation_steps / max(n_target, 1)
+        over the data-parallel ranks (DDP's all-reduce, ZeRO's and FSDP2's reduce-scatter); undo both.
+        `n_target` (the window's target tokens, all ranks) stays on the device: an fp32 0-d tensor,
+        the value a Python scalar would have been rounded to in the fp32 multiply."""
+        return (self.dp_size * self.acc.gradient_accumulation_steps / n_target.clamp(min=1)).float()
 
     def micro_step(self, model, last: bool):
         """Context for one micro batch's forward and backward; gradients are synchronised on the last."""
@@ -153,19 +177,17 @@ class Backend:
         self.acc.backward(loss)
 
     def clip(self, params, max_norm: float | None) -> torch.Tensor:
+        """Clip the window's gradients; returns their norm before clipping as a 0-d device tensor (no
+        host read). Taken on reduced gradients, so every rank holds the same value."""
         return self.acc.clip_grad_norm_(params, max_norm or float("inf"))
 
-    def finish_window(self, params, max_norm: float | None) -> tuple[float, bool]:
-        """Clip and update (unless the gradient is non-finite); returns (grad norm before clipping,
-        whether the update was applied). The norm is taken on all-reduced gradients: every rank
-        decides alike."""
-        grad_norm = float(self.clip(params, max_norm))
+    def step(self, grad_norm: float) -> bool:
+        """Update unless the gradient is non-finite (`grad_norm`, read on the host by the loop, is the
+        same on every rank, so every rank decides alike); returns whether the update was applied."""
         if math.isfinite(grad_norm) or self.acc.scaler is not None:
             self.optimizer.step()  # an fp16 grad scaler skips a non-finite step itself, lowering its scale
-            applied = not self.optimizer.step_was_skipped
-        else:
-            applied = False
-        return grad_norm, applied
+            return not self.optimizer.step_was_skipped
+        return False
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,10 +202,6 @@ class Backend:
     def all_sum(self, tensor):
         """Sum over ranks for distlora's own bookkeeping (token counts, metrics): not backend traffic."""
         return self.acc.reduce(tensor, "sum")
-
-    def any_rank(self, flag: torch.Tensor) -> bool:
-        """True on every rank if `flag` (a bool scalar) is true on any rank: one small all-reduce."""
-        return bool(self.all_sum(flag.to(torch.float64).reshape(1)).item() > 0)
 
     def gather_objects(self, obj) -> list:
         """One picklable object per rank, in rank order, on every rank."""
@@ -315,13 +333,3 @@ class Backend:
                     v = v.to_local() if hasattr(v, "to_local") else v
                     out["optimizer_state"] += v.numel() * v.element_size()
         return out
-
-    def frozen_checksum(self) -> float:
-        """A checksum of the frozen base this rank holds (its shard under sharded backends)."""
-        with torch.no_grad():
-            total = 0.0
-            for p in self.unwrap().parameters():
-                if not p.requires_grad:
-                    t = (p.to_local() if hasattr(p, "to_local") else p).detach()
-                    total += t.double().abs().sum().item() + t.double().sum().item()
-            return total

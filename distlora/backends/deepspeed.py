@@ -2,8 +2,8 @@
 
 - The engine steps inside `accelerator.backward` at the accumulation boundary (optimizer.step and
   zero_grad are no-ops there) and clips with the JSON's `gradient_clipping`, filled from
-  train.max_grad_norm, so a window is judged before that backward and `finish_window` only reads
-  what the engine did.
+  train.max_grad_norm, so a window's non-finite loss must already be a non-finite gradient by
+  then (the loop makes it one), and `clip`/`step` only read what the engine did.
 - Loss scaling: the engine divides the loss by its gradient_accumulation_steps (set to the run
   config's) and ZeRO averages gradients over the ranks, like DDP: the base class's loss_scale
   undoes both (tests/test_backends.py proves it against DDP).
@@ -149,7 +149,7 @@ class DeepSpeed(Backend):
                 )
         if cfg.train.nonfinite == "skip":
             # a skipped window is handed to the engine with a non-finite gradient, which ZeRO discards
-            # only when it checks (see finish_window)
+            # only when it checks (see step)
             for key, fix in (("bf16.check_grad_overflow", "true"), ("zero_optimization.compute_grad_norm", "true")):
                 if _get(conf, key) is False:
                     problems.append(
@@ -216,14 +216,18 @@ class DeepSpeed(Backend):
 
     # ------------------------------------------------------------------ the step
 
-    def finish_window(self, params, max_norm):
-        """The engine already clipped and stepped inside the last backward. Whether it changed the
-        parameters: ZeRO checks the gradient for inf/NaN at the step (every dtype on stage 3; stages 1/2
-        unless bf16.check_grad_overflow or zero_optimization.compute_grad_norm is off, which `conflicts`
-        refuses under train.nonfinite=skip) and then discards the window's gradients instead."""
-        norm = self.acc.clip_grad_norm_(params, max_norm)  # the engine's global norm before clipping
-        applied = bool(self.acc.deepspeed_engine_wrapped.engine.was_step_applied())
-        return float(norm) if norm is not None else float("nan"), applied
+    def clip(self, params, max_norm):
+        """The engine already clipped (and stepped) inside the last backward: its global norm before
+        clipping, as a tensor (NaN when the engine computed none)."""
+        norm = self.acc.clip_grad_norm_(params, max_norm)
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float64)
+
+    def step(self, grad_norm: float) -> bool:
+        """Whether the engine's step inside the last backward changed the parameters: ZeRO checks the
+        gradient for inf/NaN at the step (every dtype on stage 3; stages 1/2 unless
+        bf16.check_grad_overflow or zero_optimization.compute_grad_norm is off, which `conflicts` refuses
+        under train.nonfinite=skip) and then discards the window's gradients instead."""
+        return bool(self.acc.deepspeed_engine_wrapped.engine.was_step_applied())
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # a no-op: the engine zeroes its own buffers

@@ -8,7 +8,7 @@ tests call the install functions directly. Variables:
   forward of the step after N finished steps) and the checkpoint writer's (`save.*`,
   `rotate.before_delete`). `@<skip>` lets the first <skip> hits pass. Actions: raise, kill (SIGKILL),
   exit (os._exit(1)), usr1 (this process sends itself SIGUSR1: a stop request on one rank only),
-  slow (sleep 0.5 s), nan (this rank's loss and gradients become NaN for that
+  slow (sleep 0.5 s), sleep<S> (sleep S seconds: a rank stuck in its own work), nan (this rank's loss and gradients become NaN for that
   step), inf (this rank's loss becomes +inf while its gradient stays finite).
 - DISTLORA_TRACE_IDS=1: per rank, the example ids of every step, in output_dir/trace-ids-rank<R>.jsonl.
 - DISTLORA_TEST_GRAD_BYTES=1: the gradient memory each step holds (GradientBytes), in summary.json's
@@ -74,6 +74,8 @@ class Faults:
                 continue
             if rule["action"] == "slow":
                 time.sleep(0.5)
+            elif rule["action"].startswith("sleep"):
+                time.sleep(float(rule["action"][5:]))
             elif rule["action"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             elif rule["action"] == "exit":
@@ -464,7 +466,41 @@ class LiveMemory:
         }
 
 
+def frozen_checksum(backend) -> float:
+    """A checksum of the frozen base this rank holds (its shard under ZeRO-3 / FSDP2), in float64: an
+    O(model) pass, which is why it lives here and not in every launch."""
+    import torch
+
+    with torch.no_grad():
+        total = 0.0
+        for p in backend.unwrap().parameters():
+            if not p.requires_grad:
+                t = (p.to_local() if hasattr(p, "to_local") else p).detach()
+                total += t.double().abs().sum().item() + t.double().sum().item()
+        return total
+
+
+def install_base_checksums() -> None:
+    """Each rank writes its frozen-base checksum after prepare and at the run's end to
+    output_dir/base-checksum-rank<R>.json: the base must be untouched by training and equal on every rank."""
+    seen = {}
+
+    def start(backend, **_):
+        seen["start"] = frozen_checksum(backend)
+
+    def end(backend, out, **_):
+        rec = {"start": seen["start"], "end": frozen_checksum(backend)}
+        (out / f"base-checksum-rank{backend.acc.process_index}.json").write_text(json.dumps(rec))
+
+    hooks.add("prepared", start)
+    hooks.add("run_end", end)
+
+
 def install_from_env() -> None:
+    if os.environ.get("DISTLORA_TEST_HOST_READS"):
+        HostReads().install().write_at_end()
+    if os.environ.get("DISTLORA_TEST_BASE_CHECKSUM"):
+        install_base_checksums()
     if os.environ.get("DISTLORA_FAULT"):
         Faults(os.environ["DISTLORA_FAULT"]).install()
     if os.environ.get("DISTLORA_TRACE_IDS"):
@@ -487,3 +523,119 @@ def install_from_env() -> None:
         FSDP2.reduce_dtype = torch.bfloat16  # the bf16-reduce variant the precision tests must catch
     if os.environ.get("DISTLORA_TEST_LIVE_MEMORY"):
         LiveMemory().install()
+
+
+class HostReads:
+    """Counts, per optimizer step, the operations that read a device value on the host: on CUDA each is a
+    device-to-host sync that stalls the host until the GPU queue drains. Counted from the window's fetch
+    to its log row ("fetched" .. "window_done"): the data loading before it runs on the host alone.
+
+    On CPU every tensor is a host tensor, so the reads are found by what they are: a TorchDispatchMode sees
+    `_local_scalar_dense` (`.item()`, `int(t)`, `float(t)`, `bool(t)`) and the ops whose output size
+    depends on values (`nonzero`, `masked_select`, boolean indexing, `unique`, ...), and `Tensor.tolist` /
+    `Tensor.numpy`, which dispatch nothing on CPU, are wrapped. The optimizer's own step is not counted: its
+    `.item()` reads Adam's step counters, host tensors on CUDA too (torch.optim keeps them on the CPU
+    unless capturable)."""
+
+    def __init__(self):
+        self.steps: list[dict[str, int]] = []
+        self.where: list[list[str]] = []  # the distlora frame of each read, per step
+        self._mode = None
+
+    def _mode_class(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        value_sized = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                       aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default,
+                       aten.repeat_interleave.Tensor, aten.equal.default, aten.nonzero_numpy.default}
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                boolean_index = func is aten.index.Tensor and any(
+                    i is not None and i.dtype == torch.bool for i in args[1])
+                if func in value_sized or boolean_index:
+                    counter._count(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        return Mode
+
+    def _count(self, name: str) -> None:
+        import traceback
+
+        step = self.steps[-1]
+        step[name] = step.get(name, 0) + 1
+        # the innermost frame outside torch and this file: distlora's own line, or the library's
+        frames = [f for f in traceback.extract_stack()
+                  if "/torch/" not in f.filename and not f.filename.endswith("distlora_test_hooks.py")]
+        f = frames[-1]
+        self.where[-1].append(f"{name} {Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}")
+
+    def install(self) -> "HostReads":
+        import torch
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        from distlora.backends.base import innermost_optimizer
+
+        Mode = self._mode_class()
+        self._orig = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+        def wrapped(name):
+            orig = self._orig[name]
+
+            def read(t, *a, **k):
+                if self._mode is not None:
+                    self._count(name)
+                return orig(t, *a, **k)
+            return read
+
+        for name in self._orig:
+            setattr(torch.Tensor, name, wrapped(name))
+
+        def prepared(backend, **_):
+            inner = innermost_optimizer(backend.optimizer)
+            step = inner.step
+
+            def uncounted(*a, **k):
+                with _disable_current_modes():
+                    mode, self._mode = self._mode, None
+                    try:
+                        return step(*a, **k)
+                    finally:
+                        self._mode = mode
+            inner.step = uncounted
+
+        def fetched(**_):
+            self.steps.append({})
+            self.where.append([])
+            self._mode = Mode()
+            self._mode.__enter__()
+
+        def done(**_):
+            if self._mode is not None:
+                self._mode.__exit__(None, None, None)
+                self._mode = None
+
+        self.installed = [("prepared", hooks.add("prepared", prepared)), ("fetched", hooks.add("fetched", fetched)),
+                          ("window_done", hooks.add("window_done", done))]
+        return self
+
+    def write_at_end(self) -> "HostReads":
+        """In a launched worker: output_dir/host-reads-rank<R>.json with the per-step counts and where."""
+
+        def end(backend, out, **_):
+            rec = {"steps": self.steps, "where": self.where}
+            (out / f"host-reads-rank{backend.acc.process_index}.json").write_text(json.dumps(rec))
+
+        self.installed.append(("run_end", hooks.add("run_end", end)))
+        return self
+
+    def uninstall(self) -> None:
+        import torch
+
+        for name, orig in self._orig.items():
+            setattr(torch.Tensor, name, orig)
+        for name, fn in self.installed:
+            hooks.remove(name, fn)

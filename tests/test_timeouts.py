@@ -1,0 +1,30 @@
+"""train.collective_timeout_s: a rank stuck in its own work ends the job with a named error, never a hang.
+
+Two gloo processes, a 5 s timeout, rank 0 stuck 120 s in a rank-0-only phase of the first checkpoint (after
+writing the adapter, while rank 1 waits in the save's barrier). Broken on purpose (the timeout not passed to
+the process group: torch's 30-minute gloo default), rank 1 waits on and the launch outlives the test's bound."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import base_config, launch, write_config
+
+TIMEOUT_S = 5
+STUCK_S = 120  # far beyond the timeout and the launcher's 30 s grace before it SIGKILLs the stuck rank
+
+
+def test_a_stuck_rank_ends_the_job_with_a_named_error(tiny, tmp_path):
+    raw = base_config(tiny, tmp_path / "out")
+    raw["train"].update(max_steps=4, save_every=2, collective_timeout_s=TIMEOUT_S)
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    t0 = time.monotonic()
+    res = launch(2, cfg, env={"DISTLORA_FAULT": f"rank0:save.after_adapter:sleep{STUCK_S}"}, check=False, timeout=200)
+    took = time.monotonic() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    named = [ln for ln in out.splitlines() if "distlora: rank 1 failed: it waited in a collective longer than" in ln]
+    assert named and f"train.collective_timeout_s={TIMEOUT_S} s" in named[0], out[-3000:]
+    # start-up (~15-25 s here), the 5 s timeout, torch elastic's SIGTERM grace (30 s) for the stuck rank 0
+    assert took < STUCK_S - 10, f"the job took {took:.0f} s: it waited for the stuck rank"
+    assert not (tmp_path / "out" / "checkpoints" / "step-00000002").exists()  # nothing half-published
