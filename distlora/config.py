@@ -419,6 +419,8 @@ def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list
     model = s.get("model")
     if model is not None and model.quantization is not None:
         problems += _check_quantization(model, train)
+    if model is not None and data is not None:
+        problems += _check_packed_attention(model, data, check_device)
     liger = train is not None and train.loss_impl == "liger"
     if liger:
         problems += _check_liger(train, check_device)
@@ -450,6 +452,20 @@ def _check_liger(train: TrainConfig, check_device: bool) -> list[str]:
             problems.append("train.loss_impl: liger runs on CUDA GPUs only and this machine has none; set "
                             "train.loss_impl=torch (train.loss_chunk_size bounds the logits memory on any device)")
     return problems
+
+
+def _check_packed_attention(model: ModelConfig, data: DataConfig, check_device: bool) -> list[str]:
+    """data.packing on model.attn_implementation: exact routes only (distlora.attention); with `check_device`,
+    whether this machine has the CUDA GPU that flex_attention's backward needs."""
+    from distlora.attention import packing_problem  # light: torch only inside its kernels
+
+    cuda = None
+    if check_device and data.packing and model.attn_implementation == "flex_attention":
+        import torch
+
+        cuda = torch.cuda.is_available()
+    problem = packing_problem(model.attn_implementation, data.packing, cuda)
+    return [problem] if problem else []
 
 
 def _check_token_budget(train: TrainConfig, data: DataConfig | None) -> list[str]:

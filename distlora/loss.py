@@ -50,11 +50,22 @@ def token_nll(logits, labels):
     return shifted_nll(logits, target).sum(dim=1), (target != IGNORE).sum(dim=1)
 
 
-def model_inputs(batch) -> dict:
-    """Forward kwargs for a padded or a packed batch (packed: position ids, no attention mask)."""
+def model_inputs(batch, model=None) -> dict:
+    """Forward kwargs for a padded or a packed batch (packed: position ids, no attention mask; on a varlen
+    attention of `model`, the rows flattened to one with the segment kwargs: distlora.attention)."""
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None}
+        if model is not None:
+            batch = packed_view(model, batch)
+        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None}
+        return {**kwargs, **batch.get("attn_kwargs", {})}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def packed_view(model, batch) -> dict:
+    """`batch` laid out as `model`'s attention takes it; the loss reads labels and example_index from the same view."""
+    from distlora.attention import for_model
+
+    return for_model(_hf_model(model).config, batch)
 
 
 def _hf_model(model):
@@ -116,6 +127,7 @@ def example_nll(model, batch, chunk: int = 0, impl: str = "torch"):
     """(summed NLL, target tokens) per example of `batch["ids"]`, in that order."""
     if impl == "liger":
         return _liger_nll(model, batch, per_example=True)
+    batch = packed_view(model, batch)
     kwargs = model_inputs(batch)
     labels = batch["labels"]
     target = labels[:, 1:]
@@ -182,6 +194,7 @@ def _liger_nll(model, batch, per_example: bool):
     """The fused loss over the batch's target positions, chosen exactly as the chunked path chooses them
     (labels[:, 1:] against the hidden state one position earlier; packed rows' first label per example
     is IGNORE): per-example (sums, counts), or the batch's summed NLL."""
+    batch = packed_view(model, batch)
     hidden, head, (dev, dtype, enabled) = _hidden_states(
         model, model_inputs(batch), field="train.loss_impl", fix="set train.loss_impl=torch"
     )
