@@ -5,9 +5,12 @@ the loop sums them over the accumulation window, eval gathers them per example i
 
 - Padded batches (one example per row): `input_ids`, `attention_mask`, `labels`.
 - Packed batches (`data.packing`): several examples per row, `position_ids` restarting at 0 for each
-  example and no attention mask; transformers (>= 4.53, `masking_utils.find_packed_sequence_indices`)
-  then builds the block-diagonal causal mask, so no token attends across an example boundary. That
-  detection only runs without a KV cache, hence `use_cache=False` on every training forward.
+  example and no attention mask. On a varlen attention (flash, distlora's per-segment sdpa) the rows
+  are flattened to one and the example boundaries passed as kwargs (`packed_view`, distlora.attention);
+  the loss reads labels and example_index from the same flattened view. On eager, transformers
+  (`masking_utils.find_packed_sequence_indices`) builds the block-diagonal causal mask from the
+  position ids. That detection only runs without a KV cache, hence `use_cache=False` on every
+  training forward.
   `example_index` maps each token to its example's slot in `ids`; each example's first label is
   IGNORE (the collator sets it), so no token is trained on the previous example's last token.
 - Chunked loss (`train.loss_chunk_size` > 0): the model runs with `logits_to_keep=1` (its own lm_head
