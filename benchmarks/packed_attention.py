@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from distlora import attention as A  # noqa: E402
-from distlora import data as D  # noqa: E402
-from distlora.loss import model_inputs, token_nll  # noqa: E402
+from distlora import attention as A
+from distlora import data as D
+from distlora.loss import model_inputs, token_nll
 
 ROUTES = {  # name -> the model's attention implementation
     "sdpa, dense block mask (baseline)": "sdpa",

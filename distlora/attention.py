@@ -111,6 +111,8 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     [B, T, H, D], None). With `cu_seq_lens_q` (a flattened packed row): one sdpa per segment. Without
     it: a padding mask goes to transformers' sdpa; no mask (plain or packed rows) takes the segments
     from the position ids, so the result is exact whoever calls."""
+    import itertools
+
     import torch
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -138,7 +140,7 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     if bounds[-1] != b * t:
         raise ValueError(f"cu_seq_lens cover {bounds[-1]} tokens, the row holds {b * t}")
     out = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         mask = None
         if sliding_window is not None and e - s > sliding_window:  # transformers' band: q - kv < window
             d = torch.arange(e - s, device=query.device)

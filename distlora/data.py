@@ -10,6 +10,7 @@ k * world + r: 1 process x accumulation 2 sees the very examples 2 processes x a
 from __future__ import annotations
 
 import glob as globlib
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -868,7 +869,7 @@ class PackedCollator:
             "real_tokens": real,
             "ids": torch.tensor(ids, dtype=torch.long),
             "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
-            "max_length": max(b - a for a, b in zip(cu[:-1], cu[1:])),
+            "max_length": max(b - a for a, b in itertools.pairwise(cu)),
         }
 
 

@@ -13,6 +13,8 @@ one row) moves the NLL by 5.4e-2 relative and gradients by 0.4, far above the bo
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -51,7 +53,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            deterministic=False, return_attn_probs=False, block_table=None):
     assert dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None and block_table is None
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    assert max_seqlen_q == max(b - a for a, b in zip(cq, cq[1:])), "max_length must match cu_seq_lens"
+    assert max_seqlen_q == max(b - a for a, b in itertools.pairwise(cq)), "max_length must match cu_seq_lens"
     CALLS.append(cq)
     return torch.cat([
         _attend(q[qa:qb], k[ka:kb], v[ka:kb], softmax_scale, causal, window_size)
