@@ -25,7 +25,6 @@ The names and the check import no torch (the launcher layer calls them); the res
 from __future__ import annotations
 
 VARLEN_SDPA = "distlora_sdpa_varlen"
-DENSE = ("eager", "flex_attention")
 
 
 def is_flash(impl: str | None) -> bool:

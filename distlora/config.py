@@ -67,7 +67,7 @@ class ModelConfig(_Section):
         "auto", description="dtype the frozen base is loaded in; auto = bf16 under bf16 training, else fp32."
     )
     attn_implementation: Optional[str] = Field(
-        None, description="eager | sdpa | flash_attention_2 ...; None lets transformers choose."
+        None, description="eager | sdpa | flash_attention_2 ...; None lets transformers choose (packing: distlora/attention.py)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant).")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint's repository.")
