@@ -174,6 +174,19 @@ def test_packed_equals_unpacked_fused_loss(tiny, tmp_path, request, monkeypatch,
     assert rel < 1e-5 and grad < 1e-5, (rel, grad)
 
 
+@pytest.mark.parametrize("attn", ["flash_attention_3", "flash_attention_4"])
+def test_other_flash_versions_take_the_same_route(tiny, tmp_path, flash_reference, attn):
+    """flash_attention_3 / 4 reach the kernel through the same transformers code as flash_attention_2
+    (modeling_flash_attention_utils._flash_attention_forward); with the reference kernel behind each name,
+    packed rows are flattened and exact here too (4 rows, plain loss). Their CUDA kernels themselves are
+    not modelled: only their varlen contract (cu_seqlens, max_seqlen) is the one used."""
+    model, tok, recs = _setup(tiny, tmp_path, attn)
+    assert model.config._attn_implementation == attn
+    rel, grad, packed = _packed_vs_unpacked(model, tok, recs, ROWS[4], 0)
+    assert rel < 1e-5 and grad < 1e-5, (rel, grad)
+    assert packed["cu_seq_lens"].tolist() in CALLS
+
+
 def test_flash_rows_not_flattened_is_caught(tiny, tmp_path, flash_reference, monkeypatch):
     """The trap the flash route avoids, shown to be visible to the test above: with flattening off,
     B = 4 packed rows reach transformers' flash code as 4 rows, it runs plain causal attention over
