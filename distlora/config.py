@@ -67,7 +67,7 @@ class ModelConfig(_Section):
         "auto", description="dtype the frozen base is loaded in; auto = bf16 under bf16 training, else fp32."
     )
     attn_implementation: Optional[str] = Field(
-        None, description="eager | sdpa | flash_attention_2 ...; None lets transformers choose."
+        None, description="eager | sdpa | flash_attention_2 ...; None lets transformers choose (packing: distlora/attention.py)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant).")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint's repository.")
@@ -424,6 +424,8 @@ def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list
     model = s.get("model")
     if model is not None and model.quantization is not None:
         problems += _check_quantization(model, train)
+    if model is not None and data is not None:
+        problems += _check_packed_attention(model, data, check_device)
     liger = train is not None and train.loss_impl == "liger"
     if liger:
         problems += _check_liger(train, check_device)
@@ -455,6 +457,20 @@ def _check_liger(train: TrainConfig, check_device: bool) -> list[str]:
             problems.append("train.loss_impl: liger runs on CUDA GPUs only and this machine has none; set "
                             "train.loss_impl=torch (train.loss_chunk_size bounds the logits memory on any device)")
     return problems
+
+
+def _check_packed_attention(model: ModelConfig, data: DataConfig, check_device: bool) -> list[str]:
+    """data.packing on model.attn_implementation: exact routes only (distlora.attention); with `check_device`,
+    whether this machine has the CUDA GPU that flex_attention's backward needs."""
+    from distlora.attention import packing_problem  # light: torch only inside its kernels
+
+    cuda = None
+    if check_device and data.packing and model.attn_implementation == "flex_attention":
+        import torch
+
+        cuda = torch.cuda.is_available()
+    problem = packing_problem(model.attn_implementation, data.packing, cuda)
+    return [problem] if problem else []
 
 
 def _check_token_budget(train: TrainConfig, data: DataConfig | None) -> list[str]:

@@ -10,6 +10,7 @@ k * world + r: 1 process x accumulation 2 sees the very examples 2 processes x a
 from __future__ import annotations
 
 import glob as globlib
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -827,7 +828,9 @@ class PackedCollator:
     """Rows of examples -> one packed batch: `position_ids` restart at 0 for each example (the model
     then keeps attention inside each example), each example's first label is IGNORE (never train on
     the previous example's last token), `example_index` gives each token's slot in `ids` (one entry per
-    example, -1 for padding examples). Row padding: pad tokens, no labels, their own positions."""
+    example, -1 for padding examples). Row padding: pad tokens, no labels, their own positions.
+    `cu_seq_lens` (int32) and `max_length` (an int) give the segments of the B rows read as one
+    flattened row (each example, each row's padding), for varlen attention (distlora.attention)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -842,10 +845,12 @@ class PackedCollator:
         position_ids = torch.zeros((n, width), dtype=torch.long)
         example_index = torch.zeros((n, width), dtype=torch.long)
         ids: list[int] = []
+        cu = [0]
         for r, row in enumerate(rows):
             at = 0
             for e in row:
                 k = len(e["input_ids"])
+                cu.append(r * width + at + k)
                 input_ids[r, at : at + k] = torch.tensor(e["input_ids"])
                 labels[r, at + 1 : at + k] = torch.tensor(e["labels"][1:])
                 position_ids[r, at : at + k] = torch.arange(k)
@@ -853,13 +858,18 @@ class PackedCollator:
                 ids.append(e["id"])
                 at += k
             position_ids[r, at:] = torch.arange(width - at)
+            if at < width:
+                cu.append((r + 1) * width)
         return {
             "input_ids": input_ids,
             "labels": labels,
             "position_ids": position_ids,
             "example_index": example_index,
             "ids": torch.tensor(ids, dtype=torch.long),
-            "host": host_stats(labels, [len(e["input_ids"]) for row in rows for e in row if e["id"] >= 0]),
+            "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
+            "max_length": max(b - a for a, b in itertools.pairwise(cu)),
+            "host": {**host_stats(labels, [len(e["input_ids"]) for row in rows for e in row if e["id"] >= 0]),
+                     "cu_seq_lens": cu},  # the per-segment sdpa reads its segments here, not from the device
         }
 
 

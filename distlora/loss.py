@@ -5,9 +5,12 @@ the loop sums them over the accumulation window, eval gathers them per example i
 
 - Padded batches (one example per row): `input_ids`, `attention_mask`, `labels`.
 - Packed batches (`data.packing`): several examples per row, `position_ids` restarting at 0 for each
-  example and no attention mask; transformers (>= 4.53, `masking_utils.find_packed_sequence_indices`)
-  then builds the block-diagonal causal mask, so no token attends across an example boundary. That
-  detection only runs without a KV cache, hence `use_cache=False` on every training forward.
+  example and no attention mask. On a varlen attention (flash, distlora's per-segment sdpa) the rows
+  are flattened to one and the example boundaries passed as kwargs (`packed_view`, distlora.attention);
+  the loss reads labels and example_index from the same flattened view. On eager, transformers
+  (`masking_utils.find_packed_sequence_indices`) builds the block-diagonal causal mask from the
+  position ids. That detection only runs without a KV cache, hence `use_cache=False` on every
+  training forward.
   `example_index` maps each token to its example's slot in `ids`; each example's first label is
   IGNORE (the collator sets it), so no token is trained on the previous example's last token.
 - Chunked loss (`train.loss_chunk_size` > 0): the model runs with `logits_to_keep=1` (its own lm_head
@@ -50,11 +53,22 @@ def token_nll(logits, labels):
     return shifted_nll(logits, target).sum(dim=1), (target != IGNORE).sum(dim=1)
 
 
-def model_inputs(batch) -> dict:
-    """Forward kwargs for a padded or a packed batch (packed: position ids, no attention mask)."""
+def model_inputs(batch, model=None) -> dict:
+    """Forward kwargs for a padded or a packed batch (packed: position ids, no attention mask; on a varlen
+    attention of `model`, the rows flattened to one with the segment kwargs: distlora.attention)."""
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None}
+        if model is not None:
+            batch = packed_view(model, batch)
+        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None}
+        return {**kwargs, **batch.get("attn_kwargs", {})}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def packed_view(model, batch) -> dict:
+    """`batch` laid out as `model`'s attention takes it; the loss reads labels and example_index from the same view."""
+    from distlora.attention import for_model
+
+    return for_model(_hf_model(model).config, batch)
 
 
 def _hf_model(model):
@@ -116,6 +130,7 @@ def example_nll(model, batch, chunk: int = 0, impl: str = "torch"):
     """(summed NLL, target tokens) per example of `batch["ids"]`, in that order."""
     if impl == "liger":
         return _liger_nll(model, batch, per_example=True)
+    batch = packed_view(model, batch)
     kwargs = model_inputs(batch)
     labels = batch["labels"]
     target = labels[:, 1:]
@@ -192,6 +207,7 @@ def _liger_nll(model, batch, per_example: bool):
     """The fused loss over the batch's target positions, chosen exactly as the chunked path chooses them
     (labels[:, 1:] against the hidden state one position earlier; packed rows' first label per example
     is IGNORE): per-example (sums, counts), or the batch's summed NLL."""
+    batch = packed_view(model, batch)
     hidden, head, (dev, dtype, enabled) = _hidden_states(
         model, model_inputs(batch), field="train.loss_impl", fix="set train.loss_impl=torch"
     )

@@ -103,6 +103,10 @@ def load_model(cfg, mixed_precision: str):
     if q is not None:
         keep_4bit_layout(model)
     model.config.use_cache = False  # a KV cache in training breaks packed-sequence masking and wastes memory
+    if cfg.data.packing:  # sdpa (chosen or transformers' default) -> one sdpa per packed example
+        from distlora.attention import use_varlen_sdpa
+
+        use_varlen_sdpa(model)
     if cfg.model.gradient_checkpointing:
         # non-reentrant: works under DDP with frozen base weights (no "marked ready twice")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
