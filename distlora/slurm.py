@@ -47,7 +47,7 @@ GIB = 2**30
 # 64+ cores); a node with fewer cores per GPU rejects the job: give --cpus-per-gpu.
 DEFAULT_CPUS_PER_GPU = 8
 # Host memory of one GPU rank besides the base weights: Python + torch/transformers/accelerate imported
-# (~1 GiB RSS measured on CPU with the tiny model), the CUDA context's host side and pinned staging
+# (0.52 GiB peak RSS measured: distlora.train, tiny model, CPU), the CUDA context's host side and pinned staging
 # buffers, the tokenized data. An estimate, not measured on a GPU: --mem / --mem-per-gpu override it.
 PROCESS_HOST_BYTES = 4 * GIB
 # bytes per element of the dtypes the frozen base can be loaded in (config: model.dtype, quantization)
@@ -55,9 +55,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bytes per element of the dtypes a safetensors file can hold (its header's "dtype")
 SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                      "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
-# #SBATCH options by which a user's --sbatch-arg already sets the job's CPUs or memory (--exclusive: the whole node)
-USER_CPUS = ("--cpus-per-task", "--cpus-per-gpu", "-c", "--exclusive")
-USER_MEM = ("--mem", "--mem-per-gpu", "--mem-per-cpu", "--exclusive")
+# #SBATCH options by which a user's --sbatch-arg sets the job's memory (srun's step inherits the job's).
+# Not --exclusive: it gives all the node's CPUs but only the memory asked for.
+USER_MEM = ("--mem", "--mem-per-gpu", "--mem-per-cpu")
+# CPUs set through --sbatch-arg would miss the srun line (srun >= 22.05 does not inherit --cpus-per-task,
+# and a step of one CPU would pin every rank to one core): refused, naming distlora slurm's own flags.
+USER_CPUS = ("--cpus-per-task", "--cpus-per-gpu", "-c")
 
 
 def parse_time(text: str) -> int:
@@ -180,8 +183,9 @@ def parse_mem(text: str, flag: str) -> str:
     return text.strip()
 
 
-def _user_sets(sbatch_args, options) -> bool:
-    return any(a.split("=")[0].split()[0] in options for a in sbatch_args if a.strip())
+def _user_sets(sbatch_args, options) -> str | None:
+    """The first --sbatch-arg that sets one of `options`."""
+    return next((a for a in sbatch_args if a.strip() and a.split("=")[0].split()[0] in options), None)
 
 
 def resources(cfg, shape: Shape, *, cpus_per_task: str | None = None, cpus_per_gpu: int | None = None,
@@ -195,8 +199,12 @@ def resources(cfg, shape: Shape, *, cpus_per_task: str | None = None, cpus_per_g
         raise ValueError("--mem and --mem-per-gpu both given; fix: keep one (--mem is per node)")
     g = shape.procs_per_node
     # CPUs
-    if cpus_per_task == "none" or _user_sets(sbatch_args, USER_CPUS):
-        notes.append("CPUs: left to the cluster / --sbatch-arg")
+    given = _user_sets(sbatch_args, USER_CPUS)
+    if given:
+        raise ValueError(f"--sbatch-arg={given}: it would not reach the srun line; fix: --cpus-per-task N "
+                         "(or --cpus-per-gpu N) of distlora slurm instead")
+    if cpus_per_task == "none":
+        notes.append("CPUs: left to the cluster (--cpus-per-task none)")
     elif cpus_per_task is not None:
         if not cpus_per_task.isdigit():
             raise ValueError(f"--cpus-per-task {cpus_per_task!r}: give a number (or none)")
@@ -219,7 +227,7 @@ def resources(cfg, shape: Shape, *, cpus_per_task: str | None = None, cpus_per_g
         notes.append(f"CPUs: {g} x {per} per GPU ({how})")
     # memory
     if mem == "none" or _user_sets(sbatch_args, USER_MEM):
-        notes.append("memory: left to the cluster / --sbatch-arg")
+        notes.append("memory: left to the cluster, or as --sbatch-arg sets it")
     elif mem is not None:
         req["mem"] = parse_mem(mem, "--mem")
     elif mem_per_gpu is not None:

@@ -170,14 +170,16 @@ def _bash_n_and_shellcheck(path: Path) -> None:
 
 
 @slow
-@pytest.mark.parametrize("shape", [["--nodes", "1", "--processes-per-node", "2"], ["--nodes", "2", "--processes-per-node", "1"]],
-                         ids=["1node-x2", "2nodes-x1"])
+@pytest.mark.parametrize("shape", [["--nodes", "1", "--processes-per-node", "2", "--mem", "2G"],
+                                   ["--nodes", "2", "--processes-per-node", "1"]], ids=["1node-x2", "2nodes-x1"])
 def test_sbatch_completes_and_equals_plain_run(slurm, tiny, reference, tmp_path, shape):
     script = render(cfg_for(tiny, tmp_path), *shape, "--cpu", "--time", "00:15:00")
     job = sbatch(script, job_env(slurm))
     info = wait_job(job, slurm)
     log = log_of(tmp_path / "out", job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-4000:]
+    # the CPUs (one per process) and memory the script asked for are what SLURM allocated
+    assert info["NumCPUs"] == "2" and (info["MinMemoryNode"] == "2G" or "--mem" not in shape), info
     assert "distlora: preflight ok" in log and "distlora: 2 process(es), backend ddp" in log
     assert_same_adapter(reference, tmp_path / "out" / "adapter")
 
@@ -381,8 +383,8 @@ def test_cpus_per_gpu_from_the_partitions_nodes(tiny, tmp_path, capsys, monkeypa
     (["--mem-per-gpu", "40G"], ["64"], [], ["40G"]),
     (["--mem", "0"], ["64"], ["0"], []),  # SLURM: all of the node's memory
     (["--cpus-per-task", "none", "--mem", "none"], [], [], []),
-    (["--sbatch-arg=--exclusive"], [], [], []),  # the whole node: CPUs and memory with it
-    (["--sbatch-arg=--mem-per-cpu=4G", "--sbatch-arg=--cpus-per-gpu=6"], [], [], []),
+    (["--sbatch-arg=--exclusive"], ["64"], ["80G"], []),  # all the node's CPUs, but only the memory asked for
+    (["--sbatch-arg=--mem-per-cpu=4G"], ["64"], [], []),  # memory given another way: srun's step inherits it
 ], ids=["cpus", "cpus-per-gpu", "mem", "mem-per-gpu", "mem-0", "none", "exclusive", "sbatch-args"])
 def test_cpu_and_memory_overrides(tiny, tmp_path, capsys, monkeypatch, args, cpus, mem, mem_per_gpu):
     rc, text, err = _slurm_main(_gpu_cfg(tiny, tmp_path), "--gpus-per-node", "8", *args, capsys=capsys,
@@ -393,13 +395,15 @@ def test_cpu_and_memory_overrides(tiny, tmp_path, capsys, monkeypatch, args, cpu
 
 
 @pytest.mark.parametrize("args,needle", [
-    ([], "--mem: the job would ask for no memory, its size is unknown (model.name_or_path 'org/absent-model': "
-         "no *.safetensors locally or in the hub cache); fix: --mem SIZE (per node), --mem-per-gpu SIZE, or --mem none "
-         "for the cluster's default"),
+    ([], ("--mem: the job would ask for no memory, its size is unknown (model.name_or_path 'org/absent-model': "
+          "no *.safetensors locally or in the hub cache); fix: --mem SIZE (per node), --mem-per-gpu SIZE, or --mem none "
+          "for the cluster's default")),
     (["--mem", "64G", "--cpus-per-task", "0"], "--cpus-per-task 0: the job would ask for no CPUs; fix: --cpus-per-task 64"),
     (["--mem", "64G", "--cpus-per-gpu", "0"], "--cpus-per-gpu 0: the job would ask for no CPUs; fix: --cpus-per-gpu 8"),
     (["--mem", "lots"], "--mem 'lots': give a size such as 64G (or none)"),
-], ids=["no-memory", "no-cpus", "no-cpus-per-gpu", "bad-size"])
+    (["--mem", "64G", "--sbatch-arg=--cpus-per-task=6"],
+     "--sbatch-arg=--cpus-per-task=6: it would not reach the srun line; fix: --cpus-per-task N"),
+], ids=["no-memory", "no-cpus", "no-cpus-per-gpu", "bad-size", "cpus-as-sbatch-arg"])
 def test_a_gpu_job_asking_for_no_cpus_or_memory_is_refused(tiny, tmp_path, capsys, monkeypatch, args, needle):
     """A hub model that is not in the cache (HF_HUB_CACHE empty) has no size here: without --mem the
     job would ask for none. One line naming the flag and the fix, exit 2, nothing written."""
