@@ -151,7 +151,8 @@ def _series(out: Path, key: str) -> list[float]:
     return [r[key] for r in read_metrics(out) if key in r]
 
 
-def _rel(a: float, b: float) -> float:
+def _rel_to(a: float, b: float) -> float:
+    """|a - b| relative to b, for two numbers (_rel below compares tensors)."""
     return abs(a - b) / abs(b)
 
 
@@ -165,7 +166,7 @@ def test_backend_on_one_gpu_matches_single(one_gpu, backend):
     assert max_abs_diff(load_adapter(ref / "adapter"), load_adapter(out / "adapter")) < FP32_TOL
     for key in ("loss", "grad_norm"):
         a, b = _series(out, key), _series(ref, key)
-        assert len(a) == len(b) == STEPS and max(_rel(x, y) for x, y in zip(a, b)) < FP32_TOL, (key, a, b)
+        assert len(a) == len(b) == STEPS and max(_rel_to(x, y) for x, y in zip(a, b)) < FP32_TOL, (key, a, b)
 
 
 @pytest.mark.gpu
@@ -186,7 +187,7 @@ def test_resume_on_one_gpu_equals_uninterrupted(one_gpu, tiny, tmp_path, backend
     assert f"resumed from {out / 'checkpoints' / ckpt.name} at step {SAVE}" in log, log[-3000:]
     assert max_abs_diff(load_adapter(full / "adapter"), load_adapter(out / "adapter")) < FP32_TOL
     a, b = _series(out, "loss"), _series(full, "loss")[SAVE:]
-    assert len(a) == len(b) == STEPS - SAVE and max(_rel(x, y) for x, y in zip(a, b)) < FP32_TOL, (a, b)
+    assert len(a) == len(b) == STEPS - SAVE and max(_rel_to(x, y) for x, y in zip(a, b)) < FP32_TOL, (a, b)
 
 
 @pytest.mark.gpu
@@ -206,8 +207,8 @@ def test_bf16_on_one_gpu(one_gpu, backend):
         assert len(series) == STEPS and all(math.isfinite(v) for v in series), (key, series)
         x, x16, x32 = series[0], _series(ref16, key)[0], _series(ref32, key)[0]
         assert x16 != x32, (key, x16, "bf16 step 1 equals fp32 exactly: bf16 did not run")
-        bound = max(BF16_ULP, 2 * _rel(x16, x32))
-        assert _rel(x, x32) <= bound, (key, x, x32, bound)
+        bound = max(BF16_ULP, 2 * _rel_to(x16, x32))
+        assert _rel_to(x, x32) <= bound, (key, x, x32, bound)
     # the run trains: its last two steps' mean loss is below its first two's (lr 1e-2, 6 steps)
     loss = _series(out, "loss")
     assert sum(loss[-2:]) < sum(loss[:2]), loss
