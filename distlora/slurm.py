@@ -1,7 +1,8 @@
 """`distlora slurm`: render an sbatch script for a run config and a machine shape.
 
     distlora slurm --config run.yaml --nodes N --gpus-per-node G --time HH:MM:SS
-                   [--partition P] [--account A] [--cpus-per-task C] [--mem M] [--sbatch-arg ARG ...]
+                   [--partition P] [--account A] [--cpus-per-task C|none] [--cpus-per-gpu C]
+                   [--mem M|none | --mem-per-gpu M] [--sbatch-arg ARG ...]
                    [--signal-secs S] [--cpu --processes-per-node P] [--backend B] [--main-port PORT]
                    [--out job.sbatch] [--submit] [dotted.key=value ...]
 
@@ -11,13 +12,28 @@ absolute here. It writes the accelerate config next to it (the same generator as
 checks the shape in the job before starting (`distlora launch --check`), and handles preemption and
 time limits: USR1/TERM -> STOP file -> checkpoint on all ranks -> `scontrol requeue` -> automatic
 resume. See the templates for the details.
+
+Resources of a GPU job (one task per node runs all the node's ranks, so the task asks for the node's share):
+- CPUs: --cpus-per-task, default GPUs x CPUs per GPU; CPUs per GPU from --cpus-per-gpu, else the
+  partition's cores / GPUs per node as `sinfo` reports them (on a login node), else DEFAULT_CPUS_PER_GPU.
+- Memory: --mem (per node) or --mem-per-gpu, default host_bytes_per_node: each rank loads the whole
+  frozen base into host memory before moving it to its GPU (ZeRO-3: rank 0 alone), plus the process'
+  own share (PROCESS_HOST_BYTES). The base's size is read from the model's safetensors headers (local
+  directory or the hub cache), without torch.
+A GPU job that would ask for no CPUs or no memory (SLURM then gives one core for all ranks, or a small
+default memory on many clusters) is refused before anything is written (exit 2), naming the flag;
+`--cpus-per-task none` / `--mem none` leave them to the cluster on purpose. CPU jobs (--cpu: tests, CPU
+clusters) ask for one CPU per process and leave memory to the cluster.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import re
 import shlex
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +41,26 @@ from pathlib import Path
 from distlora.launch import Shape, add_shape_args, load_run_config, render_accelerate_yaml, shape_from_args
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "launch" / "slurm"
+GIB = 2**30
+# Per GPU rank when the node's cores are unknown: the training loop's thread, NCCL's proxy threads and
+# the tokenizer's forked workers at start. 8 fits the common GPU nodes (4 GPUs / 32+ cores, 8 GPUs /
+# 64+ cores); a node with fewer cores per GPU rejects the job: give --cpus-per-gpu.
+DEFAULT_CPUS_PER_GPU = 8
+# Host memory of one GPU rank besides the base weights: Python + torch/transformers/accelerate imported
+# (0.52 GiB peak RSS measured: distlora.train, tiny model, CPU), the CUDA context's host side and pinned staging
+# buffers, the tokenized data. An estimate, not measured on a GPU: --mem / --mem-per-gpu override it.
+PROCESS_HOST_BYTES = 4 * GIB
+# bytes per element of the dtypes the frozen base can be loaded in (config: model.dtype, quantization)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# bytes per element of the dtypes a safetensors file can hold (its header's "dtype")
+SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                     "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+# #SBATCH options by which a user's --sbatch-arg sets the job's memory (srun's step inherits the job's).
+# Not --exclusive: it gives all the node's CPUs but only the memory asked for.
+USER_MEM = ("--mem", "--mem-per-gpu", "--mem-per-cpu")
+# CPUs set through --sbatch-arg would miss the srun line (srun >= 22.05 does not inherit --cpus-per-task,
+# and a step of one CPU would pin every rank to one core): refused, naming distlora slurm's own flags.
+USER_CPUS = ("--cpus-per-task", "--cpus-per-gpu", "-c")
 
 
 def parse_time(text: str) -> int:
@@ -43,9 +79,175 @@ def parse_time(text: str) -> int:
     return int(a) * 60
 
 
+# ---------------------------------------------------------------------------------------------- resources
+
+
+def safetensors_sizes(model_dir: Path) -> tuple[int, int] | None:
+    """(elements, bytes as stored) of all tensors in `model_dir`'s *.safetensors files, from their JSON
+    headers (8-byte little-endian length, then the header): no tensor is read, no torch. None: no such files."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    numel = stored = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name != "__metadata__":
+                numel += math.prod(t["shape"])
+                stored += math.prod(t["shape"]) * SAFETENSORS_BYTES[t["dtype"]]
+    return numel, stored
+
+
+def model_dir(name_or_path: str) -> Path | None:
+    """The directory holding the model's files: the local path, or the hub cache's snapshot of a hub id
+    (None when it is not in the cache: nothing is downloaded here)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if name_or_path.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name_or_path, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def load_dtype(cfg, shape: Shape) -> str:
+    """The dtype the frozen base is loaded in on the host, as model.dtype's description says: auto = bf16
+    under bf16 training (train.mixed_precision auto picks bf16 on GPUs; Ampere and newer), else fp32.
+    A 4-bit base is read in its compute dtype and quantized where it lands."""
+    q = cfg.model.quantization
+    if q is not None:
+        return q.compute_dtype
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "no" if shape.cpu else "bf16"
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(mp, "float32")
+
+
+def host_bytes_per_node(cfg, shape: Shape) -> tuple[int | None, str]:
+    """(bytes, how) one node's ranks need in host memory at their peak (loading the base), or (None, why not).
+    Without a device_map transformers' from_pretrained builds the whole base in host memory in every rank,
+    then the backend moves it to the GPU. Under ZeRO-3 (a full-precision base) only rank 0 reads the values
+    (transformers' modeling_utils: the other ranks map the checkpoint to "meta") and DeepSpeed scatters them
+    into the GPUs' partitions: the base once per node (the job asks the same of every node), as stored or
+    loaded, whichever is larger."""
+    where = model_dir(cfg.model.name_or_path)
+    sizes = safetensors_sizes(where) if where is not None else None
+    if sizes is None:
+        return None, f"model.name_or_path '{cfg.model.name_or_path}': no *.safetensors locally or in the hub cache"
+    numel, stored = sizes
+    dtype = load_dtype(cfg, shape)
+    loaded = numel * DTYPE_BYTES[dtype]
+    g = shape.procs_per_node
+    rest = f"{g} x {PROCESS_HOST_BYTES // GIB} GiB per rank"
+    if shape.backend == "zero3" and cfg.model.quantization is None:
+        base = max(stored, loaded)
+        return base + g * PROCESS_HOST_BYTES, f"the base once, {base / GIB:.1f} GiB ({numel / 1e9:.2f}B parameters) + {rest}"
+    return g * (loaded + PROCESS_HOST_BYTES), (f"{g} x the base in {dtype}, {loaded / GIB:.1f} GiB ({numel / 1e9:.2f}B "
+                                              f"parameters) + {rest}")
+
+
+def node_cpus_per_gpu(partition: str | None) -> int | None:
+    """min over the partition's nodes of cores // GPUs, as `sinfo` reports them (%c CPUs, %G GRES such as
+    gpu:8 or gpu:h100:8(S:0-1)); the default partition (marked *) without --partition. None: no sinfo
+    here (not a login node), no answer, or no GPUs in the GRES."""
+    try:
+        res = subprocess.run(["sinfo", "-h", "-o", "%P %c %G"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        return None
+    ratios = []
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue
+        part, cpus, gres = parts
+        if (part.rstrip("*") != partition) if partition else not part.endswith("*"):
+            continue
+        gpus = sum(int(m) for m in re.findall(r"gpu(?::[\w.-]+)?:(\d+)", gres))
+        if gpus and cpus.rstrip("+").isdigit():
+            ratios.append(int(cpus.rstrip("+")) // gpus)
+    return max(1, min(ratios)) if ratios else None
+
+
+def parse_mem(text: str, flag: str) -> str:
+    """A SLURM memory size (digits, optional K/M/G/T; no unit = MB), returned as given."""
+    if not re.fullmatch(r"\d+[KMGT]?", text.strip(), flags=re.I):
+        raise ValueError(f"{flag} {text!r}: give a size such as 64G (or none)")
+    return text.strip()
+
+
+def _user_sets(sbatch_args, options) -> str | None:
+    """The first --sbatch-arg that sets one of `options`."""
+    return next((a for a in sbatch_args if a.strip() and a.split("=")[0].split()[0] in options), None)
+
+
+def resources(cfg, shape: Shape, *, cpus_per_task: str | None = None, cpus_per_gpu: int | None = None,
+              mem: str | None = None, mem_per_gpu: str | None = None, partition: str | None = None,
+              sbatch_args=()) -> tuple[dict, list[str]]:
+    """The job's CPU and memory requests ({"cpus_per_task": int|None, "mem": str|None, "mem_per_gpu":
+    str|None}) and the notes saying where each came from. ValueError (one line, the flag and the fix):
+    a GPU job that would ask for no CPUs or no memory without the user saying so."""
+    req, notes = {"cpus_per_task": None, "mem": None, "mem_per_gpu": None}, []
+    if mem is not None and mem_per_gpu is not None:
+        raise ValueError("--mem and --mem-per-gpu both given; fix: keep one (--mem is per node)")
+    g = shape.procs_per_node
+    # CPUs
+    given = _user_sets(sbatch_args, USER_CPUS)
+    if given:
+        raise ValueError(f"--sbatch-arg={given}: it would not reach the srun line; fix: --cpus-per-task N "
+                         "(or --cpus-per-gpu N) of distlora slurm instead")
+    if cpus_per_task == "none":
+        notes.append("CPUs: left to the cluster (--cpus-per-task none)")
+    elif cpus_per_task is not None:
+        if not cpus_per_task.isdigit():
+            raise ValueError(f"--cpus-per-task {cpus_per_task!r}: give a number (or none)")
+        req["cpus_per_task"] = int(cpus_per_task)
+        if req["cpus_per_task"] < 1:
+            raise ValueError(f"--cpus-per-task {cpus_per_task}: the job would ask for no CPUs; fix: --cpus-per-task "
+                             f"{g * (cpus_per_gpu or DEFAULT_CPUS_PER_GPU)}, or none to leave it to the cluster")
+    elif shape.cpu:
+        req["cpus_per_task"] = g  # one core per CPU process
+    else:
+        per, how = cpus_per_gpu, "--cpus-per-gpu"
+        if per is None:
+            per, how = node_cpus_per_gpu(partition), "the partition's cores per GPU (sinfo)"
+        if per is None:
+            per, how = DEFAULT_CPUS_PER_GPU, "default: node cores unknown here, --cpus-per-gpu to change"
+        if per < 1:
+            raise ValueError(f"--cpus-per-gpu {per}: the job would ask for no CPUs; fix: --cpus-per-gpu "
+                             f"{DEFAULT_CPUS_PER_GPU} (or more)")
+        req["cpus_per_task"] = g * per
+        notes.append(f"CPUs: {g} x {per} per GPU ({how})")
+    # memory
+    if mem == "none" or _user_sets(sbatch_args, USER_MEM):
+        notes.append("memory: left to the cluster, or as --sbatch-arg sets it")
+    elif mem is not None:
+        req["mem"] = parse_mem(mem, "--mem")
+    elif mem_per_gpu is not None:
+        if shape.cpu:
+            raise ValueError("--mem-per-gpu with --cpu: a CPU job has no GPUs; fix: --mem (per node)")
+        req["mem_per_gpu"] = parse_mem(mem_per_gpu, "--mem-per-gpu")
+    elif not shape.cpu:
+        need, how = host_bytes_per_node(cfg, shape)
+        if need is None:
+            raise ValueError(f"--mem: the job would ask for no memory, its size is unknown ({how}); fix: --mem SIZE "
+                             "(per node), --mem-per-gpu SIZE, or --mem none for the cluster's default")
+        req["mem"] = f"{math.ceil(need / GIB)}G"
+        notes.append(f"memory: {req['mem']} per node = {how}")
+    return req, notes
+
+
 def render(shape: Shape, *, run_config: Path, output_dir: Path, accelerate_config: Path, time: str,
            job_name: str = "distlora", partition: str | None = None, account: str | None = None,
-           cpus_per_task: int | None = None, mem: str | None = None, sbatch_args=(), signal_secs: int | None = None,
+           cpus_per_task: int | None = None, mem: str | None = None, mem_per_gpu: str | None = None,
+           sbatch_args=(), signal_secs: int | None = None,
            main_port: int | None = None, overrides=(), workdir: Path | None = None, python: str | None = None,
            generator_args: str = "") -> str:
     seconds = parse_time(time)
@@ -53,7 +255,7 @@ def render(shape: Shape, *, run_config: Path, output_dir: Path, accelerate_confi
         signal_secs = min(300, max(seconds // 10, 30))
     if signal_secs >= seconds:
         raise ValueError(f"--signal-secs {signal_secs} must be shorter than --time {time} ({seconds} s)")
-    cpus = cpus_per_task or (shape.procs_per_node if shape.cpu else None)
+    cpus = cpus_per_task  # resources(): derived, given, or None (left to the cluster)
     sb_res, srun_res = [], []
     if not shape.cpu:
         sb_res.append(f"#SBATCH --gpus-per-node={shape.procs_per_node}")
@@ -61,9 +263,12 @@ def render(shape: Shape, *, run_config: Path, output_dir: Path, accelerate_confi
     if cpus:
         sb_res.append(f"#SBATCH --cpus-per-task={cpus}")
         srun_res.append(f"--cpus-per-task={cpus}")  # srun does not inherit it from sbatch (SLURM >= 22.05)
+    if mem:
+        sb_res.append(f"#SBATCH --mem={mem}")
+    if mem_per_gpu:
+        sb_res.append(f"#SBATCH --mem-per-gpu={mem_per_gpu}")
     extra = [f"#SBATCH --partition={partition}"] if partition else []
     extra += [f"#SBATCH --account={account}"] if account else []
-    extra += [f"#SBATCH --mem={mem}"] if mem else []
     extra += [f"#SBATCH {a}" for a in sbatch_args]
     for line in sb_res + extra:
         if "$" in line or "`" in line:
@@ -123,8 +328,17 @@ def main(argv=None) -> int:
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--job-name", default="distlora")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node task (default: --processes-per-node with --cpu)")
-    p.add_argument("--mem", default=None, help="#SBATCH --mem, e.g. 200G")
+    p.add_argument("--cpus-per-task", default=None,
+                   help="CPUs of each node's task, all its ranks together, or none (the cluster's default); default: "
+                        "GPUs x CPUs per GPU, or --processes-per-node with --cpu")
+    p.add_argument("--cpus-per-gpu", type=int, default=None,
+                   help=f"CPUs per GPU rank (default: the partition's cores / GPUs per node from sinfo, else "
+                        f"{DEFAULT_CPUS_PER_GPU})")
+    mem = p.add_mutually_exclusive_group()
+    mem.add_argument("--mem", default=None,
+                     help="memory per node, e.g. 200G, or none (the cluster's default); default for GPU jobs: GPUs x "
+                          "(the base weights in their load dtype + 4 GiB), from the model's safetensors")
+    mem.add_argument("--mem-per-gpu", default=None, help="memory per GPU instead of per node, e.g. 40G")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH option, e.g. --qos=high (repeatable)")
     p.add_argument("--signal-secs", type=int, default=None,
                    help="send USR1 this many seconds before the time limit (default min(300, time/10))")
@@ -144,14 +358,19 @@ def main(argv=None) -> int:
         return 2
     gen = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
     try:  # everything rendered before anything is written: a refused render leaves the directory as it was
+        req, notes = resources(cfg, shape, cpus_per_task=args.cpus_per_task, cpus_per_gpu=args.cpus_per_gpu,
+                               mem=args.mem, mem_per_gpu=args.mem_per_gpu, partition=args.partition,
+                               sbatch_args=args.sbatch_arg)
         text = render(shape, run_config=Path(args.config).resolve(), output_dir=output_dir, accelerate_config=acc,
                       time=args.time, job_name=args.job_name, partition=args.partition, account=args.account,
-                      cpus_per_task=args.cpus_per_task, mem=args.mem, sbatch_args=args.sbatch_arg,
+                      **req, sbatch_args=args.sbatch_arg,
                       signal_secs=args.signal_secs, main_port=args.main_port, overrides=args.overrides,
                       generator_args=gen)
     except ValueError as err:
         print(f"distlora slurm: {err}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"distlora slurm: {note}", file=sys.stderr)
     script.parent.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
     kept = [k for k in (_write_keeping(acc, render_accelerate_yaml(shape, str(acc), args.main_port)),

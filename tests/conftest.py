@@ -25,6 +25,34 @@ def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", help="run tests marked gpu (needs CUDA)")
 
 
+def pytest_configure(config):
+    """The CPU suite on a GPU host: without --gpu, no process of the session sees a CUDA device, so the
+    defaults that follow CUDA (train.mixed_precision auto -> bf16, Accelerator(cpu=...), nccl vs gloo,
+    the preflight's GPU count) are the CPU ones the tests' tolerances and messages were written for.
+    Set before any test module imports torch: CUDA reads the variable when it first initializes, and
+    every process the tests start inherits it."""
+    if not config.getoption("--gpu"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu_test(request, monkeypatch):
+    """With --gpu, a test not marked gpu still runs on CPU: its subprocesses see no CUDA device, and in
+    this process (where a GPU test may already have initialized CUDA) torch.cuda.is_available() says
+    False, which is what distlora's device choices read."""
+    if request.config.getoption("--gpu") and "gpu" not in request.node.keywords:
+        pin_cpu(monkeypatch)
+    yield
+
+
+def pin_cpu(monkeypatch) -> None:
+    """This test on CPU on a CUDA host: no CUDA device for the processes it starts nor for this one."""
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--gpu"):
         return

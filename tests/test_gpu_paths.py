@@ -1,16 +1,23 @@
-"""GPU paths: FSDP2 on GPUs and the liger fused loss. FSDP2 is distlora's own fully_shard, the same class
-on CPU and GPU, proven on CPU in tests/test_backends.py; here an accelerate FSDP config is shown to
-select it, and opt-in tests (`pytest --gpu`) train on CUDA and compare. liger's refusals on CPU:
-tests/test_config.py, tests/test_loss.py. QLoRA runs on CPU too: tests/test_qlora.py.
+"""GPU paths: the backends, save + resume, bf16 and the liger fused loss on CUDA. FSDP2 is distlora's own
+fully_shard, the same class on CPU and GPU, proven on CPU in tests/test_backends.py; here an accelerate
+FSDP config is shown to select it, and opt-in tests (`pytest --gpu tests/test_gpu_paths.py`) train on
+CUDA and compare. One GPU is enough for all but test_fsdp2_matches_ddp_on_2_gpus: FSDP2 (a group of
+one), ZeRO-2 and ZeRO-3 (accelerate launch's torchrun with one process) against the single-process
+run, each resumed from its own checkpoint, and bf16. liger's refusals on CPU: tests/test_config.py,
+tests/test_loss.py. QLoRA runs on CPU too: tests/test_qlora.py.
 """
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT, base_config, launch, load_adapter, max_abs_diff, read_metrics, run_inprocess, write_config
 
+BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits: two roundings of one value may differ by 2^-7 relative
 ACCELERATE_FSDP = """compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
 num_machines: 1
@@ -29,6 +36,33 @@ def test_an_accelerate_fsdp_config_runs_our_fsdp2(tiny, tmp_path):
     import json
 
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["backend"] == "fsdp2"
+
+
+def test_cpu_tests_are_pinned_to_cpu_on_a_cuda_host(tiny, tmp_path, monkeypatch):
+    """A CUDA host simulated (torch.cuda says a bf16 GPU is there): the defaults the CPU tests were written
+    for flip to the GPU ones (mixed precision auto -> bf16, Accelerator(cpu=False)); conftest's pin
+    (what a test not marked gpu gets under --gpu) brings back the CPU ones, and the processes a test starts
+    see no CUDA device. Without --gpu, conftest hides CUDA from the whole session the same way."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import pin_cpu
+    from distlora import config as C
+    from distlora.backends.base import Backend
+
+    # conftest's session pin (or, under --gpu, its per-test one) reaches this process and its children
+    child = subprocess.run([sys.executable, "-c", "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"],
+                           capture_output=True, text=True, env=os.environ, check=True)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and child.stdout.strip() == "''", child.stdout
+    cfg = C.load(write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "out", train={"mixed_precision": "auto"})))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = Backend(cfg)
+    assert (gpu.mixed_precision, gpu.accelerator_kwargs()) == ("bf16", {"cpu": False})
+    pin_cpu(monkeypatch)
+    cpu = Backend(cfg)
+    assert (cpu.mixed_precision, cpu.accelerator_kwargs()) == ("no", {"cpu": True})
 
 
 # ------------------------------------------------------------------------------ GPU (opt in: --gpu)
@@ -52,6 +86,134 @@ def test_fsdp2_matches_ddp_on_2_gpus(tiny, tmp_path):
     assert max(abs(a - b) for a, b in zip(la, lb)) < 1e-4
 
 
+# ------------------------------------------------------------------------------ one GPU: backends, resume, bf16
+# Every run: the tiny model, 6 optimizer steps of micro 4 x accumulation 2 (the window sums over micro
+# batches, so a wrong 1/accumulation shows), a checkpoint at step 3, dropout 0, same seed and data, on
+# one GPU through `accelerate launch` with the accelerate config `distlora launch` writes for the shape.
+# fp32 tolerance 1e-5 (absolute on adapter entries of size ~1e-2, relative on losses and gradient norms):
+# the runs differ in summation order only (DeepSpeed's flat gradient buffers, FSDP2's sharded parameters,
+# sdpa's memory-efficient backward accumulating with atomics on CUDA), ~1e-7 relative per step in fp32 and
+# 3.5e-8 measured between ZeRO-3 and DDP on CPU (tests/test_backends.py); the CPU suite's one-process FSDP2
+# bound is the same 1e-5. A lost optimizer state, a restarted lr schedule or a doubled 1/accumulation moves
+# the adapter by ~lr (1e-2) per step, three orders above it.
+STEPS, SAVE = 6, 3
+FP32_TOL = 1e-5
+
+
+def _needs_cuda(backend: str = "single"):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if backend.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="ZeRO needs deepspeed: pip install 'distlora[deepspeed]'")
+
+
+def _one_gpu_launch(tiny, tmp, backend: str, precision: str, *overrides: str, out=None) -> tuple[Path, str]:
+    """One process on one GPU: the accelerate config for that shape (distlora.launch writes it, as
+    `distlora launch --gpus-per-node 1 --backend B` would), fsdp2 chosen by the run config."""
+    from distlora.launch import Shape, render_accelerate_yaml
+
+    out = out or tmp / "out"
+    acc = tmp / "accelerate.yaml"
+    shape = Shape(1, 1, "ddp" if backend == "single" else backend, cpu=False)  # ddp on one GPU: no wrapper
+    acc.write_text(render_accelerate_yaml(shape, str(acc)))
+    bf16 = precision == "bf16"
+    raw = base_config(tiny, out, model={"dtype": "auto" if bf16 else "float32"},
+                      train={"micro_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": STEPS,
+                             "save_every": SAVE, "keep_last": None, "log_every": 1,
+                             "mixed_precision": "auto" if bf16 else "no"})  # auto: bf16 on a GPU that has it
+    cfg = write_config(tmp / "run.yaml", raw)
+    res = launch(1, cfg, *shape.run_overrides(), *overrides, config_file=acc, timeout=900)
+    return out, res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def one_gpu(tiny, tmp_path_factory):
+    """(backend, precision) -> output dir of that one-GPU run, launched once per module on first use."""
+    runs: dict = {}
+
+    def get(backend: str, precision: str = "fp32") -> Path:
+        _needs_cuda(backend)
+        if (backend, precision) not in runs:
+            tmp = tmp_path_factory.mktemp(f"{backend}-{precision}")
+            runs[backend, precision] = _one_gpu_launch(tiny, tmp, backend, precision)[0]
+        return runs[backend, precision]
+
+    return get
+
+
+def _info(out: Path) -> dict:
+    import json
+
+    return json.loads((out / "run_info.json").read_text())
+
+
+def _series(out: Path, key: str) -> list[float]:
+    return [r[key] for r in read_metrics(out) if key in r]
+
+
+def _rel_to(a: float, b: float) -> float:
+    """|a - b| relative to b, for two numbers (_rel below compares tensors)."""
+    return abs(a - b) / abs(b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["fsdp2", "zero2", "zero3"])
+def test_backend_on_one_gpu_matches_single(one_gpu, backend):
+    ref, out = one_gpu("single"), one_gpu(backend)
+    info = _info(out)
+    assert info["backend"] == backend and info["world_size"] == 1 and info["device"] != "cpu", info
+    assert _info(ref)["backend"] == "single" and info["mixed_precision"] == "no"
+    assert max_abs_diff(load_adapter(ref / "adapter"), load_adapter(out / "adapter")) < FP32_TOL
+    for key in ("loss", "grad_norm"):
+        a, b = _series(out, key), _series(ref, key)
+        assert len(a) == len(b) == STEPS and max(_rel_to(x, y) for x, y in zip(a, b)) < FP32_TOL, (key, a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["single", "fsdp2", "zero3"])
+def test_resume_on_one_gpu_equals_uninterrupted(one_gpu, tiny, tmp_path, backend):
+    """The step-3 checkpoint of the uninterrupted run, copied into a fresh output dir and resumed: the
+    same adapter and the same losses for steps 4-6 (FP32_TOL: the backward's atomics on CUDA; on CPU
+    the resume is bitwise, tests/test_training.py)."""
+    import shutil
+
+    full = one_gpu(backend)
+    ckpt = full / "checkpoints" / f"step-{SAVE:08d}"
+    assert ckpt.is_dir(), sorted(p.name for p in (full / "checkpoints").iterdir())
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+    _, log = _one_gpu_launch(tiny, tmp_path, backend, "fp32", out=out)
+    assert f"resumed from {out / 'checkpoints' / ckpt.name} at step {SAVE}" in log, log[-3000:]
+    assert max_abs_diff(load_adapter(full / "adapter"), load_adapter(out / "adapter")) < FP32_TOL
+    a, b = _series(out, "loss"), _series(full, "loss")[SAVE:]
+    assert len(a) == len(b) == STEPS - SAVE and max(_rel_to(x, y) for x, y in zip(a, b)) < FP32_TOL, (a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["single", "fsdp2", "zero3"])
+def test_bf16_on_one_gpu(one_gpu, backend):
+    """train.mixed_precision auto picks bf16 on the GPU, the base loads in bf16, and training runs finite.
+    Step 1 (before any update; lora_B starts at 0, so the adapters add nothing yet) against fp32: the loss
+    and gradient norm differ (bf16 really ran) by no more than twice the single-process bf16 run's own
+    error against fp32, and never less than one bf16 ulp (2^-7 relative: two roundings of one value may
+    differ by that). The backends differ only where they round (autocast around a bf16 base vs DeepSpeed's
+    bf16 module); a wrong loss or gradient scale is off by a factor, not by ulps."""
+    ref32, ref16, out = one_gpu("single"), one_gpu("single", "bf16"), one_gpu(backend, "bf16")
+    info = _info(out)
+    assert info["mixed_precision"] == "bf16" and info["backend"] == backend and info["device"] != "cpu", info
+    for key in ("loss", "grad_norm"):
+        series = _series(out, key)
+        assert len(series) == STEPS and all(math.isfinite(v) for v in series), (key, series)
+        x, x16, x32 = series[0], _series(ref16, key)[0], _series(ref32, key)[0]
+        assert x16 != x32, (key, x16, "bf16 step 1 equals fp32 exactly: bf16 did not run")
+        bound = max(BF16_ULP, 2 * _rel_to(x16, x32))
+        assert _rel_to(x, x32) <= bound, (key, x, x32, bound)
+    # the run trains: its last two steps' mean loss is below its first two's (lr 1e-2, 6 steps)
+    loss = _series(out, "loss")
+    assert sum(loss[-2:]) < sum(loss[:2]), loss
+
+
 # ------------------------------------------------------------------------------ liger fused loss (GPU, opt in: --gpu)
 # train.loss_impl=liger against distlora's chunked loss on the same model and batch.
 # Tolerances. fp32: the two differ only in summation order (cuBLAS tiling of the lm_head matmul, triton's
@@ -66,8 +228,6 @@ def test_fsdp2_matches_ddp_on_2_gpus(tiny, tmp_path):
 # |fused - chunked| <= |fused - exact| + |chunked - exact|: the bound is twice our own bf16 error, measured
 # here as the chunked loss in bf16 vs the same weights in fp32 (the fused kernel may not be less accurate
 # than ours), and never below one bf16 ulp (2^-7 relative: two roundings of one value may differ by that).
-BF16_ULP = 2.0**-7
-
 
 def _has_liger() -> bool:
     import importlib.util

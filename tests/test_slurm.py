@@ -27,7 +27,7 @@ import torch
 
 from conftest import ROOT, base_config, launch, load_adapter, max_abs_diff, write_config
 
-pytestmark = pytest.mark.slow  # ~4-5 min in all on 2 cores
+slow = pytest.mark.slow  # the rendered-script checks and the real jobs: ~4-5 min in all on 2 cores
 
 CLUSTER = ROOT / "scripts" / "slurm_local_cluster.sh"
 SLURM_ROOT = os.environ.get("DISTLORA_SLURM_ROOT", "/tmp/distlora-slurm")
@@ -127,6 +127,7 @@ def _shellcheck() -> str | None:
     return None
 
 
+@slow
 @pytest.mark.parametrize("shape", [
     ["--nodes", "1", "--processes-per-node", "2", "--cpu"],
     ["--nodes", "2", "--processes-per-node", "1", "--cpu"],
@@ -150,6 +151,7 @@ def test_generated_scripts_pass_bash_n_and_shellcheck(tiny, tmp_path, shape):
     _bash_n_and_shellcheck(script)
 
 
+@slow
 def test_cluster_script_passes_shellcheck():
     _bash_n_and_shellcheck(CLUSTER)
 
@@ -167,14 +169,17 @@ def _bash_n_and_shellcheck(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- real jobs
 
 
-@pytest.mark.parametrize("shape", [["--nodes", "1", "--processes-per-node", "2"], ["--nodes", "2", "--processes-per-node", "1"]],
-                         ids=["1node-x2", "2nodes-x1"])
+@slow
+@pytest.mark.parametrize("shape", [["--nodes", "1", "--processes-per-node", "2", "--mem", "2G"],
+                                   ["--nodes", "2", "--processes-per-node", "1"]], ids=["1node-x2", "2nodes-x1"])
 def test_sbatch_completes_and_equals_plain_run(slurm, tiny, reference, tmp_path, shape):
     script = render(cfg_for(tiny, tmp_path), *shape, "--cpu", "--time", "00:15:00")
     job = sbatch(script, job_env(slurm))
     info = wait_job(job, slurm)
     log = log_of(tmp_path / "out", job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-4000:]
+    # the CPUs (one per process) and memory the script asked for are what SLURM allocated
+    assert info["NumCPUs"] == "2" and (info["MinMemoryNode"] == "2G" or "--mem" not in shape), info
     assert "distlora: preflight ok" in log and "distlora: 2 process(es), backend ddp" in log
     assert_same_adapter(reference, tmp_path / "out" / "adapter")
 
@@ -196,6 +201,7 @@ def _usr1_when(slurm, cfg: Path, out: Path, ready) -> tuple[str, dict, str]:
     return job, info, log_of(out, job)
 
 
+@slow
 def test_preemption_checkpoints_requeues_resumes_exactly(slurm, tiny, reference, tmp_path):
     """sbatch -> srun -> accelerate launch -> workers on 2 nodes; USR1 to the batch shell mid-run."""
     out = tmp_path / "out"
@@ -222,6 +228,7 @@ def test_preemption_checkpoints_requeues_resumes_exactly(slurm, tiny, reference,
     assert len(legs) == 2 and all(d.name.endswith("-" + run_id) for d in legs), legs
 
 
+@slow
 def test_stop_asked_before_the_trainer_started_is_not_lost(slurm, tiny, reference, tmp_path):
     """USR1 while the job is still starting (the trainer deletes a leftover STOP file once at start):
     the batch script touches STOP again every 0.2 s, so the run still stops, requeues and resumes.
@@ -242,6 +249,7 @@ def test_stop_asked_before_the_trainer_started_is_not_lost(slurm, tiny, referenc
     assert_same_adapter(reference, out / "adapter")
 
 
+@slow
 def test_failing_rank_ends_the_whole_job_promptly(slurm, tiny, tmp_path):
     out = tmp_path / "out"
     script = render(cfg_for(tiny, tmp_path), "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
@@ -264,6 +272,7 @@ def test_failing_rank_ends_the_whole_job_promptly(slurm, tiny, tmp_path):
     assert not (out / "adapter").exists()
 
 
+@slow
 def test_preflight_in_the_job_refuses_a_wrong_allocation(slurm, tiny, tmp_path):
     """The 2-node script submitted on 1 node: the job's preflight names the problem and the fix."""
     script = render(cfg_for(tiny, tmp_path), "--nodes", "2", "--processes-per-node", "1", "--cpu", "--time", "00:15:00")
@@ -273,3 +282,167 @@ def test_preflight_in_the_job_refuses_a_wrong_allocation(slurm, tiny, tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("3:"), (info, log[-3000:])
     assert f"SLURM job {job} has 1 node(s) but the launch asks for 2; fix: --nodes 1" in log
     assert "nothing launched" in log and "MULTI_CPU" not in log
+
+
+# ---------------------------------------------------------------------------------------------- resources
+# Fast (no cluster): `distlora slurm` in this process. The model is a directory whose safetensors header
+# alone says how big the base is (3 x 2^30 fp32 elements: 12 GiB stored, 6 GiB in bf16); nothing reads
+# the tensor data, so the file holds the header only.
+NUMEL = 3 * 2**30
+GIB = 2**30
+
+
+def _fake_model(tmp: Path) -> Path:
+    import json
+    import struct
+
+    d = tmp / "model"
+    d.mkdir()
+    header = {f"w{i}": {"dtype": "F32", "shape": [2**15, 2**15], "data_offsets": [i * 2**32, (i + 1) * 2**32]}
+              for i in range(3)}
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def _gpu_cfg(tiny: Path, tmp: Path, **model) -> Path:
+    tmp.mkdir(exist_ok=True)
+    raw = base_config(tiny, tmp / "out")
+    raw["model"] = {"name_or_path": str(_fake_model(tmp)), **model}
+    raw["train"]["mixed_precision"] = "auto"
+    return write_config(tmp / "run.yaml", raw)
+
+
+def _slurm_main(cfg: Path, *args: str, capsys, sinfo: str | None = None, monkeypatch, tmp: Path):
+    """(exit code, script text or None, stderr). `sinfo`: what a fake `sinfo` on PATH prints (None: a
+    failing one, as on a machine that is not a SLURM login node)."""
+    from distlora.slurm import main
+
+    bindir = tmp / "bin"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "sinfo"
+    fake.write_text("#!/bin/sh\n" + (f"cat <<'X'\n{sinfo}\nX\n" if sinfo is not None else "exit 1\n"))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    try:
+        rc = main(["--config", str(cfg), "--time", "02:00:00", *args])
+    except SystemExit as exc:  # argparse's own refusals
+        rc = exc.code
+    err = capsys.readouterr().err
+    script = tmp / "out" / "launch" / "job.sbatch"
+    return rc, (script.read_text() if script.is_file() else None), err
+
+
+def _sbatch(text: str, option: str) -> list[str]:
+    return [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith(f"#SBATCH {option}=")]
+
+
+@pytest.mark.parametrize("backend,dtype,mem", [
+    ("ddp", None, 8 * (6 + 4)),  # each rank: the base in bf16 (auto under bf16 training: 2 B x 3 x 2^30) + 4 GiB
+    ("ddp", "float32", 8 * (12 + 4)),  # model.dtype float32: 4 B per element
+    ("zero3", None, 12 + 8 * 4),  # rank 0 alone reads the base, as stored (fp32, larger than bf16) + 8 x 4 GiB
+], ids=["ddp-bf16", "ddp-fp32", "zero3"])
+def test_gpu_job_asks_for_cpus_and_memory_from_the_shape(tiny, tmp_path, capsys, monkeypatch, backend, dtype, mem):
+    cfg = _gpu_cfg(tiny, tmp_path, **({"dtype": dtype} if dtype else {}))
+    rc, text, err = _slurm_main(cfg, "--nodes", "2", "--gpus-per-node", "8", "--backend", backend,
+                                capsys=capsys, monkeypatch=monkeypatch, tmp=tmp_path)
+    assert rc == 0, err
+    assert _sbatch(text, "--cpus-per-task") == ["64"]  # 8 GPUs x DEFAULT_CPUS_PER_GPU (8): no sinfo answer here
+    assert _sbatch(text, "--mem") == [f"{mem}G"] and not _sbatch(text, "--mem-per-gpu")
+    srun = [ln for ln in text.splitlines() if ln.startswith("srun ")]
+    assert len(srun) == 1 and "--cpus-per-task=64" in srun[0]  # srun does not inherit it (SLURM >= 22.05)
+    assert f"memory: {mem}G per node" in err and "CPUs: 8 x 8 per GPU" in err
+    # node-local compiler caches, set unless the user exported them; the network and hub variables explained
+    for var in ("TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert f'export {var}="${{{var}:-$NODE_CACHE/' in text, var
+    comments = "\n".join(ln for ln in text.splitlines() if ln.startswith("#   "))  # the examples in the comments
+    for var in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_DEBUG", "HF_HUB_OFFLINE", "HF_HOME"):
+        assert f"{var}=" in comments, var
+    _bash_n_and_shellcheck(tmp_path / "out" / "launch" / "job.sbatch")
+
+
+def test_cpus_per_gpu_from_the_partitions_nodes(tiny, tmp_path, capsys, monkeypatch):
+    """sinfo's view of the partition: the smallest cores / GPUs over its node types (a 4-GPU node with
+    40 cores: 10 per GPU, under the 8-GPU nodes' 12); the default partition (*) without --partition."""
+    cfg = _gpu_cfg(tiny, tmp_path)
+    sinfo = "gpu* 96 gpu:h100:8(S:0-1)\ngpu* 40 gpu:4\nsmall 16 gpu:a100:2\ncpu 128 (null)"
+    rc, text, err = _slurm_main(cfg, "--gpus-per-node", "4", capsys=capsys, sinfo=sinfo, monkeypatch=monkeypatch,
+                                tmp=tmp_path)
+    assert rc == 0 and _sbatch(text, "--cpus-per-task") == [str(4 * 10)], err
+    rc, text, err = _slurm_main(cfg, "--gpus-per-node", "2", "--partition", "small", capsys=capsys, sinfo=sinfo,
+                                monkeypatch=monkeypatch, tmp=tmp_path)
+    assert rc == 0 and _sbatch(text, "--cpus-per-task") == [str(2 * 8)] and "(sinfo)" in err, err
+
+
+@pytest.mark.parametrize("args,cpus,mem,mem_per_gpu", [
+    (["--cpus-per-task", "20"], ["20"], ["80G"], []),
+    (["--cpus-per-gpu", "3"], ["24"], ["80G"], []),
+    (["--mem", "500G"], ["64"], ["500G"], []),
+    (["--mem-per-gpu", "40G"], ["64"], [], ["40G"]),
+    (["--mem", "0"], ["64"], ["0"], []),  # SLURM: all of the node's memory
+    (["--cpus-per-task", "none", "--mem", "none"], [], [], []),
+    (["--sbatch-arg=--exclusive"], ["64"], ["80G"], []),  # all the node's CPUs, but only the memory asked for
+    (["--sbatch-arg=--mem-per-cpu=4G"], ["64"], [], []),  # memory given another way: srun's step inherits it
+], ids=["cpus", "cpus-per-gpu", "mem", "mem-per-gpu", "mem-0", "none", "exclusive", "sbatch-args"])
+def test_cpu_and_memory_overrides(tiny, tmp_path, capsys, monkeypatch, args, cpus, mem, mem_per_gpu):
+    rc, text, err = _slurm_main(_gpu_cfg(tiny, tmp_path), "--gpus-per-node", "8", *args, capsys=capsys,
+                                monkeypatch=monkeypatch, tmp=tmp_path)
+    assert rc == 0, err
+    assert (_sbatch(text, "--cpus-per-task"), _sbatch(text, "--mem"), _sbatch(text, "--mem-per-gpu")) == \
+        (cpus, mem, mem_per_gpu)
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], ("--mem: the job would ask for no memory, its size is unknown (model.name_or_path 'org/absent-model': "
+          "no *.safetensors locally or in the hub cache); fix: --mem SIZE (per node), --mem-per-gpu SIZE, or --mem none "
+          "for the cluster's default")),
+    (["--mem", "64G", "--cpus-per-task", "0"], "--cpus-per-task 0: the job would ask for no CPUs; fix: --cpus-per-task 64"),
+    (["--mem", "64G", "--cpus-per-gpu", "0"], "--cpus-per-gpu 0: the job would ask for no CPUs; fix: --cpus-per-gpu 8"),
+    (["--mem", "lots"], "--mem 'lots': give a size such as 64G (or none)"),
+    (["--mem", "64G", "--sbatch-arg=--cpus-per-task=6"],
+     "--sbatch-arg=--cpus-per-task=6: it would not reach the srun line; fix: --cpus-per-task N"),
+], ids=["no-memory", "no-cpus", "no-cpus-per-gpu", "bad-size", "cpus-as-sbatch-arg"])
+def test_a_gpu_job_asking_for_no_cpus_or_memory_is_refused(tiny, tmp_path, capsys, monkeypatch, args, needle):
+    """A hub model that is not in the cache (HF_HUB_CACHE empty) has no size here: without --mem the
+    job would ask for none. One line naming the flag and the fix, exit 2, nothing written."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at call time
+    cfg = _gpu_cfg(tiny, tmp_path)
+    rc, text, err = _slurm_main(cfg, "--gpus-per-node", "8", "model.name_or_path=org/absent-model", *args,
+                                capsys=capsys, monkeypatch=monkeypatch, tmp=tmp_path)
+    lines = [ln for ln in err.splitlines() if ln.startswith("distlora slurm:")]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"distlora slurm: {needle}"), err
+    assert text is None and not (tmp_path / "out").exists()
+    # said on purpose: the same job renders, leaving memory to the cluster
+    rc, text, err = _slurm_main(cfg, "--gpus-per-node", "8", "model.name_or_path=org/absent-model", "--mem", "none",
+                                capsys=capsys, monkeypatch=monkeypatch, tmp=tmp_path)
+    assert rc == 0 and not _sbatch(text, "--mem") and _sbatch(text, "--cpus-per-task") == ["64"], err
+
+
+def test_memory_of_a_hub_model_from_the_cache(tiny, tmp_path, capsys, monkeypatch):
+    """A hub id is sized from its snapshot in the hub cache (as `hf download` leaves it), nothing downloaded."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--org--cached-model" / "snapshots" / ("a" * 40)
+    snap.parent.mkdir(parents=True)
+    _fake_model(tmp_path).rename(snap)
+    (cache / "models--org--cached-model" / "refs").mkdir()
+    (cache / "models--org--cached-model" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    cfg = _gpu_cfg(tiny, tmp_path / "c")
+    rc, text, err = _slurm_main(cfg, "--gpus-per-node", "2", "model.name_or_path=org/cached-model", capsys=capsys,
+                                monkeypatch=monkeypatch, tmp=tmp_path / "c")
+    assert rc == 0 and _sbatch(text, "--mem") == [f"{2 * (6 + 4)}G"], err  # 2 x (bf16 base + 4 GiB)
+
+
+def test_cpu_job_asks_one_cpu_per_process_and_leaves_memory(tiny, tmp_path, capsys, monkeypatch):
+    """--cpu (tests, CPU clusters) as before: one core per process, memory left to the cluster (the
+    local test cluster's nodes have ~10 GB)."""
+    rc, text, err = _slurm_main(cfg_for(tiny, tmp_path), "--cpu", "--processes-per-node", "2", capsys=capsys,
+                                monkeypatch=monkeypatch, tmp=tmp_path)
+    assert rc == 0 and _sbatch(text, "--cpus-per-task") == ["2"] and not _sbatch(text, "--mem"), err
+    assert "--gpus-per-node" not in text
