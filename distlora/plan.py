@@ -305,12 +305,12 @@ class Memory:
         if self.fits is not False:
             return None
         p = self.plan
-        head = (f"the plan needs {self.need / GIB:,.1f} GiB per GPU ({p.backend} on {p.gpus}, micro batch "
+        head = (f"the plan needs {_size(self.need)} per GPU ({p.backend} on {p.gpus}, micro batch "
                 f"{p.micro_batch_size} x seq {p.seq_len}, gradient checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}, loss chunk {self.loss_chunk_size or 'off'}), "
-                f"over {USABLE_FRACTION:.0%} of the device's {self.device_bytes / GIB:,.1f} GiB")
-        fit = [f"{c} ({n / GIB:,.1f} GiB)" for c, n in self.fixes if n <= self.usable]
-        lower = [f"{c} ({n / GIB:,.1f} GiB)" for c, n in self.fixes if n > self.usable]
+                f"over {USABLE_FRACTION:.0%} of the device's {_size(self.device_bytes)}")
+        fit = [f"{c} ({_size(n)})" for c, n in self.fixes if n <= self.usable]
+        lower = [f"{c} ({_size(n)})" for c, n in self.fixes if n > self.usable]
         first = next((c for c, n in self.fixes if n <= self.usable), self.fixes[0][0] if self.fixes else "")
         field_name = first.split("=")[0].split(" ")[0].lstrip("-") or "train.micro_batch_size"
         if fit:
@@ -325,8 +325,8 @@ class Memory:
                 "usable_fraction": USABLE_FRACTION, "why": self.why}
 
     def line(self) -> str:
-        need = "" if self.need is None else f"; plan {self.need / GIB:,.2f} GiB per GPU"
-        dev = "" if self.device_bytes is None else f" of {self.device_bytes / GIB:,.1f} GiB"
+        need = "" if self.need is None else f"; plan {_size(self.need)} per GPU"
+        dev = "" if self.device_bytes is None else f" of {_size(self.device_bytes)}"
         return (f"distlora: memory: gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, loss "
                 f"chunk {self.loss_chunk_size or 'off'}{need}{dev}" + (f" ({'; '.join(self.why)})" if self.why else ""))
 
@@ -356,8 +356,8 @@ def resolve_memory(cfg, *, on_gpu: bool, gpus: int = 1, backend: str = "ddp", de
         gc = usable is not None and plan.total(False) > usable
         why.append(f"model.gradient_checkpointing auto -> {'on' if gc else 'off'}" + (
             " (device memory unknown: off)" if usable is None else
-            f" (without it the plan is {plan.total(False) / GIB:,.1f} GiB, {'over' if gc else 'within'} "
-            f"{USABLE_FRACTION:.0%} of {device_bytes / GIB:,.1f} GiB)"))
+            f" (without it the plan is {_size(plan.total(False))}, {'over' if gc else 'within'} "
+            f"{USABLE_FRACTION:.0%} of {_size(device_bytes)})"))
     mem = Memory(gc, chunk, device_bytes, plan, why)
     if mem.fits is False:
         mem.fixes = _fixes(cfg, mem, shape, gpu_bf16)
@@ -365,8 +365,9 @@ def resolve_memory(cfg, *, on_gpu: bool, gpus: int = 1, backend: str = "ddp", de
 
 
 def _fixes(cfg, mem: Memory, shape: ModelShape, gpu_bf16: bool) -> list[tuple[str, int]]:
-    """(change, plan total after it) for each single change that lowers the plan, smallest total
-    first; each is re-planned with `estimate`. A smaller micro batch (or token budget, or max_seq_len
+    """(change, plan total after it) for each single change that lowers the plan, each re-planned with
+    `estimate`, in the order to try them: those that leave the results alone (checkpointing, the chunked
+    loss), then the batch shape, the backend, and the 4-bit base, which changes the numerics. A smaller micro batch (or token budget, or max_seq_len
     at micro batch 1) is the largest that fits, else the smallest there is."""
     p, usable, t = mem.plan, mem.usable, cfg.train
     gc, chunk = mem.gradient_checkpointing, mem.loss_chunk_size
@@ -402,7 +403,11 @@ def _fixes(cfg, mem: Memory, shape: ModelShape, gpu_bf16: bool) -> list[tuple[st
 
         q = cfg.model.model_copy(update={"quantization": QuantizationConfig()})
         out.append(("model.quantization={bits: 4}", total(c=cfg.model_copy(update={"model": q}))))
-    return sorted((x for x in out if x[1] < mem.need), key=lambda x: x[1])
+    return [x for x in out if x[1] < mem.need]
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:,.1f} GiB" if n >= GIB else f"{n / MIB:,.1f} MiB"
 
 
 def nvidia_smi_memory() -> int | None:
