@@ -399,7 +399,7 @@ def _fixes(cfg, mem: Memory, shape: ModelShape, gpu_bf16: bool) -> list[tuple[st
                        sorted({max(cfg.data.max_seq_len, t.micro_batch_tokens >> k) for k in range(1, 16)}, reverse=True))
     elif t.micro_batch_size > 1:
         out += smaller("train", "micro_batch_size", range(t.micro_batch_size - 1, 0, -1))
-    elif cfg.data.max_seq_len > 256:
+    elif cfg.data.max_seq_len > 256:  # micro batch 1: shorter examples; below 256 tokens few examples survive
         out += smaller("data", "max_seq_len", [cfg.data.max_seq_len >> k for k in range(1, 16) if cfg.data.max_seq_len >> k >= 256])
     if p.gpus > 1 and p.backend in ("ddp", "zero2"):
         out.append(("--backend zero3", total(backend="zero3")))

@@ -127,7 +127,7 @@ def test_launch_and_plan_refuse_before_any_worker(cfg_path, tmp_path, capsys):
     assert launch.main(["--config", str(cfg_path), "--device-memory-gib", "0.000001"]) == 2
     err = capsys.readouterr().err
     refusal = [ln for ln in err.splitlines() if "the plan needs" in ln]
-    assert len(refusal) == 1 and refusal[0].startswith("distlora: train.") or refusal[0].startswith("distlora: model."), err
+    assert len(refusal) == 1 and refusal[0].startswith(("distlora: train.", "distlora: model.")), err
     assert "nothing launched" in err
     assert not (out / "launch").exists() and not (out / "logs").exists()  # no accelerate config, no worker log
     assert cli(["plan", "--config", str(cfg_path), "--gpus", "1", "--backend", "ddp", "--device-memory-gib", "0.000001"]) == 2
