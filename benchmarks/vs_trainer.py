@@ -156,6 +156,10 @@ def worker_distlora(cfg_dict: dict, result: Path, warmup: int) -> None:
     if os.environ.get("DISTLORA_BENCH_PROFILE"):
         cfg_dict["data"]["eval"] = None  # profile the training steps only, as for Trainer below
     cfg = config_mod.validate(cfg_dict)
+    from distlora import backends
+    from distlora.plan import resolve_for_training
+
+    resolve_for_training(cfg, backends.launched_backend(), backends.env_world_size())  # as distlora.train does
     _profiled(lambda: run(cfg), result)
     if int(os.environ.get("RANK", "0")) != 0:
         return

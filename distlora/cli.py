@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     pl.add_argument("--gpus", type=int, required=True, help="GPUs (data-parallel ranks)")
     pl.add_argument("--backend", choices=LAUNCH_BACKENDS, help="default: all of them")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument("--device-memory-gib", type=float, default=None,
+                    help="one GPU's memory in GiB: resolves the auto settings and checks the fit (train.device_memory_gib)")
     pl.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run config")
     pt = sub.add_parser("plot", help="write PNG charts (loss, lr, tokens/s, memory) from output_dir/metrics.jsonl")
     pt.add_argument("output_dir")

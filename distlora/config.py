@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,7 +69,9 @@ class ModelConfig(_Section):
     attn_implementation: Optional[str] = Field(
         None, description="eager | sdpa | flash_attention_2 ...; None lets transformers choose (packing: distlora/attention.py)."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant).")
+    gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Recompute activations in backward (non-reentrant); auto = on when a GPU run's plan does not fit without it (distlora plan), off on CPU."
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint's repository.")
     quantization: Optional[QuantizationConfig] = Field(
         None, description="QLoRA 4-bit base: {bits: 4, type: nf4, double_quant, compute_dtype, quant_storage}; None = none."
@@ -185,15 +187,18 @@ class TrainConfig(_Section):
     )
     seed: int = Field(42, description="Seeds LoRA init, data order and dropout.")
     nonfinite: Literal["skip", "abort"] = Field(
-        "skip", description="Non-finite loss (agreed across ranks before the update) or gradient: skip the step "
+        "skip", description="Non-finite loss (a NaN gradient every rank receives through the reduction) or gradient: skip the step "
         "(counted; the lr schedule still advances; an fp16 loss scale is lowered) or abort the run."
     )
     nonfinite_max_in_a_row: int = Field(3, gt=0, description="Abort after this many skipped steps in a row.")
     collective_timeout_s: int = Field(
         1800, gt=0, description="Seconds a rank waits in any collective (gloo, NCCL, DeepSpeed) before the job ends with a named error; covers rank 0's tokenizing, eval and saving."
     )
-    loss_chunk_size: int = Field(
-        0, ge=0, description="Compute lm_head + cross-entropy this many target tokens at a time (less logits memory); 0 = all at once."
+    loss_chunk_size: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
+        "auto", description="Compute lm_head + cross-entropy this many target tokens at a time (less logits memory); 0 = all at once; auto = 1024 on GPUs (0 with liger), 0 on CPU."
+    )
+    device_memory_gib: Optional[float] = Field(
+        None, gt=0, description="One GPU's memory in GiB for the auto settings and the fit check; None = what the GPU reports (nvidia-smi, torch)."
     )
     loss_impl: Literal["torch", "liger"] = Field(
         "torch", description="torch (plain or chunked, see loss_chunk_size); liger = liger-kernel's fused lm_head + CE (CUDA, distlora[liger])."
@@ -239,7 +244,7 @@ class RunConfig(_Section):
         """Hash of everything that shapes the training trajectory (not logging or cadence)."""
         d = self.to_dict()
         for k in ("output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "eval_at_start",
-                  "peak_tflops", "resume_weights_only"):
+                  "peak_tflops", "resume_weights_only", "device_memory_gib"):
             d["train"].pop(k, None)
         d.pop("log", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -293,7 +298,8 @@ def _field_path(loc: tuple) -> str:
     for p in loc:
         if isinstance(p, int):
             parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
-        elif p in ("str", "float", "list[DataSource]", "literal['all-linear']", "list[str]", "int", "none"):
+        elif p in ("str", "float", "list[DataSource]", "literal['all-linear']", "list[str]", "int", "none", "bool",
+                   "literal['auto']", "constrained-int"):
             continue  # union branch names pydantic adds
         else:
             parts.append(str(p))
@@ -443,7 +449,7 @@ def _check_liger(train: TrainConfig, check_device: bool) -> list[str]:
     import importlib.util
 
     problems = []
-    if train.loss_chunk_size:
+    if train.loss_chunk_size not in (0, "auto"):
         problems.append("train.loss_chunk_size: liger chooses its own chunks; set train.loss_chunk_size=0 "
                         "with train.loss_impl=liger (or train.loss_impl=torch to keep the chunk size)")
     missing = [m for m in ("liger_kernel", "triton") if importlib.util.find_spec(m) is None]

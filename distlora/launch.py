@@ -2,7 +2,7 @@
 
     distlora launch --config run.yaml --nodes N --gpus-per-node G --backend ddp|zero2|zero3|fsdp2
                     [--cpu] [--accelerate-config PATH] [--main-ip IP] [--main-port P] [--machine-rank R]
-                    [--dry-run] [--check] [dotted.key=value ...]
+                    [--dry-run] [--check] [--device-memory-gib G] [dotted.key=value ...]
 
 It writes an accelerate config YAML for that shape (the shipped configs/accelerate/single_gpu.yaml,
 multi_gpu.yaml and multi_node.yaml are its output, and a test keeps them so), then
@@ -11,6 +11,9 @@ multi_gpu.yaml and multi_node.yaml are its output, and a test keeps them so), th
 - several nodes: prints the command for each node (machine rank, main address and port, number of
   machines, static rendezvous); with --machine-rank and --main-ip it runs this node's command.
 
+Before any worker starts (and with --check), the run's plan (`distlora plan`, with its "auto" memory
+settings resolved by the trainer's own rule) is compared with one GPU's memory (nvidia-smi's, or
+--device-memory-gib): a run that does not fit is refused with the fixes that would fit (exit 2).
 `--check` runs only the preflight checks (world size vs allocation, output dir writable and shared by
 all nodes, free disk vs the expected checkpoints, main port free, backend files present) and names a
 fix for each problem. The run config owns precision, micro batch and accumulation: the accelerate
@@ -374,6 +377,22 @@ def data_file_problems(cfg) -> list[str]:
     return []
 
 
+def memory_check(cfg, shape: Shape, smi=None):
+    """(plan.Memory, a note): the run's "auto" memory settings resolved by the trainer's own rule
+    (distlora.plan.resolve_memory) and its plan against one GPU's memory: train.device_memory_gib, else
+    nvidia-smi's (no torch asked). CPU launches: nothing planned, as the CPU trainer plans nothing."""
+    from distlora import plan
+
+    dev = None
+    if not shape.cpu and cfg.train.device_memory_gib is None:
+        dev = (smi or plan.nvidia_smi_memory)()
+    mem = plan.resolve_memory(cfg, on_gpu=not shape.cpu, gpus=shape.world, backend=shape.backend, device_bytes=dev)
+    note = mem.line().removeprefix("distlora: ")
+    if not shape.cpu and mem.device_bytes is None:
+        note += "; the fit is not checked: no nvidia-smi here, give --device-memory-gib"
+    return mem, note
+
+
 def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = True, env=None) -> tuple[list[str], list[str]]:
     """(problems, notes). Each problem says what is wrong and how to fix it."""
     problems, notes = [], []
@@ -525,7 +544,11 @@ def main(argv=None) -> int:
     p.add_argument("--main-ip", default=None, help="several nodes: node 0's address")
     p.add_argument("--dry-run", action="store_true", help="write the accelerate config, print the command, run nothing")
     p.add_argument("--check", action="store_true", help="run the preflight checks only")
+    p.add_argument("--device-memory-gib", type=float, default=None,
+                   help="one GPU's memory in GiB (default: nvidia-smi's); passed on as train.device_memory_gib")
     args = p.parse_args(argv)
+    if args.device_memory_gib is not None:  # an override, so that the workers resolve with the same number
+        args.overrides = [*args.overrides, f"train.device_memory_gib={args.device_memory_gib}"]
     shape = shape_from_args(args)
     cfg = load_run_config(args, shape, check_model=args.check or not args.dry_run)  # --dry-run: no torch
     out = Path(cfg.train.output_dir)
@@ -542,6 +565,13 @@ def main(argv=None) -> int:
             print(f"distlora: {prob}", file=sys.stderr)
         if bad:
             print(f"distlora: {len(bad)} problem(s) with the run's inputs; nothing launched", file=sys.stderr)
+            return 2
+        mem, note = memory_check(cfg, shape)
+        if note:
+            print(f"distlora: preflight: {note}", file=sys.stderr)
+        if mem.problem():
+            print(f"distlora: {mem.problem()}", file=sys.stderr)
+            print("distlora: the run does not fit the GPU's memory; nothing launched", file=sys.stderr)
             return 2
         problems, notes = preflight(cfg, shape, main_port=port, is_main_node=is_main_node)
         for n in notes:

@@ -107,7 +107,9 @@ def load_model(cfg, mixed_precision: str):
         from distlora.attention import use_varlen_sdpa
 
         use_varlen_sdpa(model)
-    if cfg.model.gradient_checkpointing:
+    # True only: "auto" is resolved before training (distlora.plan.resolve_for_training); a model loaded
+    # outside a run (tests, tools) with "auto" left in it is on CPU, where auto resolves to off
+    if cfg.model.gradient_checkpointing is True:
         # non-reentrant: works under DDP with frozen base weights (no "marked ready twice")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

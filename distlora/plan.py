@@ -36,8 +36,21 @@ the attention probabilities per head (the fp32 softmax output, plus its cast und
 flash/flex attention neither. Under a token budget (train.micro_batch_tokens) a micro batch is one
 packed row of the budget's length, so this term grows with the square of the budget.
 With gradient checkpointing only each layer's input is kept, plus one layer's activations while
-it is recomputed in backward. Logits: the [micro, seq, vocab] output plus the fp32 log-softmax
-the loss keeps (and an fp32 copy when the compute dtype is 16-bit).
+it is recomputed in backward. Logits: three fp32 [tokens, vocab] tensors live together at the
+loss: the model's output (fp32 under 16-bit compute too: accelerate's convert_outputs_to_fp32), the
+flattened copy of its shifted view that cross-entropy reads (logits[:, :-1] is not contiguous), and
+the log-softmax (kept for backward, whose gradients again hold about three). Measured on CPU (fp32,
+271M parameters, one packed row of 512 tokens, vocab 32,000): peak RSS of the step 2,045 MiB over the
+post-import baseline; with two fp32 tensors here the plan said 1,826 (-10.7%), with three 1,889
+(-7.6%, the rest is the allocator's retained memory from loading). With train.loss_chunk_size > 0
+the same per token, for one chunk of target tokens at a time (the model itself returns logits for
+one position: logits_to_keep=1).
+
+"auto" memory settings (`resolve_memory`, the one rule the launcher, `distlora plan` and the trainer
+apply): on CUDA GPUs the chunked loss is on (AUTO_CHUNK tokens; 0 under loss_impl liger, which
+chunks itself) and gradient checkpointing is on when the plan without it exceeds USABLE_FRACTION of
+the device's memory; without a GPU (CPU runs) both stay off. A run whose resolved plan still exceeds
+USABLE_FRACTION of the device is refused before any worker starts, naming the fixes that fit.
 """
 
 from __future__ import annotations
@@ -48,6 +61,15 @@ from dataclasses import dataclass, field
 from distlora.config import LAUNCH_BACKENDS as BACKENDS
 
 MIB = 2**20
+GIB = 2**30
+# Of the device's memory, what the plan may fill: the plan leaves out the CUDA context (~0.5 GiB),
+# allocator fragmentation and NCCL buffers, a few GiB together on an 80 GB card.
+USABLE_FRACTION = 0.9
+# Target tokens per lm_head + cross-entropy chunk when train.loss_chunk_size is auto on a GPU: the
+# fp32 logits of a chunk are AUTO_CHUNK x vocab x 4 bytes (0.5 GiB at a 128k vocab), and the chunk's
+# lm_head recompute in backward costs one extra lm_head forward per target token (2 x hidden x vocab:
+# 1.05 GFLOP at Llama-3-8B's shape, ~3% of LoRA's ~4N = 32 GFLOP per token).
+AUTO_CHUNK = 1024
 
 
 @dataclass
@@ -73,6 +95,7 @@ class Plan:
     seq_len: int
     param_bytes: int  # the frozen base's dtype
     compute_bytes: int
+    loss_chunk: int = 0  # target tokens per lm_head + cross-entropy chunk; 0 = all at once
     rows: dict[str, int] = field(default_factory=dict)  # name -> bytes per GPU
     notes: list[str] = field(default_factory=list)
 
@@ -138,8 +161,10 @@ def _dtype_bytes(name: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
 
 
-def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_bf16: bool = True) -> Plan:
-    """Bytes per GPU. Precision "auto" resolves as on a bf16-capable GPU unless gpu_bf16=False."""
+def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_bf16: bool = True,
+             loss_chunk: int | None = None) -> Plan:
+    """Bytes per GPU. Precision "auto" resolves as on a bf16-capable GPU unless gpu_bf16=False.
+    `loss_chunk`: the chunk the loss runs with (default: train.loss_chunk_size, auto as on a GPU)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
     if gpus < 1:
@@ -199,9 +224,11 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
     per_layer, rest = int(per_layer), int(rest)
     activations = s.layers * per_layer + rest + rope
     checkpointed = s.layers * tok * h * compute + rest  # each layer's input only
-    logits = tok * s.vocab * (compute + 4 + (4 if compute < 4 else 0))
+    chunk = auto_loss_chunk(cfg, on_gpu=True) if loss_chunk is None else loss_chunk
+    per_logit = 3 * 4  # fp32 output, its flattened shifted copy, log-softmax (see the module doc)
+    logits = (min(chunk, tok) if chunk else tok) * s.vocab * per_logit
 
-    plan = Plan(backend, n, b, L, pbytes, compute)
+    plan = Plan(backend, n, b, L, pbytes, compute, loss_chunk=chunk)
     if q is not None:
         plan.notes.append(f"QLoRA: linear weights in 4-bit {q.type} ({per_q * 8:.3f} bits/param with scales); "
                           f"embeddings, norms and the output layer in {q.compute_dtype}")
@@ -231,27 +258,230 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
         per = s.layers * b * L * L * square
         plan.notes.append(f"attention ({attn}) keeps an [L, L] tensor per layer and row: {per / MIB:,.1f} MiB of the "
                           "activations at this length; flash_attention_2 keeps none")
-    plan.notes.append("framework overhead (CUDA context, allocator fragmentation, NCCL buffers) is not included")
+    if chunk:
+        plan.notes.append(f"chunked loss: logits for {min(chunk, tok):,} target tokens at a time "
+                          f"(train.loss_chunk_size {chunk}); the model's own output keeps one position")
+    else:
+        plan.notes.append(f"train.loss_chunk_size 0: full-sequence logits [{tok:,} tokens, {s.vocab:,}] are kept, "
+                          f"{tok * s.vocab * 4 / MIB:,.1f} MiB of them fp32 per copy; a chunk of {AUTO_CHUNK} keeps "
+                          f"{min(AUTO_CHUNK, tok) * s.vocab * per_logit / MIB:,.1f} MiB instead of {logits / MIB:,.1f}")
+    plan.notes.append("framework overhead (CUDA context, allocator fragmentation, NCCL buffers) is not included: "
+                      f"a run fits when the total is at most {USABLE_FRACTION:.0%} of the device's memory")
     return plan
 
 
+# ---------------------------------------------------------------------------------------------
+# "auto" memory settings and the fit check: one rule for the launcher, `distlora plan` and the trainer
+
+
+def auto_loss_chunk(cfg, on_gpu: bool) -> int:
+    """train.loss_chunk_size as the run uses it: a number as given; auto = AUTO_CHUNK on a GPU (0 under
+    loss_impl liger, which chunks inside its kernel), 0 elsewhere (CPU: today's plain loss)."""
+    c = cfg.train.loss_chunk_size
+    if c != "auto":
+        return c
+    return AUTO_CHUNK if on_gpu and cfg.train.loss_impl == "torch" else 0
+
+
+@dataclass
+class Memory:
+    """The resolved memory settings of one run on one kind of device, and whether its plan fits."""
+
+    gradient_checkpointing: bool
+    loss_chunk_size: int
+    device_bytes: int | None  # one device's memory; None = unknown (no GPU, or not told)
+    plan: Plan | None  # None on CPU: nothing to decide or check
+    why: list[str] = field(default_factory=list)  # how each auto field was resolved
+    fixes: list[str] = field(default_factory=list)  # when it does not fit: what would, each alone
+
+    @property
+    def usable(self) -> int | None:
+        return None if self.device_bytes is None else int(USABLE_FRACTION * self.device_bytes)
+
+    @property
+    def need(self) -> int | None:
+        return None if self.plan is None else self.plan.total(self.gradient_checkpointing)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.usable is None or self.need is None else self.need <= self.usable
+
+    def problem(self) -> str | None:
+        """One line naming the fixes, or None when it fits (or cannot be checked)."""
+        if self.fits is not False:
+            return None
+        p = self.plan
+        head = (f"the plan needs {_size(self.need)} per GPU ({p.backend} on {p.gpus}, micro batch "
+                f"{p.micro_batch_size} x seq {p.seq_len}, gradient checkpointing "
+                f"{'on' if self.gradient_checkpointing else 'off'}, loss chunk {self.loss_chunk_size or 'off'}), "
+                f"over {USABLE_FRACTION:.0%} of the device's {_size(self.device_bytes)}")
+        fit = [f"{c} ({_size(n)})" for c, n in self.fixes if n <= self.usable]
+        lower = [f"{c} ({_size(n)})" for c, n in self.fixes if n > self.usable]
+        first = next((c for c, n in self.fixes if n <= self.usable), self.fixes[0][0] if self.fixes else "")
+        field_name = first.split("=")[0].split(" ")[0].lstrip("-") or "train.micro_batch_size"
+        if fit:
+            return f"{field_name}: {head}; fix, each fits alone: " + "; or ".join(fit)
+        return (f"{field_name}: {head}; no single change fits, combine: " + ", ".join(lower) if lower else
+                f"{field_name}: {head}; nothing here lowers it: more GPUs, or a GPU with more memory")
+
+    def record(self) -> dict:
+        """What run_info and the launcher's log keep."""
+        return {"gradient_checkpointing": self.gradient_checkpointing, "loss_chunk_size": self.loss_chunk_size,
+                "device_memory_bytes": self.device_bytes, "plan_bytes": self.need,
+                "usable_fraction": USABLE_FRACTION, "why": self.why}
+
+    def line(self) -> str:
+        need = "" if self.need is None else f"; plan {_size(self.need)} per GPU"
+        dev = "" if self.device_bytes is None else f" of {_size(self.device_bytes)}"
+        return (f"distlora: memory: gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, loss "
+                f"chunk {self.loss_chunk_size or 'off'}{need}{dev}" + (f" ({'; '.join(self.why)})" if self.why else ""))
+
+
+def resolve_memory(cfg, *, on_gpu: bool, gpus: int = 1, backend: str = "ddp", device_bytes: int | None = None,
+                   shape: ModelShape | None = None, gpu_bf16: bool = True) -> Memory:
+    """model.gradient_checkpointing and train.loss_chunk_size as this run uses them ("auto" resolved by
+    the rule in the module doc), the plan they give and the fixes when it does not fit. Without a GPU
+    nothing is planned (auto = off, as CPU runs always were). `device_bytes`: one device's memory
+    (train.device_memory_gib wins over it). Torch-free when `shape` is given."""
+    t = cfg.train
+    if t.device_memory_gib is not None:
+        device_bytes = int(t.device_memory_gib * GIB)
+    chunk = auto_loss_chunk(cfg, on_gpu)
+    gc = cfg.model.gradient_checkpointing
+    why = []
+    if t.loss_chunk_size == "auto":
+        why.append(f"train.loss_chunk_size auto -> {chunk}" + (" (CUDA)" if on_gpu else " (no GPU)"))
+    if not on_gpu:
+        if gc == "auto":
+            why.append("model.gradient_checkpointing auto -> off (no GPU)")
+        return Memory(gc is True, chunk, None, None, why)
+    shape = shape or model_shape(cfg)
+    plan = estimate(cfg, gpus, "ddp" if backend == "single" else backend, shape, gpu_bf16, chunk)
+    usable = None if device_bytes is None else int(USABLE_FRACTION * device_bytes)
+    if gc == "auto":
+        gc = usable is not None and plan.total(False) > usable
+        why.append(f"model.gradient_checkpointing auto -> {'on' if gc else 'off'}" + (
+            " (device memory unknown: off)" if usable is None else
+            f" (without it the plan is {_size(plan.total(False))}, {'over' if gc else 'within'} "
+            f"{USABLE_FRACTION:.0%} of {_size(device_bytes)})"))
+    mem = Memory(gc, chunk, device_bytes, plan, why)
+    if mem.fits is False:
+        mem.fixes = _fixes(cfg, mem, shape, gpu_bf16)
+    return mem
+
+
+def _fixes(cfg, mem: Memory, shape: ModelShape, gpu_bf16: bool) -> list[tuple[str, int]]:
+    """(change, plan total after it) for each single change that lowers the plan, each re-planned with
+    `estimate`, in the order to try them: those that leave the results alone (checkpointing, the chunked
+    loss), then the batch shape, the backend, and the 4-bit base, which changes the numerics. A smaller micro batch (or token budget, or max_seq_len
+    at micro batch 1) is the largest that fits, else the smallest there is."""
+    p, usable, t = mem.plan, mem.usable, cfg.train
+    gc, chunk = mem.gradient_checkpointing, mem.loss_chunk_size
+
+    def total(c=cfg, backend=p.backend, g=gc, ch=chunk):
+        return estimate(c, p.gpus, backend, shape, gpu_bf16, ch).total(g)
+
+    def smaller(section, name, values):
+        last = None
+        for v in values:
+            sec = getattr(cfg, section)
+            last = (f"{section}.{name}={v}", total(c=cfg.model_copy(update={section: sec.model_copy(update={name: v})})))
+            if last[1] <= usable:
+                break
+        return [last] if last else []
+
+    out = []
+    if not gc:
+        out.append(("model.gradient_checkpointing=true", total(g=True)))
+    if not chunk and t.loss_impl == "torch":
+        out.append((f"train.loss_chunk_size={AUTO_CHUNK}", total(ch=AUTO_CHUNK)))
+    if t.micro_batch_tokens:
+        out += smaller("train", "micro_batch_tokens",
+                       sorted({max(cfg.data.max_seq_len, t.micro_batch_tokens >> k) for k in range(1, 16)}, reverse=True))
+    elif t.micro_batch_size > 1:
+        out += smaller("train", "micro_batch_size", range(t.micro_batch_size - 1, 0, -1))
+    elif cfg.data.max_seq_len > 256:  # micro batch 1: shorter examples; below 256 tokens few examples survive
+        out += smaller("data", "max_seq_len", [cfg.data.max_seq_len >> k for k in range(1, 16) if cfg.data.max_seq_len >> k >= 256])
+    if p.gpus > 1 and p.backend in ("ddp", "zero2"):
+        out.append(("--backend zero3", total(backend="zero3")))
+    if cfg.model.quantization is None:
+        from distlora.config import QuantizationConfig
+
+        q = cfg.model.model_copy(update={"quantization": QuantizationConfig()})
+        out.append(("model.quantization={bits: 4}", total(c=cfg.model_copy(update={"model": q}))))
+    return [x for x in out if x[1] < mem.need]
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:,.1f} GiB" if n >= GIB else f"{n / MIB:,.1f} MiB"
+
+
+def nvidia_smi_memory() -> int | None:
+    """The smallest GPU's memory on this machine in bytes, from `nvidia-smi --query-gpu=memory.total`
+    (MiB; no torch); None without nvidia-smi or GPUs."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        res = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30)
+        mib = [int(x.strip()) for x in res.stdout.split() if x.strip().isdigit()]
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return min(mib) * MIB if res.returncode == 0 and mib else None
+
+
+def resolve_for_training(cfg, backend_name: str, world: int, say=print) -> Memory:
+    """In the trainer, before the model loads: fill the "auto" fields of `cfg` in place with what
+    `resolve_memory` gives on this process's device (torch.cuda's total_memory, or train.device_memory_gib)
+    and say it; a ConfigError (exit 2) when the plan does not fit."""
+    import torch
+
+    from distlora.config import ConfigError
+
+    on_gpu = torch.cuda.is_available()
+    dev = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if on_gpu else None
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    mem = resolve_memory(cfg, on_gpu=on_gpu, gpus=world, backend=backend_name, device_bytes=dev, gpu_bf16=bf16)
+    err = mem.problem()
+    if err:
+        raise ConfigError([err])
+    cfg.model.gradient_checkpointing = mem.gradient_checkpointing
+    cfg.train.loss_chunk_size = mem.loss_chunk_size
+    if mem.why or mem.plan is not None:
+        say(mem.line())
+    return mem
+
+
 def main(args) -> int:
+    """Exit 0, or 2 for a config problem or when no planned backend fits the device's memory
+    (--device-memory-gib / train.device_memory_gib; without it the fit is not checked)."""
+    import sys
+
     from distlora import config as config_mod
 
+    overrides = list(args.overrides)
+    if getattr(args, "device_memory_gib", None) is not None:
+        overrides.append(f"train.device_memory_gib={args.device_memory_gib}")
     try:
-        cfg = config_mod.load(args.config, args.overrides)
+        cfg = config_mod.load(args.config, overrides)
     except config_mod.ConfigError as err:
-        import sys
-
         print(err.render(), file=sys.stderr)
         return 2
     backends = [args.backend] if args.backend else list(BACKENDS)
-    plans = [estimate(cfg, args.gpus, b) for b in backends]
+    shape = model_shape(cfg)
+    mems = [resolve_memory(cfg, on_gpu=True, gpus=args.gpus, backend=b, shape=shape) for b in backends]
     if args.json:
         import json
 
-        print(json.dumps([{"backend": p.backend, "gpus": p.gpus, **p.rows, "model_state": p.model_state,
-                           "total": p.total(cfg.model.gradient_checkpointing)} for p in plans], indent=1))
+        print(json.dumps([{"backend": m.plan.backend, "gpus": m.plan.gpus, **m.plan.rows,
+                           "model_state": m.plan.model_state, "total": m.need, "fits": m.fits,
+                           "memory": m.record()} for m in mems], indent=1))
     else:
-        print("\n\n".join(p.render(cfg.model.gradient_checkpointing) for p in plans))
-    return 0
+        print("\n\n".join(m.plan.render(m.gradient_checkpointing) + "\n" + m.line() for m in mems))
+    problems = [m.problem() for m in mems]
+    for prob in filter(None, problems):
+        print(f"distlora plan: {prob}", file=sys.stderr)
+    return 2 if all(problems) else 0

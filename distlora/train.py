@@ -40,6 +40,11 @@ def main(argv=None) -> int:
         conflicts = backends.launcher_conflicts(cfg)
         if conflicts:
             raise config_mod.ConfigError(conflicts)
+        from distlora.plan import resolve_for_training
+
+        # "auto" memory settings, by the rule the launcher checked with; a plan that does not fit: exit 2
+        backend = backends.launched_backend() if cfg.train.backend == "auto" else cfg.train.backend
+        resolve_for_training(cfg, backend, backends.env_world_size(), say=_say_once)
     except config_mod.ConfigError as err:
         _say_once(err.render())
         from distlora.backends import env_rank

@@ -165,7 +165,7 @@ def _liger_world(monkeypatch, package: bool, cuda: bool):
 
 def test_liger_default_is_torch(tiny, tmp_path):
     cfg = C.load(write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "o")))
-    assert cfg.train.loss_impl == "torch" and cfg.train.loss_chunk_size == 0
+    assert cfg.train.loss_impl == "torch" and cfg.train.loss_chunk_size == "auto"
 
 
 def test_liger_refused_without_the_package_or_a_gpu(tiny, tmp_path, monkeypatch):

@@ -114,3 +114,80 @@ def test_live_memory(name, big, tiny, tmp_path):
                 failures.append(f"rank {r} {w}: base-dependent RssAnon {extra / base:.3f} x base >= {RSS[name]}; "
                                 f"largest live storages: {largest}")
     assert not failures, f"{name}:\n" + "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------ the plan against a step's peak RSS
+STEP_PROBE = """import json, sys
+import torch, transformers, peft, accelerate  # noqa: F401  what every run imports before its model
+import distlora.train, distlora.loop, distlora.model, distlora.data, distlora.datacache, distlora.backends  # noqa: F401
+from distlora import hooks
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+seen = {"baseline": status("VmRSS")}
+
+def step(step, **_):
+    seen["before_step"] = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM: from here on it is the step's peak
+
+def done(**_):
+    seen["peak"] = status("VmHWM")
+
+hooks.add("step", step)
+hooks.add("window_done", done)
+seen["rc"] = distlora.train.main(["--config", sys.argv[2]])
+json.dump(seen, open(sys.argv[1], "w"))
+"""
+
+
+def test_plan_matches_peak_rss_of_a_training_step(tiny, tmp_path):
+    """A 271M-parameter fp32 Llama (vocab 32,000), one packed row of 512 tokens, one optimizer step of the
+    trainer on CPU: the step's peak RSS (VmHWM reset at the step's start) minus the RSS right after the
+    imports, against the plan's total for the settings the trainer resolved (CPU: no checkpointing, the
+    plain loss). The frozen base is memory-mapped from safetensors: file-backed pages count in RSS as
+    they would in device memory. Measured on this machine: 2,032-2,045 MiB (1,162 before the step: the
+    base and the allocator's retained memory from loading); the plan says 1,889, -7.1 to -7.6% (before it counted
+    cross-entropy's flattened copy of the logits: 1,826, -10.1 to -10.7%). 110-175 s on 2 shared cores, 2.6 GB RSS."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distlora import config as C
+    from distlora.plan import MIB, estimate, resolve_memory
+
+    conf = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1024, bos_token_id=1,
+                       eos_token_id=2, tie_word_embeddings=False, use_cache=False)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(conf).save_pretrained(model_dir, safe_serialization=True)
+    for f in (tiny / "model").iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            shutil.copy(f, model_dir / f.name)
+    raw = base_config(tiny, tmp_path / "out", model={"name_or_path": str(model_dir), "dtype": "float32"},
+                      lora={"r": 8, "alpha": 16, "dropout": 0.0},
+                      data={"eval": None, "packing": True},
+                      train={"micro_batch_size": 1, "micro_batch_tokens": 512, "max_steps": 1, "save_every": 0,
+                             "mixed_precision": "no"})
+    path = write_config(tmp_path / "c.yaml", raw)
+    res = subprocess.run([sys.executable, "-c", STEP_PROBE, str(tmp_path / "r.json"), str(path)], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["rc"] == 0, r
+    measured, before = r["peak"] - r["baseline"], r["before_step"] - r["baseline"]
+    cfg = C.load(path)
+    mem = resolve_memory(cfg, on_gpu=False)  # what the trainer ran with
+    assert (mem.gradient_checkpointing, mem.loss_chunk_size) == (False, 0)
+    plan = estimate(cfg, 1, "ddp", gpu_bf16=False, loss_chunk=mem.loss_chunk_size)
+    planned = plan.total(mem.gradient_checkpointing)
+    print(f"\nstep peak RSS over the post-import baseline {measured / MIB:,.0f} MiB ({before / MIB:,.0f} before the "
+          f"step); plan {planned / MIB:,.0f} MiB ({planned / measured - 1:+.1%}): " +
+          ", ".join(f"{k} {v / MIB:,.1f}" for k, v in plan.rows.items()))
+    assert planned == pytest.approx(measured, rel=0.10)  # the issue's bound for CPU shapes up to ~1B parameters

@@ -203,3 +203,42 @@ def test_cpu_launch_of_each_backend(tiny, tmp_path, monkeypatch, backend, procs,
     cfg = C.load(write_config(tmp_path / "run.yaml", base_config(tiny, tmp_path / "out")), check_model=False)
     problems, _ = launch.preflight(cfg, shape, main_port=None)
     assert problems == []
+
+
+# ------------------------------------------------------------------------------ the memory rule without torch
+MEMORY_PROBE = """import json, sys
+from distlora import config as C
+from distlora.plan import ModelShape, resolve_memory
+cfg = C.load(sys.argv[2], check_model=False)
+shape = ModelShape(**json.loads(sys.argv[3]))
+out = [resolve_memory(cfg, on_gpu=True, gpus=2, device_bytes=int(d), shape=shape) for d in sys.argv[4:]]
+json.dump({"records": [m.record() for m in out], "problems": [m.problem() for m in out],
+           "modules": sorted(sys.modules)}, open(sys.argv[1], "w"))
+"""
+
+
+def test_memory_rule_without_torch(tiny, tmp_path):
+    """distlora.plan.resolve_memory, given the model's shape (counted once, on the meta device, by the
+    caller), resolves the auto settings and checks the fit without importing torch, and gives what it
+    gives in this (torch-importing) process."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from distlora.plan import model_shape, resolve_memory
+
+    path = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "o"))
+    cfg = C.load(path)
+    shape = model_shape(cfg)
+    off = resolve_memory(cfg, on_gpu=True, gpus=2, device_bytes=2**50, shape=shape).plan.total(False)
+    devices = [2 * off, off, 1024]  # fits; fits with checkpointing on; fits nothing
+    res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "r.json"), str(path),
+                          json.dumps(dataclasses.asdict(shape)), *map(str, devices)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert not [m for m in got["modules"] if m.split(".")[0] in HEAVY or m in HEAVY], got["modules"]
+    here = [resolve_memory(cfg, on_gpu=True, gpus=2, device_bytes=d, shape=shape) for d in devices]
+    assert got["records"] == [m.record() for m in here] and got["problems"] == [m.problem() for m in here]
+    assert [r["gradient_checkpointing"] for r in got["records"]] == [False, True, True]
+    assert got["problems"][:2] == [None, None] and "no single change fits, combine: train.micro_batch_size=1" in got["problems"][2]
