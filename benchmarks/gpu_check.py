@@ -147,8 +147,10 @@ def write_yaml(path: Path, cfg: dict) -> Path:
 def random_init_patch(model_dir: str, device: str, seed: int) -> None:
     """Build the base model at `model_dir` from its config.json, randomly initialised straight on `device`
     in the dtype distlora asks for, instead of reading weights: distlora.model.load_model's
-    from_pretrained call is the only thing replaced. Saving and re-reading 16 GB of bf16 weights would
-    cost ~30-60 s of the box's budget per run (GPU->host copy, 16 GB written, read and copied back)."""
+    from_pretrained call is the only thing replaced (LoRA wrapping, dtype, attention, preparation run as
+    for any model). The alternative, 16 GB of bf16 weights saved once and read by each of the two or three
+    8B runs, is 48-64 GB of disk traffic plus host->GPU copies: at an assumed ~1-2 GB/s (the box's disk
+    speed is not measured) 30-60 s of a 450 s budget, for weights that are random either way."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
