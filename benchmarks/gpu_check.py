@@ -73,7 +73,7 @@ def sizes(smoke: bool) -> dict:
 
 # Per-stage wall-clock budgets (s) on the GPU box: model build + tokenization + steps, with room. A stage
 # gets min(its budget, what is left of --budget-s); one with under MIN_STAGE_S left is skipped.
-STAGE_BUDGET = {"versions": 45, "train": 200, "exactness": 90, "fsdp2_resume": 75, "zero3_resume": 90,
+STAGE_BUDGET = {"versions": 45, "train": 200, "exactness": 90, "fsdp2_resume": 90, "zero3_resume": 110,
                 "liger": 100, "train_flex": 100}
 STAGES = list(STAGE_BUDGET)
 MIN_STAGE_S = 20
@@ -214,8 +214,9 @@ def w_versions(spec: dict) -> dict:
             res[name] = version(name)
         except PackageNotFoundError:
             res[name] = None
-    res["distlora_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                            capture_output=True, text=True, check=False).stdout.strip() or None
+    git = shutil.which("git")  # the box may have none, and the tree travels without .git
+    res["distlora_commit"] = git and subprocess.run([git, "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                                    capture_output=True, text=True, check=False).stdout.strip() or None
     from distlora.flops import device_peak_flops
 
     res["datasheet_tflops"] = (device_peak_flops(None) or 0) / 1e12 or None
@@ -333,6 +334,8 @@ def w_exactness(spec: dict) -> dict:
         fp32_bound = 1e-5
         # bf16: each layout carries its own bf16 rounding; their difference is at most the sum of both
         # errors, bounded by twice the padded forward's own bf16 error against fp32, and never below one ulp.
+        # A weak bound: on the --smoke model, packed rows attending across examples measured 5.5e-3 in
+        # bf16 (under its 7.8e-3) and in fp32 (550x its bound); fp32 is the comparison that decides.
         own = _rel(nll["bf16", "padded"], nll["fp32", "padded"])
         bf16_bound = max(BF16_ULP, 2 * own)
         d32 = _rel(nll["fp32", "packed"], nll["fp32", "padded"])
