@@ -320,7 +320,7 @@ def w_exactness(spec: dict) -> dict:
             batches = {"padded": D.Collator(tok.pad_token_id)(recs),
                        "packed": D.PackedCollator(tok.pad_token_id)([[recs[i] for i in row] for row in rows])}
             for layout, batch in batches.items():
-                batch = {k: v.to(dev) for k, v in batch.items()}
+                batch = {k: v.to(dev) if hasattr(v, "to") else v for k, v in batch.items()}  # host entries stay
                 with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=prec == "bf16"):
                     per_example, _ = forward_nll(model, batch)
                 order = torch.argsort(batch["ids"])

@@ -31,7 +31,8 @@ per token, in the compute dtype: layer input and RMSNorm output (x2 norms), q af
 (repeated to all heads for GQA), attention output (also o_proj's input: one tensor, measured), gate,
 SiLU(gate), up and their product (4 x intermediate), and each adapted layer's LoRA-A output (r).
 Per layer and row, quadratic in the row length L: sdpa keeps the additive [L, L] mask it makes of
-the boolean one transformers passes (padded batches; packed rows' block-diagonal mask), eager keeps
+the boolean one transformers passes (padded batches; packed rows run one sdpa per example without a
+mask: distlora.attention), eager keeps
 the attention probabilities per head (the fp32 softmax output, plus its cast under 16-bit compute),
 flash/flex attention neither. Under a token budget (train.micro_batch_tokens) a micro batch is one
 packed row of the budget's length, so this term grows with the square of the budget.
@@ -208,8 +209,8 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
     norm_bytes = 4 if compute < 4 else 0  # RMSNorm keeps an fp32 copy of its input under 16-bit compute
     attn = cfg.model.attn_implementation or "sdpa"  # transformers' choice for Llama-family models when unset
     eager = attn == "eager"
-    if "flash" in attn or "flex" in attn:
-        square = 0  # varlen / block-sparse kernels: no [L, L] tensor is kept
+    if "flash" in attn or "flex" in attn or (cfg.data.packing and attn == "sdpa"):
+        square = 0  # varlen / block-sparse kernels, packed sdpa per segment (distlora.attention): no [L, L] tensor
     elif eager:
         square = a * (4 + (compute if compute < 4 else 0))  # probabilities per head: fp32 softmax (+ its cast)
     else:

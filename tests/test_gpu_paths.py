@@ -305,7 +305,10 @@ def _liger_model(tiny, tmp_path, bf16: bool, lm_head: str):
     assert max(len(r) for r in rows) >= 2, "the packed batch must hold rows of several examples"
     padded = D.Collator(tok.pad_token_id)(recs)
     packed = D.PackedCollator(tok.pad_token_id)([[recs[i] for i in row] for row in rows])
-    return model, {k: v.cuda() for k, v in padded.items()}, {k: v.cuda() for k, v in packed.items()}
+    def cuda(batch):  # tensors to the GPU; the host entries (counts, max_length) stay as they are
+        return {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}
+
+    return model, cuda(padded), cuda(packed)
 
 
 def _nll_and_grads(model, batch, impl, chunk, bf16):
