@@ -88,22 +88,32 @@ def check_sources(data_cfg) -> list[str]:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    rows = []
+    """Every line read; a file with bad lines is one DataError naming the first (file:line and what is
+    wrong) and the line numbers of the others, so one fix-and-rerun finds them all."""
+    rows, bad = [], []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+                bad.append((lineno, f"not UTF-8 ({exc.reason} at byte {exc.start})"))
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                bad.append((lineno, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+                continue
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+                bad.append((lineno, f"each line must be a JSON object, got {type(row).__name__}"))
+                continue
             rows.append(row)
+    if bad:
+        (first, what), more = bad[0], [n for n, _ in bad[1:]]
+        shown = ", ".join(map(str, more[:10])) + (", ..." if len(more) > 10 else "")
+        also = f" (and {len(more)} more bad line(s): {shown})" if more else ""
+        raise DataError(f"{path}:{first}: {what}{also}")
     return rows
 
 

@@ -522,6 +522,7 @@ def test_two_processes_with_an_unwrapped_model_are_refused(tmp_path):
     assert "not wrapped for distributed training" in lines[0]
 
 
+@pytest.mark.slow  # ~30-50 s: keeps `make test` near 15 minutes
 def test_zero3_checkpoint_on_another_world_size_is_refused_by_name(tiny, small_data, tmp_path_factory, zero3):
     """The 2-rank ZeRO-3 checkpoint on 1 process with the same global batch (accumulation doubled): its
     optimizer state is partitioned per rank and is not resharded, so the exact resume is refused by

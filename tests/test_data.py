@@ -124,6 +124,19 @@ def test_malformed_json_names_file_and_line(tmp_path):
         D.read_jsonl(str(f))
 
 
+def test_every_bad_line_is_named_in_one_error(tmp_path):
+    """One fix-and-rerun, not one per bad line: the first named with what is wrong, then the others' numbers."""
+    good = '{"prompt": "a", "completion": "b"}'
+    lines = [good, "{oops", good, "[1, 2]", good] + ["{"] * 12
+    f = tmp_path / "bad.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(D.DataError) as err:
+        D.read_jsonl(str(f))
+    msg = str(err.value)
+    assert msg.startswith(f"{f}:2: malformed JSON") and "\n" not in msg
+    assert msg.endswith("(and 13 more bad line(s): 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, ...)"), msg  # 10 numbers shown
+
+
 def test_non_utf8_names_file_and_line(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe"}\n')

@@ -171,6 +171,7 @@ def _problems(res) -> list[str]:
     return [line for line in res.stderr.splitlines() if line.startswith("distlora: preflight problem:")]
 
 
+@pytest.mark.slow  # ~30-50 s: keeps `make test` near 15 minutes
 def test_preflight_ok_and_each_problem_named_with_its_fix(tiny, reference, tmp_path):
     ok = cli("launch", "--config", str(write_config(tmp_path / "ok.yaml", base_config(tiny, tmp_path / "o"))),
              "--processes-per-node", "2", "--cpu", "--check")

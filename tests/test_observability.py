@@ -88,6 +88,7 @@ def test_wandb_offline_and_tensorboard_equal_jsonl(tiny, tmp_path, no_credential
     assert info["world_size"] == 1 and info["trainable_params"] > 0 and info["versions"]["torch"]
 
 
+@pytest.mark.slow  # ~30-50 s: keeps `make test` near 15 minutes
 def test_resume_reuses_the_stored_run_id(tiny, tmp_path, no_credentials):
     """A leg killed at step 3 and its relaunch log into ONE wandb run (the id in output_dir)."""
     raw = base_config(tiny, tmp_path / "out", log={"report_to": ["wandb"]}, train={"max_steps": 4, "save_every": 2})

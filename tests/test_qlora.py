@@ -230,6 +230,7 @@ def test_qlora_trains_and_merges_into_dequantized_base(tiny, tmp_path, compute_d
     assert float((a - b).abs().max()) < tol, float((a - b).abs().max())
 
 
+@pytest.mark.slow  # ~30-50 s: keeps `make test` near 15 minutes
 @cpu_path
 def test_qlora_ddp_and_zero3_equal_1_process_accumulation_2(tiny, tmp_path):
     """QLoRA on 2 real CPU processes: gloo DDP and ZeRO-3 give the adapter of 1 process x accumulation

@@ -323,6 +323,7 @@ def test_bad_data_is_named(tiny, tmp_path, capsys, name, content, message):
 # --------------------------------------------------------------------------------- world-size change
 
 
+@pytest.mark.slow  # ~30-50 s: keeps `make test` near 15 minutes
 def test_resume_on_other_world_size_same_global_batch(tiny, tmp_path, reference):
     """Checkpoint from 2 processes x micro 2, resumed on 1 process x micro 2 x accumulation 2."""
     cfg = _cfg(tiny, tmp_path, "ws", dropout=0.0)

@@ -50,6 +50,7 @@ def test_one_host_read_per_step(tiny, tmp_path, variant):
     assert all(sum(LIBRARY in w for w in step) <= 4 for step in reads.where), reads.where
 
 
+@pytest.mark.slow  # ~30-50 s: keeps `make test` near 15 minutes
 def test_one_host_read_per_step_ddp(tiny, tmp_path):
     """Two gloo processes: the collectives add no host read; the ranks agree on everything from one read."""
     cfg = _cfg(tiny, tmp_path, "ddp")

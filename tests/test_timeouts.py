@@ -19,6 +19,7 @@ TIMEOUT_S = 5
 STUCK_S = 120  # far beyond the timeout and the launcher's 30 s grace before it SIGKILLs the stuck rank
 
 
+@pytest.mark.slow  # ~30-50 s: keeps `make test` near 15 minutes
 def test_a_stuck_rank_ends_the_job_with_a_named_error(tiny, tmp_path):
     raw = base_config(tiny, tmp_path / "out")
     raw["train"].update(max_steps=4, save_every=2, collective_timeout_s=TIMEOUT_S)
