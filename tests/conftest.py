@@ -125,6 +125,29 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+def lora_model_and_data(tiny: Path, tmp_path: Path, attn: str | None = None, mixed_precision: str = "no", **data):
+    """The tiny model with its LoRA adapter (lora_B drawn at random: at its zero init the gradient of lora_A
+    would be zero and hide errors in it) and the tokenized tiny data, for tests that call the loss directly.
+    Returns (model, tokenizer, train records, eval records, run config)."""
+    import torch
+
+    from distlora import config as C
+    from distlora import data as D
+    from distlora.model import load_model, load_tokenizer
+
+    raw = base_config(tiny, tmp_path / "out", model={"attn_implementation": attn} if attn else {}, data=data)
+    cfg = C.load(write_config(tmp_path / "c.yaml", raw))
+    tok = load_tokenizer(cfg)
+    recs, evals, _ = D.build_datasets(cfg, tok, log=lambda *_: None)
+    model = load_model(cfg, mixed_precision)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model, tok, recs, evals, cfg
+
+
 def run_inprocess(cfg_path: Path, *overrides: str) -> int:
     from distlora.train import main
 

@@ -18,7 +18,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import base_config, write_config
+from conftest import base_config, lora_model_and_data, write_config
 from distlora import attention as A
 from distlora import data as D
 
@@ -89,19 +89,7 @@ def flash_reference(monkeypatch):
 
 
 def _setup(tiny, tmp_path, attn, n=12):
-    from distlora import config as C
-    from distlora.model import load_model, load_tokenizer
-
-    raw = base_config(tiny, tmp_path / "out", model={"attn_implementation": attn}, data={"packing": True})
-    cfg = C.load(write_config(tmp_path / "c.yaml", raw))
-    tok = load_tokenizer(cfg)
-    recs, _, _ = D.build_datasets(cfg, tok, log=lambda *_: None)
-    model = load_model(cfg, "no")
-    torch.manual_seed(1)
-    with torch.no_grad():  # lora_B starts at 0, which would hide errors in lora_A's gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model, tok, recs, _, _ = lora_model_and_data(tiny, tmp_path, attn, packing=True)
     return model, tok, recs[:n]
 
 

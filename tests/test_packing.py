@@ -16,25 +16,13 @@ import json
 import pytest
 import torch
 
-from conftest import base_config, launch, load_adapter, max_abs_diff, read_metrics, run_inprocess, write_config
+from conftest import (base_config, launch, load_adapter, lora_model_and_data, max_abs_diff, read_metrics, run_inprocess,
+                      write_config)
 from distlora import data as D
 
 
 def _setup(tiny, tmp_path, attn=None, n=12, **cfg_data):
-    from distlora import config as C
-    from distlora.model import load_model, load_tokenizer
-
-    model_cfg = {"attn_implementation": attn} if attn else {}
-    raw = base_config(tiny, tmp_path / "out", model=model_cfg, data=cfg_data)
-    cfg = C.load(write_config(tmp_path / "c.yaml", raw))
-    tok = load_tokenizer(cfg)
-    recs, evals, _ = D.build_datasets(cfg, tok, log=lambda *_: None)
-    model = load_model(cfg, "no")
-    torch.manual_seed(1)
-    with torch.no_grad():  # lora_B starts at 0, which would hide errors in lora_A's gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model, tok, recs, evals, cfg = lora_model_and_data(tiny, tmp_path, attn, **cfg_data)
     return model, tok, recs[:n], evals, cfg
 
 
