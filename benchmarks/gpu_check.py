@@ -171,7 +171,8 @@ def random_init_patch(model_dir: str, device: str, seed: int) -> None:
 
 def train_once(cfg_path: Path, stop_at: int | None = None) -> int:
     """distlora.train.main on `cfg_path`: what `accelerate launch -m distlora.train` runs. `stop_at`: a STOP
-    file appears before step `stop_at` runs (the preemption path: checkpoint, exit code 75). One run per
+    file appears while step `stop_at` runs, so the run stops after it (the preemption path: a checkpoint at
+    `stop_at`, exit code 75). One run per
     process, as a user's reruns are: distlora.train ends the process group when a run finishes, and
     DeepSpeed keeps its groups module-wide, so a second engine in the same process fails."""
     from distlora import hooks
@@ -181,7 +182,7 @@ def train_once(cfg_path: Path, stop_at: int | None = None) -> int:
     out = Path(load(cfg_path, check_model=False).train.output_dir)
 
     def stop(step):
-        if step == stop_at:
+        if step == stop_at - 1:  # the point before the stop_at-th step; a stop is taken at the step's end
             (out / "STOP").touch()
 
     if stop_at is not None:
