@@ -22,6 +22,10 @@ tests call the install functions directly. Variables:
 - DISTLORA_TEST_NO_WRAP=1: accelerate's prepare_model returns the model unwrapped (a launch whose
   gradients would not be synchronised): the trainer must refuse it.
 - DISTLORA_TEST_BF16_REDUCE=1: FSDP2 reduces gradients in bf16 (a variant the precision tests catch).
+- DISTLORA_TEST_BASE_CHECKSUM=1: per rank, a float64 checksum of the frozen base after prepare and at the
+  run's end, in output_dir/base-checksum-rank<R>.json (an O(model) pass no production launch pays for).
+- DISTLORA_TEST_HOST_READS=1: per rank, the host reads of device values of each optimizer step and where
+  they come from (HostReads), in output_dir/host-reads-rank<R>.json.
 - DISTLORA_TEST_LIVE_MEMORY=1: at each "memory" point, the bytes of the unique storages of every live
   torch tensor in the process and the growth of RssAnon since "before_model", in summary.json's
   memory_per_rank[r]["live_<where>"] (LiveMemory).
