@@ -57,6 +57,7 @@ USABLE_FRACTION of the device is refused before any worker starts, naming the fi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from distlora.config import LAUNCH_BACKENDS as BACKENDS
@@ -443,7 +444,9 @@ def resolve_for_training(cfg, backend_name: str, world: int, say=print) -> Memor
     from distlora.config import ConfigError
 
     on_gpu = torch.cuda.is_available()
-    dev = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if on_gpu else None
+    # this rank's own GPU (the accelerator has not picked it yet), by index: no context on GPU 0 for every rank
+    local = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1) if on_gpu else 0
+    dev = torch.cuda.get_device_properties(local).total_memory if on_gpu else None
     bf16 = on_gpu and torch.cuda.is_bf16_supported()
     mem = resolve_memory(cfg, on_gpu=on_gpu, gpus=world, backend=backend_name, device_bytes=dev, gpu_bf16=bf16)
     err = mem.problem()
