@@ -677,6 +677,7 @@ def _run(cmd: list[str], out: Path, acc_final: Path | None = None) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     proc = subprocess.Popen(runnable(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env={**os.environ, layout.LAUNCH_LOG_ENV: str(log_path)},  # the trainer keeps none of its own
                             start_new_session=True)  # Ctrl-C reaches this process only; it asks for a stop
     asked = []
 

@@ -19,6 +19,9 @@ from pathlib import Path
 MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
 STATUS = "status.json"  # output_dir/status.json: running | stopped | complete, written by the trainer's rank 0
+# Set by `distlora launch` to its log of the whole job (output_dir/logs/launch-<time>.log): the workers
+# then keep no per-rank log of their own (output_dir/logs/train-<time>-rank<R>.log otherwise).
+LAUNCH_LOG_ENV = "DISTLORA_LAUNCH_LOG"
 
 # Config keys whose change makes a resumed run not the run it continues: the lr schedule (the data
 # order's keys are checked through data_order). Refused by name unless train.resume_weights_only.

@@ -10,6 +10,7 @@ same command to resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -54,6 +55,12 @@ def main(argv=None) -> int:
             # the one that prints, time to do so.
             time.sleep(3)
         return 2
+    with rank_log(cfg.train.output_dir) as log:
+        return _train(cfg, log)
+
+
+def _train(cfg, log) -> int:
+    """The loop, its outcome turned into the exit code."""
     from distlora.loop import Complete, Stopped, run
 
     try:
@@ -82,12 +89,66 @@ def main(argv=None) -> int:
             sys.stderr.flush()
             return 1
         # one write: other ranks share the launcher's pipe, and print's separate newline could be split off
-        sys.stderr.write(f"distlora: rank {env_rank()} failed: {type(exc).__name__}: {exc}\n")
+        where = f" (log: {log})" if log else ""
+        sys.stderr.write(f"distlora: rank {env_rank()} failed: {type(exc).__name__}: {exc}{where}\n")
         sys.stderr.flush()
         if not isinstance(exc, _expected_errors()):
             traceback.print_exc()
         return 1
     return 0
+
+
+class _Tee:
+    """A text stream that writes through to the terminal's stream and to this rank's log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.log.flush()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding...: the terminal's
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def rank_log(output_dir: str):
+    """Under plain `accelerate launch` (or srun) nothing keeps a worker's output once the terminal is
+    gone: each rank copies what Python prints into output_dir/logs/train-<time>-rank<R>.log (its own
+    file: a new run appends nothing to an earlier one's). Native libraries writing to the file
+    descriptor directly (gloo's, NCCL's warnings) reach the terminal only. Yields the path, or None
+    under `distlora launch` (one log for the whole job) or when the directory cannot be written
+    (the run reports that itself)."""
+    import time
+    from pathlib import Path
+
+    from distlora.backends import env_rank
+    from distlora.layout import LAUNCH_LOG_ENV
+
+    path = Path(output_dir) / "logs" / time.strftime(f"train-%Y%m%d-%H%M%S-rank{env_rank()}.log")
+    log = None
+    if not os.environ.get(LAUNCH_LOG_ENV):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+        except OSError:
+            log = None
+    if log is None:
+        yield None
+        return
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+    try:
+        yield path
+    finally:
+        sys.stdout, sys.stderr = streams
+        log.close()
 
 
 def _end_process_group() -> None:

@@ -213,6 +213,7 @@ def test_failing_worker_shows_its_one_line_error_and_the_log(tiny, tmp_path):
     assert last[0] == "distlora: rank 1 failed: InjectedFault: injected fault at step1 on rank 1", last
     log = Path(last[1].split("distlora: full log: ")[1])
     assert "Traceback" in log.read_text()
+    assert [p.name for p in log.parent.iterdir()] == [log.name]  # the workers keep no logs of their own here
 
 
 # ------------------------------------------------------------------------------ portable adapters

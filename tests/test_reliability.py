@@ -184,7 +184,16 @@ def test_failing_rank_ends_job_quickly_with_its_error(tiny, tmp_path):
     res = subprocess.run(_launch_cmd(cfg), capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env=_env(DISTLORA_FAULT="rank1:step3:raise"))
     assert res.returncode != 0 and time.time() - t0 < 60
-    assert "distlora: rank 1 failed: InjectedFault: injected fault at step3 on rank 1" in res.stderr
+    # plain accelerate launch keeps no log: each rank keeps its own, and the failing rank's line names it
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("distlora: rank 1 failed: ")]
+    assert len(lines) == 1, res.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith("distlora: rank 1 failed: InjectedFault: injected fault at step3 on rank 1 (log: "), line
+    log = Path(line.split("(log: ")[1].rstrip(")"))
+    assert log.parent == tmp_path / "fail" / "out" / "logs" and log.name.endswith("-rank1.log"), log
+    assert "Traceback" in log.read_text() and line in log.read_text()
+    rank0 = [f for f in log.parent.glob("train-*-rank0.log")]
+    assert len(rank0) == 1 and "step" in rank0[0].read_text()
 
 
 def test_failing_rank_on_second_machine_ends_both(tiny, tmp_path):
