@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Iterator, Optional
 
 IGNORE = -100
@@ -87,12 +88,97 @@ def check_sources(data_cfg) -> list[str]:
     return problems
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Every line read; a file with bad lines is one DataError naming the first (file:line and what is
-    wrong) and the line numbers of the others, so one fix-and-rerun finds them all."""
-    rows, bad = [], []
+class JsonlRows(Sequence):
+    """The rows of one JSON-lines file as the byte offset and length of each line (12 bytes a row): a
+    row is read (os.pread: no shared file position, so forked tokenizer workers read their own chunks)
+    and parsed when asked for. A source of millions of rows holds no Python object per row."""
+
+    def __init__(self, path: str, starts, sizes):
+        self.path, self.starts, self.sizes = path, starts, sizes
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def _read(self, rows) -> list[dict]:
+        import os
+
+        fd = os.open(self.path, os.O_RDONLY)  # per read: a directory of many shards holds no descriptors
+        try:
+            return [json.loads(os.pread(fd, int(self.sizes[i]), int(self.starts[i]))) for i in rows]
+        finally:
+            os.close(fd)
+
+    def take(self, rows) -> list[dict]:
+        return self._read(rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._read(range(*i.indices(len(self))))
+        return self._read([range(len(self))[i]])[0]
+
+
+class RowRefs(Sequence):
+    """Rows picked from several sequences: row i is parts[part[i]][index[i]] (int32 and int64 arrays).
+    A slice is a list of rows, in order."""
+
+    def __init__(self, parts: list, part, index):
+        self.parts, self.part, self.index = parts, part, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, rows) -> list[dict]:
+        """The rows at these positions, each part read once (one open per file, not per row)."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        part, index = self.part[rows], self.index[rows]
+        out: list = [None] * len(rows)
+        for p in np.unique(part).tolist():
+            at = np.flatnonzero(part == p)
+            for k, row in zip(at.tolist(), take(self.parts[p], index[at].tolist())):
+                out[k] = row
+        return out
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        return self.parts[int(self.part[i])][int(self.index[i])]
+
+
+def take(rows: Sequence, positions) -> list[dict]:
+    """rows[j] for each j, through the sequence's own batched read where it has one."""
+    return rows.take(positions) if hasattr(rows, "take") else [rows[j] for j in positions]
+
+
+class DatasetRows(Sequence):
+    """A `datasets` table (memory-mapped Arrow) as a sequence of row dicts."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.ds[j] for j in range(*i.indices(len(self)))]
+        return self.ds[range(len(self))[i]]
+
+
+def read_jsonl(path: str) -> JsonlRows:
+    """Every line read and checked; a file with bad lines is one DataError naming the first (file:line
+    and what is wrong) and the line numbers of the others, so one fix-and-rerun finds them all. The
+    rows are kept as line offsets (JsonlRows), parsed again when tokenized."""
+    from array import array
+
+    import numpy as np
+
+    starts, sizes, bad = array("q"), array("i"), []  # 12 bytes a row, no Python int per row
+    at = 0
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
+            start, at = at, at + len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -108,16 +194,17 @@ def read_jsonl(path: str) -> list[dict]:
             if not isinstance(row, dict):
                 bad.append((lineno, f"each line must be a JSON object, got {type(row).__name__}"))
                 continue
-            rows.append(row)
+            starts.append(start)
+            sizes.append(len(raw))
     if bad:
         (first, what), more = bad[0], [n for n, _ in bad[1:]]
         shown = ", ".join(map(str, more[:10])) + (", ..." if len(more) > 10 else "")
         also = f" (and {len(more)} more bad line(s): {shown})" if more else ""
         raise DataError(f"{path}:{first}: {what}{also}")
-    return rows
+    return JsonlRows(path, np.frombuffer(starts, dtype=np.int64), np.frombuffer(sizes, dtype=np.int32))
 
 
-def read_file(path: str) -> list[dict]:
+def read_file(path: str) -> Sequence:
     suffix = Path(path).suffix
     if suffix == ".jsonl":
         return read_jsonl(path)
@@ -138,24 +225,30 @@ def read_file(path: str) -> list[dict]:
         return obj
     import datasets
 
-    return datasets.load_dataset(FILE_SUFFIXES[suffix], data_files=path, split="train").to_list()
+    return DatasetRows(datasets.load_dataset(FILE_SUFFIXES[suffix], data_files=path, split="train"))
 
 
-def read_source(path: str, split: str = "train") -> list[dict]:
+def read_source(path: str, split: str = "train") -> Sequence:
+    """Every row of a source (a file, a directory or glob of files, or a hub dataset), each file
+    checked on the way; rows are read again when tokenized (JsonlRows, DatasetRows), not held."""
+    import numpy as np
+
     files = _expand(path)
     if not files and _is_hub_id(path):
         import datasets
 
         try:
-            return datasets.load_dataset(path, split=split).to_list()
+            return DatasetRows(datasets.load_dataset(path, split=split))
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"cannot load hub dataset '{path}' (split {split}): {exc}") from None
-    rows: list[dict] = []
-    for f in files:
-        rows += read_file(f)
-    if not rows:
+    parts = [read_file(f) for f in files]
+    n = sum(len(p) for p in parts)
+    if not n:
         raise DataError(f"'{path}' holds no examples")
-    return rows
+    if len(parts) == 1:
+        return parts[0]
+    return RowRefs(parts, np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts]),
+                   np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,57 +567,77 @@ def tokenize_rows(rows: list[dict], renderer: Renderer, data_cfg, stats: DataSta
     return out
 
 
-def _weighted(rows: list[dict], weight: float, seed: int) -> list[dict]:
-    """Mixing weight w: floor(w) full copies plus a seeded (w - floor(w)) fraction."""
+def _weighted(n: int, weight: float, seed: int):
+    """Mixing weight w over n rows: floor(w) full copies plus a seeded (w - floor(w)) fraction; the
+    row indices, in order (random.sample picks by position: the same rows as sampling the rows)."""
     import random
 
-    if weight == 1.0:
-        return rows
+    import numpy as np
+
     whole, frac = int(weight), weight - int(weight)
-    rng = random.Random(seed)
-    extra = rng.sample(rows, int(round(frac * len(rows))))
-    return rows * whole + extra
+    extra = random.Random(seed).sample(range(n), int(round(frac * n))) if weight != 1.0 else []
+    return np.concatenate([np.tile(np.arange(n, dtype=np.int64), whole if weight != 1.0 else 1),
+                           np.asarray(extra, dtype=np.int64)])
 
 
 def split_rows(cfg):
-    """(train, eval or None): the rows of every source, weighted and split, each paired with its
-    source's settings; the bytes are read and checked here (file:line errors)."""
+    """(train, eval or None): each a list of (rows, source settings) groups in data order, the rows of
+    every source weighted and split; the bytes are read and checked here (file:line errors). Rows are
+    references (RowRefs: 12 bytes each), read again when tokenized."""
+    import numpy as np
+
     data_cfg = cfg.data
-    train_rows: list[tuple[dict, dict]] = []  # (row, source settings)
-    for s in _sources(data_cfg):
-        rows = read_source(s["path"], s["split"])
-        for r in _weighted(rows, s["weight"], cfg.train.seed):
-            train_rows.append((r, s))
-    eval_rows: Optional[list[tuple[dict, dict]]] = None
+    sources = _sources(data_cfg)
+    seqs = [read_source(s["path"], s["split"]) for s in sources]
+    picks = [_weighted(len(rows), s["weight"], cfg.train.seed) for rows, s in zip(seqs, sources)]
+    part = np.repeat(np.arange(len(seqs), dtype=np.int32), [len(p) for p in picks])
+    index = np.concatenate(picks)
+    keep = np.ones(len(index), dtype=bool)
+    eval_groups = None
     if isinstance(data_cfg.eval, float):
         import random
 
-        order = list(range(len(train_rows)))
+        order = list(range(len(index)))
         random.Random(cfg.train.seed).shuffle(order)
         n_eval = max(1, int(round(data_cfg.eval * len(order))))
-        held = set(order[:n_eval])
-        eval_rows = [train_rows[i] for i in sorted(held)]
-        train_rows = [r for i, r in enumerate(train_rows) if i not in held]
+        keep[np.asarray(order[:n_eval], dtype=np.int64)] = False
+        del order
+        eval_groups = _groups(seqs, sources, part[~keep], index[~keep])
     elif isinstance(data_cfg.eval, str):
-        base = _sources(data_cfg)[0]
-        eval_rows = [(r, {**base, "path": data_cfg.eval}) for r in read_source(data_cfg.eval)]
-    return train_rows, eval_rows
+        rows = read_source(data_cfg.eval)
+        eval_groups = [(rows, {**sources[0], "path": data_cfg.eval})]
+    return _groups(seqs, sources, part[keep], index[keep]), eval_groups
 
 
-def encode_split(cfg, tokenizer, pairs, name: str, sink, main_process_first=None, log=print, procs=None) -> DataStats:
-    """Tokenize one split: `sink(ids, labels, lengths)` gets its examples as consecutive chunks of flat
-    arrays, in order (grouped by source settings, as always). Returns the counts; raises when nothing
-    usable is left."""
+def _groups(seqs: list, sources: list[dict], part, index) -> list[tuple[Sequence, dict]]:
+    """Rows grouped by their source's settings (the weight aside), groups in order of first
+    appearance, rows in data order within a group: how each group is rendered and tokenized."""
+    import numpy as np
+
+    def key(s):
+        return tuple(sorted((k, v) for k, v in s.items() if k != "weight"))
+
+    present, first = np.unique(part, return_index=True)
+    out: dict[tuple, list[int]] = {}
+    for i in present[np.argsort(first)].tolist():  # source indices in order of first appearance
+        out.setdefault(key(sources[i]), []).append(i)
+    groups = []
+    for members in out.values():
+        mask = np.isin(part, members)
+        if mask.any():
+            groups.append((RowRefs(seqs, part[mask], index[mask]), sources[members[0]]))
+    return groups
+
+
+def encode_split(cfg, tokenizer, groups, name: str, sink, main_process_first=None, log=print, procs=None) -> DataStats:
+    """Tokenize one split (split_rows' groups): `sink(ids, labels, lengths)` gets its examples as
+    consecutive chunks of flat arrays, in order. Returns the counts; raises when nothing usable is left."""
     import contextlib
 
     data_cfg = cfg.data
     first = main_process_first or contextlib.nullcontext
     stats = DataStats()
-    groups: dict[tuple, list[dict]] = {}
-    for row, s in pairs:
-        groups.setdefault(tuple(sorted((k, v) for k, v in s.items() if k != "weight")), []).append(row)
-    for key, rows in groups.items():
-        s = dict(key)
+    for rows, s in groups:
         fmt, pf, cf = s["format"], s["prompt_field"], s["completion_field"]
         if fmt == "auto":
             fmt, pf, cf = detect_format(rows[0], pf, cf)

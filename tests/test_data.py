@@ -246,3 +246,67 @@ def test_group_by_length_and_packing_refused_together(tiny, tmp_path):
     raw = base_config(tiny, tmp_path / "o", data={"packing": True, "group_by_length": True})
     with pytest.raises(C.ConfigError, match="not both"):
         C.load(write_config(tmp_path / "c.yaml", raw), check_model=False)
+
+
+# ------------------------------------------------------------------------------- rows at scale
+
+
+def _old_split(cfg) -> tuple[list, list]:
+    """The reading and splitting rule written out on rows held in memory (what distlora did before rows
+    became references): floor(w) copies plus a seeded sample of the fraction, then a seeded hold-out."""
+    import random
+
+    rows_all = []
+    for s in D._sources(cfg.data):
+        rows = [json.loads(line) for f in D._expand(s["path"]) for line in open(f) if line.strip()]
+        if s["weight"] != 1.0:
+            whole, frac = int(s["weight"]), s["weight"] - int(s["weight"])
+            rows = rows * whole + random.Random(cfg.train.seed).sample(rows, int(round(frac * len(rows))))
+        rows_all += [(r, s["path"]) for r in rows]
+    order = list(range(len(rows_all)))
+    random.Random(cfg.train.seed).shuffle(order)
+    held = set(order[: max(1, int(round(cfg.data.eval * len(order))))])
+    return [r for i, r in enumerate(rows_all) if i not in held], [rows_all[i] for i in sorted(held)]
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.4, 2.5])
+def test_rows_read_as_references_split_like_rows_in_memory(tmp_path, weight):
+    """split_rows keeps rows as file offsets (no dict per row); the train and eval rows, their order
+    and their sources equal the rule applied to rows in memory: a directory of shards and a file with
+    blank lines, weighted, with a held-out eval fraction."""
+    (tmp_path / "d").mkdir()
+    for k in range(3):
+        (tmp_path / "d" / f"s{k}.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"d{k}-{i}", "completion": "x"}) + "\n" for i in range(50 + k)))
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"a{i}", "completion": "y"}) + ("\n\n" if i % 5 == 0 else "\n") for i in range(37)))
+    cfg = C.validate({"model": {"name_or_path": "m"}, "train": {"output_dir": str(tmp_path / "o"), "seed": 7},
+                       "data": {"train": [{"path": str(tmp_path / "d")}, {"path": str(tmp_path / "a.jsonl"), "weight": weight}],
+                                "eval": 0.2}}, check_model=False)
+    train, evals = D.split_rows(cfg)
+    want_train, want_eval = _old_split(cfg)
+    assert [(r, s["path"]) for rows, s in train for r in rows[:]] == want_train
+    assert [(r, s["path"]) for rows, s in evals for r in rows[:]] == want_eval
+    assert [train[0][0][i] for i in range(3)] == [r for r, _ in want_train[:3]]  # one row at a time too
+
+
+def test_reading_a_source_holds_no_python_object_per_row(tmp_path):
+    """100k rows read and split (rank 0's job while it tokenizes): allocations peak at < 100 bytes a row,
+    all of it numpy index arrays (measured 63: line offsets 12, weighted picks 12, the kept subset and
+    each group's references 12 each, masks). Rows held as dicts, as before, peaked at 507 bytes a row."""
+    import tracemalloc
+
+    n = 100_000
+    with open(tmp_path / "big.jsonl", "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": f"question {i} about apples", "completion": f"answer {i}"}) + "\n")
+    cfg = C.validate({"model": {"name_or_path": "m"}, "train": {"output_dir": str(tmp_path / "o")},
+                       "data": {"train": str(tmp_path / "big.jsonl")}}, check_model=False)
+    tracemalloc.start()
+    try:
+        train, _ = D.split_rows(cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(len(rows) for rows, _ in train) == n
+    assert peak / n < 100, f"{peak / n:.0f} bytes a row"
