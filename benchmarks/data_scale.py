@@ -6,6 +6,10 @@ per-process anonymous memory of the data path, and the packing plan. Prints one 
 Each measurement runs in its own process (peak RSS = ru_maxrss of that process and its workers).
 "Rank at step 1" is the data side of a rank only (records or store opened, loader built, first batch
 collated; no model): RssAnon and Pss from /proc, two processes at once.
+"Launch" rows are real 2-process `accelerate launch` runs of the tiny model on a warm cache, at the
+full size and at a tenth of it (the baseline: what must not grow with the data): seconds from the
+command to step 1 in metrics.jsonl, and each worker's RssAnon read from /proc at step 1 and at the
+last step (--steps, default 100).
 """
 
 from __future__ import annotations
@@ -142,10 +146,71 @@ print(json.dumps({"new": new, "old_twice": 2 * old, "same": same}))
 """
 
 
+def _worker_pids(pid: int) -> list[int]:
+    """The launcher's descendants that run distlora.train (accelerate -> torch elastic agent -> workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        for k in map(int, kids):
+            try:
+                cmd = Path(f"/proc/{k}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"distlora.train" in cmd and b"accelerate.commands.launch" not in cmd:
+                out.append(k)
+            todo.append(k)
+    return sorted(set(out))
+
+
+def _anon_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def launch_run(tmp: Path, cfg: dict, name: str, steps: int) -> dict:
+    """A real 2-process launch on the warm cache: seconds to step 1, workers' RssAnon at step 1 and at
+    the last step (polled from /proc while the run holds there: a hook-free reading from outside)."""
+    import time
+
+    import yaml
+
+    out = tmp / f"launch-{name}"
+    run_cfg = {**cfg, "train": {**cfg["train"], "output_dir": str(out), "max_steps": steps, "log_every": 1,
+                                "save_every": 0, "eval_every": 0, "micro_batch_size": 4}}
+    path = tmp / f"launch-{name}.yaml"
+    path.write_text(yaml.safe_dump(run_cfg))
+    cmd = [PY, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu_ddp.yaml"),
+           "--num_processes", "2", "-m", "distlora.train", "--config", str(path)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    metrics, first, at_first, at_last = out / "metrics.jsonl", None, [], []
+    while proc.poll() is None:
+        done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        pids = _worker_pids(proc.pid)
+        if done >= 1 and first is None:
+            first = time.perf_counter() - t0
+            at_first = [_anon_mb(p) for p in pids]
+        if done >= steps - 1 and pids:
+            at_last = [_anon_mb(p) for p in pids]  # the last reading before the workers exit
+        time.sleep(0.05)
+    if proc.returncode:
+        raise SystemExit(proc.stderr.read()[-3000:])
+    return {"to_step1": first, "anon_step1": max(at_first), "anon_last": max(at_last or at_first)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="100k examples")
     ap.add_argument("--examples", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=100, help="steps of each real launch (RssAnon at the last one)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the table's rows here (name, ours, baseline, ratio)")
     args = ap.parse_args(argv)
     n = args.examples or 100_000
     import yaml
@@ -158,8 +223,9 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         tiny = build_assets(tmp / "tiny")
         sources = make_data(tmp, n)
+        (tmp / "small").mkdir()
         cfg = {"model": {"name_or_path": str(tiny / "model")},
-               "data": {"train": sources, "eval": None, "max_seq_len": 512},
+               "data": {"train": sources, "eval": None, "max_seq_len": 512, "cache_dir": str(tmp / "cache")},
                "train": {"output_dir": str(tmp / "out")}}
         (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
         ours = run(OURS, tmp / "c.yaml")
@@ -172,6 +238,11 @@ def main(argv=None) -> int:
                   for _ in range(2)]
             ranks[kind] = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in ps]
         pack = run(PACK, ours["store"])
+        # the warm cache at a tenth of the size: what a rank holds must not grow with the data
+        small = {**cfg, "data": {**cfg["data"], "train": make_data(tmp / "small", n // 10)}}
+        (tmp / "small.yaml").write_text(yaml.safe_dump(small))
+        run(OURS, tmp / "small.yaml")
+        launched = {k: launch_run(tmp, c, k, args.steps) for k, c in (("small", small), ("full", cfg))}
     tps_o, tps_b = ours["tokens"] / ours["wall"], base["tokens"] / base["wall"]
     anon = {k: max(r["RssAnon"] for r in v) for k, v in ranks.items()}
     pss = {k: max(r["Pss"] for r in v) for k, v in ranks.items()}
@@ -182,11 +253,21 @@ def main(argv=None) -> int:
         ("rank Pss at step 1 MB (data)", f"{pss['store']:.1f}", f"{pss['list']:.1f} (records as lists)", pss["store"] / pss["list"]),
         ("packing plan s", f"{pack['new']:.2f}", f"{pack['old_twice']:.2f} (old packer, run twice)", pack["new"] / pack["old_twice"]),
     ]
+    lo, hi = launched["small"], launched["full"]
+    small_n = f"{n // 10:,} examples"
+    rows += [
+        ("launch to step 1 s (warm cache)", f"{hi['to_step1']:.1f}", f"{lo['to_step1']:.1f} ({small_n})", hi["to_step1"] / lo["to_step1"]),
+        ("launch: rank RssAnon step 1 MB", f"{hi['anon_step1']:.0f}", f"{lo['anon_step1']:.0f} ({small_n})", hi["anon_step1"] / lo["anon_step1"]),
+        (f"launch: rank RssAnon step {args.steps} MB", f"{hi['anon_last']:.0f}", f"{lo['anon_last']:.0f} ({small_n})", hi["anon_last"] / lo["anon_last"]),
+    ]
     print(f"data_scale: {n:,} examples, {ours['tokens']:,} tokens, {procs} processes; plans identical: {pack['same']}")
     print(f"| {'measure':34} | {'token store':>12} | {'baseline':44} | {'ratio':>6} |")
     print(f"|{'-' * 36}|{'-' * 14}|{'-' * 46}|{'-' * 8}|")
     for name, a, b, r in rows:
         print(f"| {name:34} | {a:>12} | {b:44} | {r:6.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"examples": n, "plans_identical": pack["same"], "launch": launched,
+                                         "rows": [{"name": r[0], "ours": r[1], "baseline": r[2], "ratio": r[3]} for r in rows]}))
     return 0 if pack["same"] else 1
 
 

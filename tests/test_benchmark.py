@@ -32,3 +32,22 @@ def test_vs_trainer_quick_end_to_end(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "x [" in line]
     assert len(rows) == len(bench.VARIANTS)
     assert all("nan" not in line.split("|")[8] for line in rows), "every variant reports a final eval loss"
+
+
+@pytest.mark.slow
+def test_data_scale_quick_end_to_end(tmp_path):
+    """benchmarks/data_scale.py --quick (100k examples; real 2-process launches at 100k and 10k on a
+    warm cache): the packing plan equals the old packer's, and a rank's anonymous memory at step 1
+    and at the last step grows by less than 100 MB from 10k to 100k examples (the issue's bound for
+    100k to 10M; measured here +10 MB from 2k to 20k: the data is mapped, not held). Speeds are
+    reported, not asserted."""
+    import json
+
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_scale.py"), "--quick", "--steps", "20",
+                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["examples"] == 100_000 and r["plans_identical"]
+    lo, hi = r["launch"]["small"], r["launch"]["full"]
+    assert hi["anon_step1"] - lo["anon_step1"] < 100, r["launch"]
+    assert hi["anon_last"] - lo["anon_last"] < 100, r["launch"]
