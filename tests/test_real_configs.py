@@ -212,3 +212,18 @@ def test_architecture_memory_preflight_and_quoted_plan(name, arch_dirs, shapes, 
     assert quoted == printed, f"configs/train/{name}: the quoted plan is stale; it is now:\n" + \
         "\n".join(QUOTE + line for line in printed)
     assert re.search(r"memory: .* plan [\d.,]+ GiB per GPU of", printed[-1]), printed[-1]
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_readme_table_is_the_quoted_plan(name):
+    """The README's "Real models" table row of each config says the plan its header quotes: memory per GPU,
+    of what, and the checkpointing the auto rule chose (the quote itself is checked against `distlora plan`
+    above)."""
+    _, quoted = _plan_block((TRAIN / name).read_text())
+    m = re.search(r"memory: gradient checkpointing (on|off), .*; plan ([\d.,]+ GiB) per GPU of ([\d.,]+ GiB)", quoted[-1])
+    assert m, quoted[-1]
+    section = (ROOT / "README.md").read_text().split("## Real models", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith(f"| `{name}` |")]
+    assert len(rows) == 1, f"README's Real models table has no row for {name}"
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[2].startswith(f"{m.group(2)} of {m.group(3)}") and cells[3] == m.group(1), (rows[0], quoted[-1])
