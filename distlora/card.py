@@ -24,9 +24,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-# Seconds huggingface_hub's HTTP client waits to connect and between reads/writes (its own default is no
-# limit): an unreachable or silent endpoint ends the push with one line instead of hanging.
-HUB_TIMEOUT_S = 30
+# huggingface_hub's HTTP client waits without limit by default. Seconds to connect, then between two reads
+# or writes of one request (not for a whole upload): a silent endpoint ends the push in one line, not a hang.
+HUB_CONNECT_TIMEOUT_S = 10
+HUB_IO_TIMEOUT_S = 120
 EXIT_BAD_INPUT, EXIT_NO_HUB, EXIT_FAILED = 2, 3, 1
 LEFT_OUT = ("README.md", "COMPLETE.json")  # PEFT's placeholder card (replaced) and distlora's write marker
 MAX_EVAL_ROWS = 12  # eval rows shown in the card; a longer curve is thinned to evenly spaced rows
@@ -48,6 +49,7 @@ class Run:
     adapter: Path
     output_dir: Path | None
     adapter_config: dict
+    checkpoint_step: int | None = None  # a checkpoint's adapter: its step (the run's files say more than it saw)
     config: dict | None = None
     run_info: dict | None = None
     summary: dict | None = None
@@ -80,6 +82,8 @@ def read_run(adapter: str | Path) -> Run:
                         "interrupted); push the run's final adapter or a complete checkpoint", EXIT_BAD_INPUT)
     out = next((d for d in (a.parent, *a.parents[1:3]) if (d / "config.yaml").is_file()), None)
     run = Run(a, out, json.loads(conf.read_text()))
+    if (a.parent / layout.STATE).is_file():
+        run.checkpoint_step = layout.read_state(a.parent).get("step")
     if out is not None:
         import yaml
 
@@ -93,10 +97,6 @@ def read_run(adapter: str | Path) -> Run:
 def upload_files(run: Run) -> list[str]:
     """The repository's files: the adapter directory's, PEFT's README.md replaced by the card."""
     return sorted([f.name for f in run.adapter.iterdir() if f.is_file() and f.name not in LEFT_OUT] + ["README.md"])
-
-
-def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
 def _fmt(x, digits=4) -> str:
@@ -126,15 +126,17 @@ def _data_rows(cfg: dict) -> list[str]:
         size = sum(Path(f).stat().st_size for f in files)
         sha = hashlib.sha256()
         for f in files:
-            sha.update(Path(f).read_bytes())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    sha.update(block)
         rows.append(f"| {split} | `{path}` | {fmt} | {weight:g} | {n} | {size:,} | `{sha.hexdigest()[:16]}` |")
     if isinstance(d.eval, float):
         rows.append(f"| eval | {d.eval:g} of train held out | | | | | |")
     return rows
 
 
-def _eval_rows(metrics: list) -> list[dict]:
-    rows = [m for m in metrics if "eval_loss" in m]
+def _eval_rows(rows: list) -> list[dict]:
+    """At most MAX_EVAL_ROWS of them, evenly spaced, the first and the last kept."""
     if len(rows) <= MAX_EVAL_ROWS:
         return rows
     pick = sorted({round(i * (len(rows) - 1) / (MAX_EVAL_ROWS - 1)) for i in range(MAX_EVAL_ROWS)})
@@ -146,6 +148,7 @@ def build_card(run: Run, repo_id: str) -> str:
     import yaml
 
     from distlora import __version__
+    from distlora.config import _looks_local
 
     ac, cfg, info, summ = run.adapter_config, run.config, run.run_info or {}, run.summary or {}
     base = (cfg or {}).get("model", {}).get("name_or_path") or ac.get("base_model_name_or_path") or "unknown"
@@ -153,7 +156,7 @@ def build_card(run: Run, repo_id: str) -> str:
     trained_with = (info.get("versions") or {}).get("distlora")
     meta = {"library_name": "peft", "pipeline_tag": "text-generation",
             "tags": ["distlora", "lora", "peft"] + (["qlora"] if quant else [])}
-    if _is_hub_id(base):
+    if base != "unknown" and not _looks_local(base):  # a hub id: the Hub links the adapter to it
         meta = {"base_model": base, **meta}
     out = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
            f"# {repo_id.split('/')[-1]}", "",
@@ -180,36 +183,47 @@ def build_card(run: Run, repo_id: str) -> str:
                 f"{d.get('train_on_prompt')}.", ""]
         world = info.get("world_size", 1)
         out += ["## Training", "",
-                f"- {info.get('backend', 'n/a')} on {world} {info.get('device', 'device')} process(es), mixed precision "
-                f"{info.get('mixed_precision', t.get('mixed_precision'))}",
+                f"- backend {info.get('backend', 'n/a')}, {world} process(es) on {info.get('device', 'n/a')}, mixed "
+                f"precision {info.get('mixed_precision', t.get('mixed_precision'))}",
                 f"- global batch {t.get('micro_batch_size', 0) * t.get('gradient_accumulation_steps', 1) * world} "
                 f"(micro {t.get('micro_batch_size')} x accumulation {t.get('gradient_accumulation_steps')} x "
-                f"{world} processes), {summ.get('steps', 'n/a')} optimizer steps",
+                f"{world} processes), " + (f"this adapter at step {run.checkpoint_step} of the run's "
+                                           f"{summ.get('steps', 'n/a')}" if run.checkpoint_step is not None else
+                                           f"{summ.get('steps', 'n/a')} optimizer steps"),
                 f"- AdamW lr {t.get('lr')}, {t.get('lr_scheduler')} schedule, seed {t.get('seed')}",
                 "- status: " + (f"{run.status.get('status')} at step {run.status.get('step')}/{run.status.get('total_steps')}"
                                 + (f", config hash `{run.status['config_hash']}`" if run.status.get("config_hash") else "")
                                 if run.status else "n/a"),
                 "- versions: " + (", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items()) or "n/a"), ""]
 
-    if summ or run.metrics:
-        loss = summ.get("final_eval_loss")
-        out += ["## Results", "", "| metric | value |", "| --- | --- |",
-                f"| final train loss | {_fmt(summ.get('final_train_loss'))} |",
-                f"| final eval loss | {_fmt(loss)} |",
-                f"| final eval perplexity | {_fmt(math.exp(loss) if loss is not None else None, 2)} |",
-                f"| mean tokens/s | {_fmt(summ.get('mean_tokens_per_s'), 1)} |",
-                f"| training time (s) | {_fmt(summ.get('train_wall_s'), 1)} |",
-                f"| peak memory per process (MiB) | {_fmt(summ.get('peak_mem_mb'), 0)} |", ""]
-        evals = _eval_rows(run.metrics or [])
+    upto = run.checkpoint_step if run.checkpoint_step is not None else math.inf
+    rows = [m for m in run.metrics or [] if m.get("step", 0) <= upto]
+    train = [m for m in rows if "loss" in m]
+    evals = [m for m in rows if "eval_loss" in m]
+    if train or evals:
+        what = "the run's last" if upto == math.inf else f"the last up to this checkpoint's step {run.checkpoint_step}"
+        out += ["## Results", "", f"From metrics.jsonl, {what} logged values:", "",
+                "| metric | step | value |", "| --- | --- | --- |"]
+        if train:
+            out.append(f"| train loss | {train[-1]['step']} | {_fmt(train[-1]['loss'])} |")
+        if evals:
+            e = evals[-1]
+            out += [f"| eval loss | {e['step']} | {_fmt(e['eval_loss'])} |",
+                    f"| eval perplexity | {e['step']} | {_fmt(math.exp(e['eval_loss']), 2)} |"]
+        if upto == math.inf and summ:  # the whole run's throughput: not a checkpoint's
+            out += [f"| mean tokens/s | all | {_fmt(summ.get('mean_tokens_per_s'), 1)} |",
+                    f"| training time (s) | all | {_fmt(summ.get('train_wall_s'), 1)} |",
+                    f"| peak memory per process (MiB) | all | {_fmt(summ.get('peak_mem_mb'), 0)} |"]
+        out.append("")
         if evals:
             out += ["Eval loss by step:", "", "| step | eval loss |", "| --- | --- |",
-                    *[f"| {r['step']} | {r['eval_loss']:.4f} |" for r in evals], ""]
+                    *[f"| {r['step']} | {r['eval_loss']:.4f} |" for r in _eval_rows(evals)], ""]
 
-    if run.samples:
-        last = max(s.get("step", 0) for s in run.samples)
-        shown = [s for s in run.samples if s.get("step", 0) == last][:MAX_SAMPLES]
+    samples = [s for s in run.samples or [] if s.get("step", 0) <= upto]
+    if samples:
+        last = max(s.get("step", 0) for s in samples)
         out += ["## Samples", "", f"Generated at step {last}:", ""]
-        for s in shown:
+        for s in [s for s in samples if s.get("step", 0) == last][:MAX_SAMPLES]:
             for key in ("prompt", "completion", "reference"):
                 if s.get(key) is not None:
                     out += [f"{key}:", "", "```text", str(s[key]).replace("```", "'''"), "```", ""]
@@ -281,7 +295,7 @@ def push(adapter: str, repo_id: str, private: bool = False, dry_run: bool = Fals
     if get_token() is None:
         raise PushError("not logged in to the Hugging Face Hub (no HF_TOKEN, no saved token): run `hf auth login` "
                         "with a token that can write, or set HF_TOKEN", EXIT_NO_HUB)
-    get_session().timeout = HUB_TIMEOUT_S
+    get_session().timeout = (HUB_CONNECT_TIMEOUT_S, HUB_IO_TIMEOUT_S, HUB_IO_TIMEOUT_S, HUB_CONNECT_TIMEOUT_S)
     api = HfApi()
     ops = [CommitOperationAdd("README.md", card.encode())]
     ops += [CommitOperationAdd(f, str(run.adapter / f)) for f in files if f != "README.md"]

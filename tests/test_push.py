@@ -27,9 +27,10 @@ SAMPLES = [  # the trainer's samples.jsonl rows: {step, prompt, completion, refe
 
 @pytest.fixture(scope="module")
 def run_dir(tiny, tmp_path_factory) -> Path:
-    """A finished tiny run (6 steps, eval at the start and every 3 steps) with a samples.jsonl."""
+    """A finished tiny run (6 steps, eval at the start and every 3 steps, a checkpoint at step 3) with a
+    samples.jsonl."""
     tmp = tmp_path_factory.mktemp("pushrun")
-    raw = base_config(tiny, tmp / "out", train={"eval_every": 3, "eval_at_start": True})
+    raw = base_config(tiny, tmp / "out", train={"eval_every": 3, "eval_at_start": True, "save_every": 3})
     assert run_inprocess(write_config(tmp / "run.yaml", raw)) == 0
     (tmp / "out" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in SAMPLES))
     return tmp / "out"
@@ -76,9 +77,11 @@ def test_card_says_what_the_run_did(run_dir):
         assert f"| {split} | `{path}` | auto | 1 | {n:,} | {len(text):,} | `{sha}` |" in card
     assert f"global batch {cfg['train']['micro_batch_size']} (micro 4 x accumulation 1 x 1 processes), 6 optimizer steps" in card
     assert "- status: complete at step 6/6, config hash" in card
-    # final metrics as summary.json says, and the whole eval curve of metrics.jsonl (steps 0, 3, 6)
-    assert f"| final eval loss | {summary['final_eval_loss']:,.4f} |" in card
-    assert f"| final train loss | {summary['final_train_loss']:,.4f} |" in card
+    # final metrics (metrics.jsonl's last rows, which summary.json's final values must equal), the whole run's
+    # throughput, and the whole eval curve (steps 0, 3, 6)
+    assert f"| train loss | 6 | {summary['final_train_loss']:,.4f} |" in card
+    assert f"| eval loss | 6 | {summary['final_eval_loss']:,.4f} |" in card
+    assert f"| mean tokens/s | all | {summary['mean_tokens_per_s']:,.1f} |" in card
     evals = [m for m in metrics if "eval_loss" in m]
     assert [m["step"] for m in evals] == [0, 3, 6]
     for m in evals:
@@ -89,6 +92,20 @@ def test_card_says_what_the_run_did(run_dir):
     # the run config, whole, as the trainer wrote it
     block = card.split("```yaml\n", 1)[1].split("\n```", 1)[0]
     assert yaml.safe_load(block) == cfg
+
+
+def test_card_of_a_checkpoint_stops_at_its_step(run_dir):
+    """A checkpoint's adapter: the metrics, eval curve and samples up to its step, not the run's final ones."""
+    from distlora import layout
+    from distlora.card import build_card, read_run
+
+    card = build_card(read_run(layout.step_dir(run_dir, 3) / "adapter"), "me/tiny-adder-step3")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    at3 = {k: m[k] for m in metrics if m["step"] == 3 for k in ("loss", "eval_loss") if k in m}
+    assert "this adapter at step 3 of the run's 6" in card
+    assert f"| train loss | 3 | {at3['loss']:,.4f} |" in card and f"| eval loss | 3 | {at3['eval_loss']:,.4f} |" in card
+    assert "| 6 |" not in card and "mean tokens/s" not in card  # nothing from after step 3
+    assert "Generated at step 3:" in card and "what is 1 plus 1?" in card and "what is 2 plus 2?" not in card
 
 
 def test_card_load_snippet_loads_the_adapter(run_dir):
@@ -172,7 +189,7 @@ def test_push_refused_token_fails_in_one_line(run_dir, tmp_path):
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
     class Refuse(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
+        def do_POST(self):  # http.server calls it by this name
             body = b'{"error": "Invalid credentials in Authorization header"}'
             self.send_response(401)
             self.send_header("Content-Type", "application/json")
