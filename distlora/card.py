@@ -5,9 +5,9 @@
 The card (the repository's README.md) says what the adapter is and how it was made, from the files the
 trainer leaves (each optional but the adapter's own adapter_config.json): the base and LoRA settings
 (adapter_config.json, config.yaml), the data sources with their example counts and sha256 as they are on
-disk now (read by the trainer's own reader), the run (run_info.json, config.yaml, status.json), the final
-metrics and the eval curve (summary.json, metrics.jsonl), generated samples (samples.jsonl), the distlora
-version, and the code that loads it. The upload is the adapter directory's files, PEFT's placeholder
+disk now (read by the trainer's own reader), the run (run_info.json, config.yaml, status.json), the last
+logged losses and the eval curve (metrics.jsonl; a checkpoint's: up to its step) with the run's throughput
+(summary.json), generated samples (samples.jsonl), the distlora version, and the code that loads it. The upload is the adapter directory's files, PEFT's placeholder
 README.md replaced by the card and distlora's COMPLETE.json marker left out, in one commit through
 huggingface_hub (create_repo, then create_commit). `--dry-run` prints the card and that file list and
 touches no network. Torch-free: pushing needs no GPU machine.
@@ -49,7 +49,7 @@ class Run:
     adapter: Path
     output_dir: Path | None
     adapter_config: dict
-    checkpoint_step: int | None = None  # a checkpoint's adapter: its step (the run's files say more than it saw)
+    checkpoint_step: int | None = None  # a checkpoint's adapter: its step; the run's rows after it are left out
     config: dict | None = None
     run_info: dict | None = None
     summary: dict | None = None

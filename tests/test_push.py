@@ -218,3 +218,14 @@ def test_push_bad_input_is_named(run_dir, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"distlora push: --adapter: '{tmp_path}' holds no adapter_config.json")
     assert main(["push", "--adapter", str(run_dir / "adapter"), "--repo", "me/x/y", "--dry-run"]) == 2
     assert capsys.readouterr().err.startswith("distlora push: --repo: 'me/x/y' is not a Hub repository id")
+
+
+def test_long_eval_curve_is_thinned_evenly_keeping_both_ends():
+    from distlora.card import MAX_EVAL_ROWS, _eval_rows
+
+    rows = [{"step": 10 * i, "eval_loss": 1.0 / (i + 1)} for i in range(30)]
+    kept = [r["step"] for r in _eval_rows(rows)]
+    assert len(kept) == MAX_EVAL_ROWS and kept[0] == 0 and kept[-1] == 290 and kept == sorted(kept)
+    gaps = {b - a for a, b in zip(kept, kept[1:])}
+    assert gaps <= {20, 30}, gaps  # 29 intervals over 11 gaps: 2 or 3 rows apart, never a hole
+    assert _eval_rows(rows[:5]) == rows[:5]
