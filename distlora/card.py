@@ -260,6 +260,7 @@ def _hub_problem(exc: Exception, endpoint: str) -> PushError:
             return PushError(f"the Hub at {endpoint} refused the token ({status}): log in with a token that can write "
                              "(`hf auth login`, or HF_TOKEN)", EXIT_NO_HUB)
         return PushError(f"upload failed: {type(exc).__name__}: {first}", EXIT_FAILED)
+    # transport errors of the HTTP library huggingface_hub runs on (httpx; httpx2 in huggingface_hub 2.x)
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or "httpx" in type(exc).__module__:
         return PushError(f"cannot reach the Hub at {endpoint} ({type(exc).__name__}: {first}); check the network, "
                          "a proxy, or HF_ENDPOINT", EXIT_NO_HUB)

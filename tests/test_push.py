@@ -229,3 +229,38 @@ def test_long_eval_curve_is_thinned_evenly_keeping_both_ends():
     gaps = {b - a for a, b in zip(kept, kept[1:])}
     assert gaps <= {20, 30}, gaps  # 29 intervals over 11 gaps: 2 or 3 rows apart, never a hole
     assert _eval_rows(rows[:5]) == rows[:5]
+
+
+def test_push_to_a_silent_hub_ends_at_the_timeout(run_dir, monkeypatch, capsys):
+    """A Hub that accepts the connection and never answers: the push ends at its read timeout (set to 1 s
+    here, 120 s shipped) with one line, instead of waiting for ever (huggingface_hub's client has no limit)."""
+    import threading
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from distlora import card
+    from distlora.cli import main
+
+    server, held = socket.socket(), []
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    threading.Thread(target=lambda: held.extend(server.accept() for _ in range(1)), daemon=True).start()
+    session = huggingface_hub.get_session()
+    monkeypatch.setattr(session, "timeout", session.timeout)  # restored after the test: the client is shared
+    monkeypatch.setattr(card, "HUB_IO_TIMEOUT_S", 1)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    start = time.monotonic()
+    try:
+        rc = main(["push", "--adapter", str(run_dir / "adapter"), "--repo", "me/tiny-adder"])
+    finally:
+        for conn, _ in held:
+            conn.close()
+        server.close()
+    took = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert rc == 3 and err.count("\n") == 1 and "Timeout" in err, err
+    assert err.startswith(f"distlora push: cannot reach the Hub at {constants.ENDPOINT} (ReadTimeout"), err
+    assert took < 10, took  # the 1 s read timeout, not a hang
