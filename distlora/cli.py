@@ -1,4 +1,4 @@
-"""`distlora` subcommands: train, preprocess, launch, slurm, merge, plan, plot, tiny."""
+"""`distlora` subcommands: train, preprocess, launch, slurm, merge, plan, plot, push, tiny."""
 
 from __future__ import annotations
 
@@ -108,6 +108,11 @@ def main(argv=None) -> int:
     pp = sub.add_parser("preprocess", help="tokenize the run's data once into the cache the trainer reuses")
     pp.add_argument("--config", required=True)
     pp.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    pu = sub.add_parser("push", help="upload an adapter to the Hugging Face Hub with a model card built from its run")
+    pu.add_argument("--adapter", required=True, help="the adapter directory (output_dir/adapter or a checkpoint's adapter/)")
+    pu.add_argument("--repo", required=True, help="Hub repository id, owner/name (created if missing)")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--dry-run", action="store_true", help="print the card and the file list; upload nothing")
     t = sub.add_parser("tiny", help="write the tiny local model, tokenizer and dataset used by the demo and tests")
     t.add_argument("out")
     if argv[:1] == ["train"]:
@@ -170,6 +175,16 @@ def _side_command(args) -> int:
         return plan_main(args)
     elif args.cmd == "preprocess":
         return preprocess(args.config, args.overrides)
+    elif args.cmd == "push":
+        from distlora.card import PushError, push
+
+        try:
+            url = push(args.adapter, args.repo, private=args.private, dry_run=args.dry_run)
+        except PushError as err:
+            print(f"distlora push: {err}", file=sys.stderr)
+            return err.code
+        if url:
+            print(f"pushed {args.adapter} to {url}")
     elif args.cmd == "tiny":
         from distlora.tiny import build_assets
 
