@@ -108,10 +108,13 @@ class FSDP2(Backend):
     def generating(self):
         """transformers sees our fully_shard model only as a plain module (its own FSDP check reads an
         attribute its loader sets), and PEFT's generate calls the base model's forward, not the root's: the
-        root's parameters (embeddings, final norm, head) are gathered here for the whole generation, the
-        layers gather in their own forwards, and every rank steps until all are done."""
+        root's parameters (embeddings, final norm, head; sharded again by each backward) are gathered here
+        for the whole generation, the layers gather in their own forwards, and every rank steps until all
+        are done."""
         root = self.model
-        root._get_fsdp_state()._lazy_init()  # the root is the root even if a layer's forward runs first
+        # before any forward of the root (a generation first thing in a run), a layer's forward would take
+        # itself for the root, and FSDP would refuse the root's own initialisation later
+        root._get_fsdp_state()._lazy_init()
         root.unshard()
         try:
             yield self.acc.num_processes > 1
