@@ -336,9 +336,13 @@ def main(args) -> int:
             for i, o in enumerate(generate(model, chunk, tok.pad_token_id, eos, args.max_new_tokens)):
                 row = {"prompt": tok.decode(chunk[i], skip_special_tokens=True),
                        "completion": tok.decode(o, skip_special_tokens=True)}
-                line = json.dumps(row)
-                print(line, file=out or None, flush=True)
+                ref = file_reference(renderer, rows[start + i]) if renderer is not None else rows[start + i].get("reference")
+                if ref is not None:
+                    row["reference"] = ref
+                print(json.dumps(row), file=out or None, flush=True)
     finally:
         if out:
             out.close()
+    if args.out:
+        print(f"distlora generate: {len(ids)} completion(s) written to {args.out}")
     return 0
