@@ -473,10 +473,9 @@ def _check_eval(ev: EvalConfig, data: DataConfig | None) -> list[str]:
     import re
 
     problems = []
-    if isinstance(ev.samples, str):
-        if Path(ev.samples).suffix != ".jsonl" or not Path(ev.samples).is_file():
-            problems.append(f"eval.samples: '{ev.samples}' is not a .jsonl file; give a prompts .jsonl (rows in the "
-                            "training data's format) or the number of eval examples to sample")
+    if isinstance(ev.samples, str) and (Path(ev.samples).suffix != ".jsonl" or not Path(ev.samples).is_file()):
+        problems.append(f"eval.samples: '{ev.samples}' is not a .jsonl file; give a prompts .jsonl (rows in the "
+                        "training data's format) or the number of eval examples to sample")
     scored = ev.exact_match or ev.metric_fn is not None
     from_eval_set = scored or (isinstance(ev.samples, int) and ev.samples > 0)
     if data is not None and from_eval_set:

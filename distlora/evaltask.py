@@ -178,7 +178,7 @@ def generate_dealt(backend, prompts: list[Prompt], pad_id: int, eos: list[int], 
     done = []
     with backend.generating() as synced:
         for positions in deal(len(prompts), acc.num_processes, acc.process_index, batch, synced):
-            ids = [prompts[p if p >= 0 else 0].ids for p in positions]
+            ids = [prompts[max(p, 0)].ids for p in positions]
             with acc.autocast():
                 outs = generate(model, ids, pad_id, eos, max_new_tokens, synced)
             done += [(p, o) for p, o in zip(positions, outs) if p >= 0]
@@ -329,20 +329,20 @@ def main(args) -> int:
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         generate(model, ids, tok.pad_token_id, eos, args.max_new_tokens, streamer=streamer)
         return 0
-    out = open(args.out, "w") if args.out else None
-    try:
+    import contextlib
+    import sys
+
+    with open(args.out, "w") if args.out else contextlib.nullcontext(sys.stdout) as out:
         for start in range(0, len(ids), args.batch_size):
             chunk = ids[start:start + args.batch_size]
             for i, o in enumerate(generate(model, chunk, tok.pad_token_id, eos, args.max_new_tokens)):
                 row = {"prompt": tok.decode(chunk[i], skip_special_tokens=True),
                        "completion": tok.decode(o, skip_special_tokens=True)}
-                ref = file_reference(renderer, rows[start + i]) if renderer is not None else rows[start + i].get("reference")
+                src = rows[start + i]
+                ref = file_reference(renderer, src) if renderer is not None else src.get("reference")
                 if ref is not None:
                     row["reference"] = ref
-                print(json.dumps(row), file=out or None, flush=True)
-    finally:
-        if out:
-            out.close()
+                print(json.dumps(row), file=out, flush=True)
     if args.out:
         print(f"distlora generate: {len(ids)} completion(s) written to {args.out}")
     return 0

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from distlora import checkpoint, hooks, layout
+from distlora import checkpoint, data, evaltask, hooks, layout
 from distlora import config as config_mod
-from distlora import data, evaltask
 
 
 class Stopped(Exception):

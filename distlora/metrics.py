@@ -175,9 +175,8 @@ class MetricsLog:
                     table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
                     tracker.log({"eval_samples": table}, step=step)
                 elif tracker.name == "tensorboard":
-                    cell = lambda x: "" if x is None else str(x).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
                     md = "\n".join(["| " + " | ".join(cols) + " |", "|---|---|---|"]
-                                   + ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows])
+                                   + ["| " + " | ".join(_md_cell(r[c]) for c in cols) + " |" for r in rows])
                     tracker.writer.add_text("eval_samples", md, global_step=step)
                     tracker.writer.flush()
             except Exception as exc:  # noqa: BLE001 - a tracker hiccup must not end a training run
@@ -206,6 +205,10 @@ class MetricsLog:
                     print(f"distlora: warning: closing tracker {tracker.name} failed: {exc}", flush=True)
             self.acc.trackers = []
             self.trackers = False
+
+
+def _md_cell(x) -> str:
+    return "" if x is None else str(x).replace("|", "\\|").replace("\n", "<br>")
 
 
 def summary_table(s: dict) -> str:

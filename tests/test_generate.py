@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, base_config, launch, read_metrics, run_inprocess, write_config
 
 ZERO3 = ROOT / "configs" / "accelerate" / "cpu_deepspeed_zero3.yaml"
@@ -165,6 +164,7 @@ def test_generation_equals_peft_generate_batched_and_padded(tiny, tmp_path):
     """Our left-padded batch generate (prompts of 3 lengths in one batch) against PEFT's generate one
     prompt at a time, with a random lora_B so the adapter matters."""
     from conftest import lora_model_and_data
+
     from distlora import evaltask
 
     model, tok, _, evals, _ = lora_model_and_data(tiny, tmp_path)
