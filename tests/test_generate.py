@@ -310,3 +310,20 @@ def test_two_processes_generate_each_example_once_as_one_does(backend, single, t
     assert json.loads((out / "summary.json").read_text())["backend"] == backend
     assert _samples(out) == _samples(single)  # a prompts file renders the eval examples' very prompts
     assert _task_rows(out) == ([] if backend == "fsdp2" else _task_rows(single))
+
+
+def test_a_resumed_leg_drops_the_samples_logged_after_its_checkpoint(tmp_path):
+    """samples.jsonl, like metrics.jsonl, keeps the rows up to the step a leg resumes from: the evals after
+    it run again, and each eval's samples appear once."""
+    from types import SimpleNamespace
+
+    from distlora.metrics import MetricsLog
+
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"step": s, "prompt": "p"}) + "\n" for s in (0, 2, 4)))
+    acc = SimpleNamespace(is_main_process=True)
+    cfg = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path)), log=SimpleNamespace(report_to=[]))
+    with MetricsLog(acc, cfg, {}, start_step=2) as log:
+        log.log_samples(4, [{"step": 4, "prompt": "again"}])
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(0, "p"), (2, "p"), (4, "again")]
