@@ -505,10 +505,20 @@ def _check_function(spec: str, field: str, util) -> list[str]:
     mod, _, fn = spec.partition(":")
     if not mod or not fn.isidentifier():
         return [f"{field}: '{spec}' is not 'module:function' (e.g. mypkg.scores:gsm8k)"]
+    import sys
+
+    # the workers run as `python -m distlora.train`, which puts the working directory on the path; a
+    # console script (distlora launch) does not, so it is searched here too
+    cwd_added = os.getcwd() not in sys.path and "" not in sys.path
+    if cwd_added:
+        sys.path.append(os.getcwd())
     try:
         found = util.find_spec(mod)
     except (ImportError, ValueError):
         found = None
+    finally:
+        if cwd_added:
+            sys.path.remove(os.getcwd())
     if found is None:
         return [f"{field}: no module '{mod}' on the Python path; install it or add its directory to PYTHONPATH"]
     try:

@@ -327,3 +327,20 @@ def test_a_resumed_leg_drops_the_samples_logged_after_its_checkpoint(tmp_path):
         log.log_samples(4, [{"step": 4, "prompt": "again"}])
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt"]) for r in rows] == [(0, "p"), (2, "p"), (4, "again")]
+
+
+def test_metric_fn_is_found_in_the_working_directory_as_the_workers_find_it(tiny, tmp_path, monkeypatch):
+    """`python -m distlora.train` (every worker) has the working directory on its path; the console script
+    `distlora launch` has not, and its config check still finds a module there (and only there)."""
+    import sys
+
+    from distlora import config as C
+
+    (tmp_path / "my_scores_xyz.py").write_text("def score(prompt, completion, reference):\n    return 1.0\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(ROOT), str(tmp_path))])
+    path = write_config(tmp_path / "c.yaml", base_config(tiny, tmp_path / "out", eval={"metric_fn": "my_scores_xyz:score"}))
+    monkeypatch.chdir(tmp_path)
+    C.load(path)
+    monkeypatch.chdir(tiny)
+    with pytest.raises(C.ConfigError, match="eval.metric_fn: no module 'my_scores_xyz'"):
+        C.load(path)
