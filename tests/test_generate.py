@@ -344,3 +344,24 @@ def test_metric_fn_is_found_in_the_working_directory_as_the_workers_find_it(tiny
     monkeypatch.chdir(tiny)
     with pytest.raises(C.ConfigError, match="eval.metric_fn: no module 'my_scores_xyz'"):
         C.load(path)
+
+
+@pytest.mark.slow  # ~15 s: a wandb run (offline) besides the in-process run the fast tests share
+def test_wandb_gets_each_evals_samples_as_a_table(tiny, small_data, case, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / ".cache" / "wandb"))
+    monkeypatch.syspath_prepend(str(case["dir"]))
+    out = tmp_path / "out"
+    assert run_inprocess(_cfg(tiny, small_data, case, out), "log.report_to=[wandb]") == 0
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    tables = sorted(run_dir.rglob("eval_samples_*.table.json"), key=lambda p: int(p.name.split("_")[2]))
+    samples = _samples(out)
+    assert len(tables) == len(samples) == 2
+    for table, step in zip(tables, sorted(samples)):
+        t = json.loads(table.read_text())
+        assert t["columns"] == ["prompt", "completion", "reference"]
+        assert t["data"] == [[r["prompt"], r["completion"], r["reference"]] for r in samples[step]]
