@@ -365,3 +365,33 @@ def test_wandb_gets_each_evals_samples_as_a_table(tiny, small_data, case, tmp_pa
         t = json.loads(table.read_text())
         assert t["columns"] == ["prompt", "completion", "reference"]
         assert t["data"] == [[r["prompt"], r["completion"], r["reference"]] for r in samples[step]]
+
+
+def test_generate_command_applies_the_chat_template_of_a_chat_run(single, tiny, tmp_path, capsys):
+    """An adapter whose run trained on chat data: --prompt becomes one user turn rendered by the chat
+    template with its generation prompt (what PEFT's generate then continues, token for token)."""
+    import shutil
+
+    import yaml
+    from peft import PeftModel
+
+    run = tmp_path / "run"
+    shutil.copytree(single / "adapter", run / "adapter")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    cfg = yaml.safe_load((single / "config.yaml").read_text())
+    cfg["data"].update(train=str(chat), eval=None, format="auto")  # auto: detected from the training file, as trained
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    got = _cli(capsys, "generate", "--adapter", str(run / "adapter"), "--prompt", "what is 2 plus 2?",
+               "--max-new-tokens", str(MAX_NEW))
+    model, tok = _base(tiny)
+    text = tok.apply_chat_template([{"role": "user", "content": "what is 2 plus 2?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.startswith("<s><|user|>") and text.endswith("<|assistant|>")
+    ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+    peft = PeftModel.from_pretrained(model, run / "adapter").eval()
+    with torch.no_grad():
+        new = peft.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    assert got == tok.decode(new, skip_special_tokens=True) + "\n"
