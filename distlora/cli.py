@@ -66,12 +66,19 @@ def check_generate_args(args) -> None:
         raise UsageError(f"--config: '{args.config}' does not exist")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise UsageError("--max-new-tokens and --batch-size must be at least 1")
-    if args.base is not None:
-        from distlora.launch import model_problem
+    from distlora.launch import model_problem
 
+    if args.base is not None:
         err = model_problem(args.base)
         if err:
             raise UsageError("--base: " + err.split(": ", 1)[1])
+    else:
+        import json
+
+        base = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or model_problem(base):
+            raise UsageError(f"--adapter: its base model '{base}' (adapter_config.json) is not found from here; "
+                             "pass --base PATH")
 
 
 def preprocess(config_path: str, overrides: list[str]) -> int:

@@ -284,6 +284,9 @@ def test_generate_command_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("distlora generate: --adapter:") and len(err.splitlines()) == 1
     assert main(["generate", "--prompt", "x"]) == 2
     assert "--adapter or --base" in capsys.readouterr().err
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "./moved/model"}))
+    assert main(["generate", "--adapter", str(tmp_path), "--prompt", "x"]) == 2
+    assert "its base model './moved/model' (adapter_config.json) is not found from here; pass --base" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------- several processes
