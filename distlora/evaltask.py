@@ -308,7 +308,7 @@ def main(args) -> int:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": "auto"}.get(args.dtype, getattr(torch, args.dtype))
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     if adapter is not None:
         from peft import PeftModel
