@@ -16,8 +16,10 @@ Nothing here imports torch at module level: the config check and the plot read T
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,9 +331,6 @@ def main(args) -> int:
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         generate(model, ids, tok.pad_token_id, eos, args.max_new_tokens, streamer=streamer)
         return 0
-    import contextlib
-    import sys
-
     with open(args.out, "w") if args.out else contextlib.nullcontext(sys.stdout) as out:
         for start in range(0, len(ids), args.batch_size):
             chunk = ids[start:start + args.batch_size]
