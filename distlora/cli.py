@@ -1,4 +1,4 @@
-"""`distlora` subcommands: train, preprocess, launch, slurm, merge, plan, plot, push, tiny."""
+"""`distlora` subcommands: train, preprocess, launch, slurm, merge, generate, plan, plot, push, tiny."""
 
 from __future__ import annotations
 
@@ -51,6 +51,36 @@ def check_merge_args(adapter: str, base: str, out: str) -> None:
         raise UsageError("--base: " + err.split(": ", 1)[1])
 
 
+def check_generate_args(args) -> None:
+    """What `generate` can check before loading a model, each named with its flag and the fix."""
+    from pathlib import Path
+
+    if args.adapter is None and args.base is None:
+        raise UsageError("--adapter or --base: give an adapter directory, or --base alone for a plain or merged model")
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter: '{args.adapter}' holds no adapter_config.json; point it at an adapter "
+                         "directory (output_dir/adapter or a checkpoint's adapter/)")
+    if args.file is not None and not Path(args.file).is_file():
+        raise UsageError(f"--file: '{args.file}' does not exist; give a .jsonl of prompts")
+    if args.config is not None and not Path(args.config).is_file():
+        raise UsageError(f"--config: '{args.config}' does not exist")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise UsageError("--max-new-tokens and --batch-size must be at least 1")
+    from distlora.launch import model_problem
+
+    if args.base is not None:
+        err = model_problem(args.base)
+        if err:
+            raise UsageError("--base: " + err.split(": ", 1)[1])
+    else:
+        import json
+
+        base = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or model_problem(base):
+            raise UsageError(f"--adapter: its base model '{base}' (adapter_config.json) is not found from here; "
+                             "pass --base PATH")
+
+
 def preprocess(config_path: str, overrides: list[str]) -> int:
     """Tokenize the run's train/eval data into the cache (distlora.datacache); print where it is."""
     from distlora import config as config_mod
@@ -94,6 +124,17 @@ def main(argv=None) -> int:
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m.add_argument("--config", help="the run config; a QLoRA run (model.quantization) merges into its de-quantized base")
+    g = sub.add_parser("generate", help="greedy completions from an adapter (or a merged model), prompts rendered as in training")
+    g.add_argument("--adapter", help="adapter directory (output_dir/adapter or a checkpoint's adapter/)")
+    g.add_argument("--base", help="base model; default: the adapter's; alone: a plain or merged model")
+    g.add_argument("--config", help="run config for the prompt format; default: config.yaml of the adapter's run")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt, streamed to the terminal")
+    src.add_argument("--file", help="prompts .jsonl in the training data's format; JSON lines out")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (--file)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    g.add_argument("--out", help="write --file's JSON lines here instead of stdout")
     pl = sub.add_parser("plan", help="per-GPU memory estimate for a run config (reads the model config only)")
     pl.add_argument("--config", required=True, help="run config YAML")
     pl.add_argument("--gpus", type=int, required=True, help="GPUs (data-parallel ranks)")
@@ -149,6 +190,11 @@ def _side_command(args) -> int:
         check_merge_args(args.adapter, args.base, args.out)
         merge(args.adapter, args.base, args.out, args.dtype, quant)
         print(f"merged model written to {args.out}")
+    elif args.cmd == "generate":
+        check_generate_args(args)
+        from distlora.evaltask import main as generate_main
+
+        return generate_main(args)
     elif args.cmd == "plot":
         from pathlib import Path
 

@@ -222,6 +222,24 @@ class TrainConfig(_Section):
         return 0.03 if self.warmup_ratio is None and self.warmup_steps is None else (self.warmup_ratio or 0.0)
 
 
+class EvalConfig(_Section):
+    """Generation at each eval (greedy, with the model as it trains): samples to read and task metrics."""
+
+    samples: Union[Annotated[int, Field(ge=0)], str] = Field(
+        0, description="Completions written to output_dir/samples.jsonl and the trackers at each eval: the first K eval examples, or a prompts .jsonl in the training data's format; 0 = none."
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Longest completion generated (greedy; also stops at EOS).")
+    exact_match: bool = Field(
+        False, description="Generate for every eval example and log task_exact_match: the fraction whose answer equals the reference's."
+    )
+    answer_pattern: Optional[str] = Field(
+        None, description="Regex taking the answer from completion and reference (last match; group 1 if any), e.g. '####\\s*(-?[\\d,.]+)' for GSM8K; None = the whole text, stripped."
+    )
+    metric_fn: Optional[str] = Field(
+        None, description="'module:function' scoring each eval example, fn(prompt, completion, reference) -> float; its mean is logged as task_<function>."
+    )
+
+
 class LogConfig(_Section):
     report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list, description="Trackers besides metrics.jsonl.")
     project: str = Field("distlora", description="Tracker project name.")
@@ -235,6 +253,7 @@ class RunConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig
     train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
@@ -247,6 +266,7 @@ class RunConfig(_Section):
                   "peak_tflops", "resume_weights_only", "device_memory_gib"):
             d["train"].pop(k, None)
         d.pop("log", None)
+        d.pop("eval", None)  # generation reads the model; it never changes it
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -256,6 +276,7 @@ SECTIONS = {
     "lora": LoraConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
     "log": LogConfig,
 }
 
@@ -421,6 +442,8 @@ def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list
             problems.append("data.group_by_length: packing already removes padding; set data.packing or data.group_by_length, not both")
     if train is not None and train.micro_batch_tokens is not None:
         problems += _check_token_budget(train, data)
+    if s.get("eval") is not None:
+        problems += _check_eval(s["eval"], data)
     tok = s.get("tokenizer")
     if tok is not None and tok.name_or_path and _looks_local(tok.name_or_path) and not Path(tok.name_or_path).exists():
         problems.append(f"tokenizer.name_or_path: '{tok.name_or_path}' does not exist")
@@ -441,6 +464,78 @@ def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list
         elif check_model and lora is not None:
             problems += _check_target_modules(model, lora, liger)
     return problems
+
+
+def _check_eval(ev: EvalConfig, data: DataConfig | None) -> list[str]:
+    """eval.*: the prompts file, the regex and the user function, found before any worker starts (the
+    function's module is located and its source read, not imported: it may import torch)."""
+    import importlib.util
+    import re
+
+    problems = []
+    if isinstance(ev.samples, str) and (Path(ev.samples).suffix != ".jsonl" or not Path(ev.samples).is_file()):
+        problems.append(f"eval.samples: '{ev.samples}' is not a .jsonl file; give a prompts .jsonl (rows in the "
+                        "training data's format) or the number of eval examples to sample")
+    scored = ev.exact_match or ev.metric_fn is not None
+    from_eval_set = scored or (isinstance(ev.samples, int) and ev.samples > 0)
+    if data is not None and from_eval_set:
+        if data.eval is None:
+            problems.append("eval: samples from the eval set and task metrics need eval data; set data.eval (or give "
+                            "eval.samples a prompts file and turn the metrics off)")
+        elif data.train_on_prompt:
+            problems.append("data.train_on_prompt: eval prompts end where the first trained token starts, so the "
+                            "eval samples and metrics need train_on_prompt false (or give eval.samples a prompts file)")
+        elif data.format == "text":
+            problems.append("data.format: text data has no prompt to continue; eval samples and metrics need "
+                            "completion, alpaca or chat data")
+    if ev.answer_pattern is not None:
+        try:
+            re.compile(ev.answer_pattern)
+        except re.error as exc:
+            problems.append(f"eval.answer_pattern: not a valid regular expression ({exc})")
+    if ev.metric_fn is not None:
+        problems += _check_function(ev.metric_fn, "eval.metric_fn", importlib.util)
+    return problems
+
+
+def _check_function(spec: str, field: str, util) -> list[str]:
+    """'module:function' names a module on the path whose source defines or imports `function`."""
+    import ast
+
+    mod, _, fn = spec.partition(":")
+    if not mod or not fn.isidentifier():
+        return [f"{field}: '{spec}' is not 'module:function' (e.g. mypkg.scores:gsm8k)"]
+    import sys
+
+    # the workers run as `python -m distlora.train`, which puts the working directory on the path; a
+    # console script (distlora launch) does not, so it is searched here too
+    cwd_added = os.getcwd() not in sys.path and "" not in sys.path
+    if cwd_added:
+        sys.path.append(os.getcwd())
+    try:
+        found = util.find_spec(mod)
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        if cwd_added:
+            sys.path.remove(os.getcwd())
+    if found is None:
+        return [f"{field}: no module '{mod}' on the Python path; install it or add its directory to PYTHONPATH"]
+    try:
+        tree = ast.parse(Path(found.origin).read_text())
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return []  # compiled or unreadable source: checked when imported
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    if fn not in names:
+        return [f"{field}: module '{mod}' ({found.origin}) defines no '{fn}'"]
+    return []
 
 
 def _check_liger(train: TrainConfig, check_device: bool) -> list[str]:

@@ -280,6 +280,15 @@ class Tokenized:
     labels: list[int]
 
 
+def alpaca_prompt(row: dict) -> str:
+    inp = str(row.get("input") or "")
+    return ALPACA_PROMPT.format(
+        ctx=", paired with an input that provides further context" if inp else "",
+        instruction=row["instruction"],
+        input_block=f"### Input:\n{inp}\n\n" if inp else "",
+    )
+
+
 class Renderer:
     """Turns one row into token ids and labels for its format."""
 
@@ -317,13 +326,7 @@ class Renderer:
             return self._prompt_completion(str(row[self.pf]), str(row[self.cf]))
         if self.fmt == "alpaca":
             self._need(row, "instruction", "output")
-            inp = str(row.get("input") or "")
-            prompt = ALPACA_PROMPT.format(
-                ctx=", paired with an input that provides further context" if inp else "",
-                instruction=row["instruction"],
-                input_block=f"### Input:\n{inp}\n\n" if inp else "",
-            )
-            return self._prompt_completion(prompt, str(row["output"]))
+            return self._prompt_completion(alpaca_prompt(row), str(row["output"]))
         if self.fmt == "text":
             self._need(row, "text")
             ids = self.bos + self._ids(str(row["text"])) + [self.eos]
@@ -360,12 +363,7 @@ class Renderer:
         else:
             prompts, completions = [], []
             for row in rows:
-                inp = str(row.get("input") or "")
-                prompts.append(ALPACA_PROMPT.format(
-                    ctx=", paired with an input that provides further context" if inp else "",
-                    instruction=row["instruction"],
-                    input_block=f"### Input:\n{inp}\n\n" if inp else "",
-                ))
+                prompts.append(alpaca_prompt(row))
                 completions.append(str(row["output"]))
         out = []
         for p_ids, c_ids in zip(self._batch_ids(prompts), self._batch_ids(completions)):
@@ -376,6 +374,28 @@ class Renderer:
 
     def _batch_ids(self, texts: list[str]) -> list[list[int]]:
         return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, row: dict) -> list[int]:
+        """The tokens a model continues for this row, rendered as training renders its prompt: BOS + the
+        prompt (completion, alpaca), the conversation before its first assistant turn with the template's
+        generation prompt (chat), BOS + the text (text). The row needs no completion field."""
+        if self.fmt == "completion":
+            self._need(row, self.pf)
+            return self.bos + self._ids(str(row[self.pf]))
+        if self.fmt == "alpaca":
+            self._need(row, "instruction")
+            return self.bos + self._ids(alpaca_prompt(row))
+        if self.fmt == "text":
+            self._need(row, "text")
+            return self.bos + self._ids(str(row["text"]))
+        if self.fmt == "chat":
+            self._need(row, "messages")
+            if self.tok.chat_template is None:
+                raise DataError("chat data needs a chat template: set tokenizer.chat_template")
+            msgs = row["messages"]
+            first = next((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), len(msgs))
+            return self._ids(self._render(msgs[:first], True))
+        raise DataError(f"unknown format {self.fmt}")
 
     def _render(self, messages: list[dict], gen: bool = False) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
@@ -629,6 +649,17 @@ def _groups(seqs: list, sources: list[dict], part, index) -> list[tuple[Sequence
     return groups
 
 
+def source_renderer(cfg, tokenizer, s: dict, first_row: dict, log=None) -> Renderer:
+    """The Renderer of one source (`s`: its settings from _sources); format auto is detected from `first_row`."""
+    fmt, pf, cf = s["format"], s["prompt_field"], s["completion_field"]
+    if fmt == "auto":
+        fmt, pf, cf = detect_format(first_row, pf, cf)
+        if log:
+            log(f"data: {s['path']}: detected format '{fmt}'" + (f" ({pf} -> {cf})" if fmt == "completion" else ""))
+    return Renderer(tokenizer, fmt, pf, cf, cfg.data, add_bos=cfg.tokenizer.add_special_tokens,
+                    truncation_side=s["truncation_side"])
+
+
 def encode_split(cfg, tokenizer, groups, name: str, sink, main_process_first=None, log=print, procs=None) -> DataStats:
     """Tokenize one split (split_rows' groups): `sink(ids, labels, lengths)` gets its examples as
     consecutive chunks of flat arrays, in order. Returns the counts; raises when nothing usable is left."""
@@ -638,12 +669,7 @@ def encode_split(cfg, tokenizer, groups, name: str, sink, main_process_first=Non
     first = main_process_first or contextlib.nullcontext
     stats = DataStats()
     for rows, s in groups:
-        fmt, pf, cf = s["format"], s["prompt_field"], s["completion_field"]
-        if fmt == "auto":
-            fmt, pf, cf = detect_format(rows[0], pf, cf)
-            log(f"data: {s['path']}: detected format '{fmt}'" + (f" ({pf} -> {cf})" if fmt == "completion" else ""))
-        renderer = Renderer(tokenizer, fmt, pf, cf, data_cfg, add_bos=cfg.tokenizer.add_special_tokens,
-                            truncation_side=s["truncation_side"])
+        renderer = source_renderer(cfg, tokenizer, s, rows[0], log)
         with first():  # rank discipline: the main process goes first
             for chunk in iter_encoded(rows, renderer, data_cfg, stats, s["path"], procs):
                 sink(*chunk)

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from distlora import checkpoint, hooks, layout
+from distlora import checkpoint, data, evaltask, hooks, layout
 from distlora import config as config_mod
-from distlora import data
 
 
 class Stopped(Exception):
@@ -164,6 +163,8 @@ class Run:
     best_eval: float | None = None
     skipped: int = 0  # non-finite steps skipped so far
     in_a_row: int = 0
+    generation: object = None  # evaltask.EvalGeneration: eval samples and task metrics; None = off
+    samples: list = field(default_factory=list)  # the last eval's sample rows (main process), for the summary
 
     @property
     def acc(self):
@@ -244,6 +245,7 @@ def setup(cfg, backend) -> Run:
     counts = param_counts(model)
     run = Run(cfg, backend, out, stop, tokenizer, model, optimizer, scheduler, sampler, train_loader, eval_loader,
               total_steps, counts)
+    run.generation = evaltask.EvalGeneration(cfg, tokenizer, eval_records) or None
     record_memory(run, "after_prepare")
     # the launcher's preflight again, now that the run is really here (not the port)
     problem = checkpoint.check_room(out, counts["trainable_params"], t.keep_last, t.save_every, total_steps) \
@@ -316,7 +318,7 @@ def save(run: Run, step: int, ev: dict | None) -> None:
         "config": run.cfg.to_dict(),  # a resume names each key that changed (layout.config_changes)
         "model": run.cfg.model.name_or_path,
         "lora_shape": checkpoint.lora_shape(run.cfg),
-        "eval_loss": ev["eval_loss"] if ev else None,
+        "eval_loss": ev.get("eval_loss") if ev else None,
         "best_eval_loss": run.best_eval,
     }
     checkpoint.save(run.backend, run.scheduler, run.tokenizer, run.cfg.train.output_dir, state, run.cfg.train.keep_last)
@@ -324,15 +326,26 @@ def save(run: Run, step: int, ev: dict | None) -> None:
 
 
 def run_eval(run: Run, metrics, step: int) -> dict | None:
-    if run.eval_loader is None:
+    """Eval loss (when there is eval data), then the eval generation (samples, task metrics): one
+    metrics row, the samples into samples.jsonl and the trackers. Every rank calls."""
+    if run.eval_loader is None and run.generation is None:
         return None
     t = run.cfg.train
-    ev = {"step": step, **evaluate(run.acc, run.model, run.eval_loader, t.loss_chunk_size, t.loss_impl)}
+    ev = {"step": step}
+    if run.eval_loader is not None:
+        ev.update(evaluate(run.acc, run.model, run.eval_loader, t.loss_chunk_size, t.loss_impl))
+    if run.generation is not None:
+        task, run.samples = run.generation(run.backend, step)
+        ev.update(task)
     run.backend.release_gathered()
     note_gathered_base(run, f"eval {step}")
-    run.best_eval = ev["eval_loss"] if run.best_eval is None else min(run.best_eval, ev["eval_loss"])
+    if "eval_loss" in ev:
+        run.best_eval = ev["eval_loss"] if run.best_eval is None else min(run.best_eval, ev["eval_loss"])
     metrics.log(ev)
-    run.say(f"eval step {step}: loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}")
+    metrics.log_samples(step, run.samples)
+    shown = [f"loss {ev['eval_loss']:.6f} ppl {ev['eval_ppl']:.3f}"] if "eval_loss" in ev else []
+    shown += [f"{k} {v:.4g}" for k, v in evaltask.task_means(ev).items()]
+    run.say(f"eval step {step}: " + ", ".join(shown or [f"{len(run.samples)} sample(s)"]))
     return ev
 
 
@@ -547,7 +560,9 @@ def finish(run: Run, metrics, fitted: dict) -> None:
             "mfu": flops / max(loop_s, 1e-9) / dp / peak if peak else None,
             "peak_mem_mb": max(r[1] for r in per_rank.tolist()),
             "final_train_loss": row["loss"] if row else None,
-            "final_eval_loss": final_eval["eval_loss"] if final_eval else None,
+            "final_eval_loss": final_eval.get("eval_loss") if final_eval else None,
+            "final_task_metrics": {k: v for k, v in (final_eval or {}).items() if k.startswith(evaltask.TASK_PREFIX)},
+            "samples": run.samples,
             "adapter": str(run.out / "adapter"),
             "per_rank": [dict(zip(("adapter_checksum", "peak_mem_mb"), r)) for r in per_rank.tolist()],
             # seconds spent building and writing metrics rows and progress: the cost of train.log_every

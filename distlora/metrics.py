@@ -59,6 +59,7 @@ def run_info(acc, counts: dict) -> dict:
 
 
 RUN_ID_FILE = "tracker_run_id"
+SAMPLES_FILE = "samples.jsonl"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -104,13 +105,15 @@ class MetricsLog:
                 init_kwargs["wandb"] = wb
             project = os.environ.get("WANDB_PROJECT") or cfg.log.project
             self._start_trackers(project, _flatten(run_config), init_kwargs)
-        if self.active and self.path.exists():
-            # Drop rows a killed leg logged after the checkpoint this leg resumes from: they are
-            # logged again, and metrics.jsonl stays one row per step, as the trackers show it.
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep) if start_step > 0 else "")
-            tmp.replace(self.path)
+        self.samples_path = out / SAMPLES_FILE
+        for path in (self.path, self.samples_path):
+            if self.active and path.exists():
+                # Drop rows a killed leg logged after the checkpoint this leg resumes from: they are
+                # logged again, and metrics.jsonl stays one row per step, as the trackers show it.
+                keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(ln + "\n" for ln in keep) if start_step > 0 else "")
+                tmp.replace(path)
         self.fh = open(self.path, "a") if self.active else None
 
     def _start_trackers(self, project: str, config: dict, init_kwargs: dict) -> None:
@@ -154,6 +157,31 @@ class MetricsLog:
                 print(f"distlora: warning: tracker log failed ({exc}); trackers disabled", flush=True)
                 self.trackers = False
 
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """Eval samples ({step, prompt, completion, reference}) appended to samples.jsonl, and to the
+        trackers: a wandb table, tensorboard text (a markdown table)."""
+        if not self.active or not rows:
+            return
+        with open(self.samples_path, "a") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in rows))
+        if not self.trackers:
+            return
+        cols = ["prompt", "completion", "reference"]
+        for tracker in self.acc.trackers:
+            try:
+                if tracker.name == "wandb":
+                    import wandb
+
+                    table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
+                    tracker.log({"eval_samples": table}, step=step)
+                elif tracker.name == "tensorboard":
+                    md = "\n".join(["| " + " | ".join(cols) + " |", "|---|---|---|"]
+                                   + ["| " + " | ".join(_md_cell(r[c]) for c in cols) + " |" for r in rows])
+                    tracker.writer.add_text("eval_samples", md, global_step=step)
+                    tracker.writer.flush()
+            except Exception as exc:  # noqa: BLE001 - a tracker hiccup must not end a training run
+                print(f"distlora: warning: logging samples to {tracker.name} failed ({exc})", flush=True)
+
     def __enter__(self) -> "MetricsLog":
         return self
 
@@ -179,6 +207,10 @@ class MetricsLog:
             self.trackers = False
 
 
+def _md_cell(x) -> str:
+    return "" if x is None else str(x).replace("|", "\\|").replace("\n", "<br>")
+
+
 def summary_table(s: dict) -> str:
     rows = [
         ("steps", f"{s['steps']}"),
@@ -192,8 +224,26 @@ def summary_table(s: dict) -> str:
         ("final eval loss", _fmt(s["final_eval_loss"], ".4f")),
         ("adapter", s["adapter"]),
     ]
+    rows += [(k, f"{v:.4g}") for k, v in s.get("final_task_metrics", {}).items()]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(["distlora: run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+    lines = ["distlora: run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    shown = s.get("samples", [])[:SUMMARY_SAMPLES]
+    if shown:
+        lines.append(f"  last eval's samples ({len(shown)} of {len(s['samples'])}; all in {SAMPLES_FILE}):")
+        for r in shown:
+            lines.append(f"    prompt:     {_oneline(r['prompt'])}")
+            lines.append(f"    completion: {_oneline(r['completion'])}")
+            if r.get("reference") is not None:
+                lines.append(f"    reference:  {_oneline(r['reference'])}")
+    return "\n".join(lines)
+
+
+SUMMARY_SAMPLES = 3  # samples printed in the end-of-run summary
+
+
+def _oneline(text: str, width: int = 100) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _fmt(x: float | None, spec: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from distlora.evaltask import TASK_PREFIX, task_means
+
 CHARTS = {
     "loss.png": ("loss", [("loss", "train loss"), ("eval_loss", "eval loss")]),
     "lr.png": ("learning rate", [("lr", "lr")]),
@@ -31,12 +33,17 @@ def plot(output_dir, out_dir=None) -> dict[str, dict[str, tuple[list, list]]]:
     out_dir = Path(out_dir or Path(output_dir) / "plots")
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn: dict[str, dict[str, tuple[list, list]]] = {}
-    for fname, (ylabel, series) in CHARTS.items():
+    charts = dict(CHARTS)
+    task = sorted({name for r in rows for name in task_means(r)})
+    if task:  # the eval's task metrics (eval.exact_match, eval.metric_fn): a mean per eval
+        charts["task_metrics.png"] = ("task metric (mean over eval examples)", [(TASK_PREFIX + k, k) for k in task])
+    for fname, (ylabel, series) in charts.items():
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         for key, label in series:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key.startswith("eval") else None,
+                ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                        marker="o" if key.startswith(("eval", TASK_PREFIX)) else None,
                         markersize=3, label=label)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)

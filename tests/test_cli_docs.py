@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-COMMANDS = ["train", "launch", "slurm", "merge", "plan", "plot", "preprocess", "push", "tiny"]
+COMMANDS = ["train", "launch", "slurm", "merge", "generate", "plan", "plot", "preprocess", "push", "tiny"]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
 
 

@@ -287,6 +287,14 @@ class Backend:
             raise DistributedSetupError(f"{ckpt} holds no optimizer.pt; it was written by another backend")
         self.optimizer.load_state_dict(torch.load(f, weights_only=True))
 
+    # ------------------------------------------------------------------ generation
+
+    def generating(self):
+        """Around `generate` on `unwrap()` (every rank calls): yields whether the ranks must step together
+        until all are done (synced_gpus: a base that is gathered layer by layer in collectives, where a
+        rank that stopped early would leave the others waiting). Nothing is sharded here: False."""
+        return contextlib.nullcontext(False)
+
     # ------------------------------------------------------------------ memory
 
     def release_gathered(self) -> None:

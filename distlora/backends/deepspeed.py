@@ -252,6 +252,12 @@ class DeepSpeed(Backend):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
+    def generating(self):
+        import contextlib
+
+        # ZeRO-3 gathers each module's parameters in its forward: a collective in every generated token
+        return contextlib.nullcontext(self.stage == 3 and self.acc.num_processes > 1)
+
     def save_optimizer_state(self, ckpt_tmp) -> None:
         """Every rank writes its ZeRO partition through the engine, frozen base excluded."""
         from pathlib import Path

@@ -20,6 +20,8 @@ passes only the optimizer and the data loader to `prepare`: CI runs the code GPU
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from distlora.backends.base import Backend, DistributedSetupError, resolve_mixed_precision
@@ -101,6 +103,23 @@ class FSDP2(Backend):
 
     def unwrap(self):
         return self.model
+
+    @contextlib.contextmanager
+    def generating(self):
+        """transformers sees our fully_shard model only as a plain module (its own FSDP check reads an
+        attribute its loader sets), and PEFT's generate calls the base model's forward, not the root's: the
+        root's parameters (embeddings, final norm, head; sharded again by each backward) are gathered here
+        for the whole generation, the layers gather in their own forwards, and every rank steps until all
+        are done."""
+        root = self.model
+        # before any forward of the root (a generation first thing in a run), a layer's forward would take
+        # itself for the root, and FSDP would refuse the root's own initialisation later
+        root._get_fsdp_state()._lazy_init()
+        root.unshard()
+        try:
+            yield self.acc.num_processes > 1
+        finally:
+            root.reshard()
 
     def micro_step(self, model, last: bool):
         model.set_requires_gradient_sync(last)  # reduce-scatter only at the window's end
