@@ -137,9 +137,11 @@ def _exchange(x, scatter: int, gather: int):
     import torch.distributed.nn.functional as dist_fn
 
     n = _STATE["size"]
-    pieces = [p.contiguous() for p in x.chunk(n, dim=scatter)]
-    received = dist_fn.all_to_all([torch.empty_like(pieces[0]) for _ in range(n)], pieces, group=_STATE["group"])
-    return torch.cat(received, dim=gather)
+    # one all_to_all_single over the pieces stacked on a new leading dim; its list form runs on gloo as
+    # scatters that name the group rank as a global one (torch 2.13), wrong for any group but the first
+    sent = torch.stack(x.chunk(n, dim=scatter))
+    received = dist_fn.all_to_all_single(torch.empty_like(sent), sent, group=_STATE["group"])
+    return torch.cat(received.unbind(0), dim=gather)
 
 
 def sp_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

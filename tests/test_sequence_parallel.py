@@ -141,6 +141,7 @@ def test_sequence_parallel_2_on_2_processes_equals_one_process(tiny, long_data, 
     out = tmp_path / "sp" / "out"
     run(tmp_path, "sp", 2, sp_config(tiny, long_data, out, packed, sp=2))
     diff = differences(reference[packed], out)
+    print(f"sp=2 vs 1 process ({'packed' if packed else 'padded'}): {diff}")
     assert max(diff.values()) < TOL, diff
 
 
@@ -152,6 +153,7 @@ def test_inexact_variants_fail_the_comparison(tiny, long_data, tmp_path, referen
     out = tmp_path / "v" / "out"
     run(tmp_path, "v", 2, sp_config(tiny, long_data, out, packed, sp=2), env={"DISTLORA_TEST_SP_VARIANT": variant})
     diff = differences(reference[packed], out)
+    print(f"variant {variant}: {diff}")
     assert diff["grads"] > 100 * TOL and diff["adapter"] > 10 * TOL, diff
 
 
@@ -168,6 +170,7 @@ def test_2_data_parallel_x_2_sequence_parallel_equals_2_process_ddp_and_resumes_
     assert not (out / "adapter").exists()
     run(tmp_path, "sp", 4, cfg)
     diff = differences(ddp, out)
+    print(f"2 x 2 vs 2-process DDP, stopped and resumed: {diff}")
     assert max(diff.values()) < TOL, diff
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]
 
