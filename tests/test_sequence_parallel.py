@@ -138,8 +138,12 @@ def reference(tiny, long_data, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_sequence_parallel_2_on_2_processes_equals_one_process(tiny, long_data, tmp_path, reference, packed):
+    """Packed: with gradient checkpointing (each layer's all-to-all run again in backward) and the chunked
+    loss (a shard's targets 16 at a time) against a reference that uses neither."""
     out = tmp_path / "sp" / "out"
-    run(tmp_path, "sp", 2, sp_config(tiny, long_data, out, packed, sp=2))
+    cfg = sp_config(tiny, long_data, out, packed, sp=2, **({"loss_chunk_size": 16} if packed else {}))
+    cfg["model"]["gradient_checkpointing"] = packed
+    run(tmp_path, "sp", 2, cfg)
     diff = differences(reference[packed], out)
     print(f"sp=2 vs 1 process ({'packed' if packed else 'padded'}): {diff}")
     assert max(diff.values()) < TOL, diff
@@ -198,3 +202,59 @@ def test_attention_implementation_it_cannot_use_is_a_config_error(tiny, long_dat
     with pytest.raises(C.ConfigError) as err:
         C.load(write_config(tmp_path / "c.yaml", raw))
     assert "model.attn_implementation: 'eager' with train.sequence_parallel_size=2" in err.value.render()
+
+
+# ------------------------------------------------------------------------------------- the attention alone
+
+
+def _attention_worker(rank, port, out):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from types import SimpleNamespace
+
+    from distlora import sequence_parallel as SP
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    SP.init(rank, 2, 2)
+    errs = [e for kv_heads in (2, 1) for e in _attention_errors(SP, F, SimpleNamespace, rank, kv_heads)]
+    torch.save(errs, f"{out}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _attention_errors(SP, F, SimpleNamespace, rank, kv_heads):
+    g = torch.Generator().manual_seed(0)
+    b, h, t, d = 2, 4, 12, 8
+    q = torch.randn(b, h, t, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, kv_heads, t, d, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(b, t, h, d, generator=g, dtype=torch.float64)  # a weighting, so gradients differ per position
+    bounds = [0, 5, 12, 19, 24]  # the 2 rows of 12 read as one row: 0-5, 5-12 in row 0; 0-7, 7-12 in row 1
+    s = t // 2
+    mine = [x[:, :, rank * s : (rank + 1) * s].clone().requires_grad_() for x in (q, k, v)]
+    out_local, _ = SP.sp_attention_forward(SimpleNamespace(is_causal=True), *mine, None, sp_bounds=bounds)
+    (out_local * w[:, rank * s : (rank + 1) * s]).sum().backward()
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = []
+    for r in range(b):
+        for a, e in ((0, 5), (5, 12)) if r == 0 else ((0, 7), (7, 12)):
+            qq, kk, vv = (x[r : r + 1, :, a:e] for x in full)
+            kk, vv = (x.repeat_interleave(h // kv_heads, dim=1) for x in (kk, vv))
+            ref.append((r, a, e, F.scaled_dot_product_attention(qq, kk, vv, is_causal=True).transpose(1, 2)))
+    out_ref = torch.zeros(b, t, h, d, dtype=torch.float64)
+    for r, a, e, o in ref:
+        out_ref[r : r + 1, a:e] = o
+    (out_ref * w).sum().backward()
+    errs = [float((out_local - out_ref[:, rank * s : (rank + 1) * s]).abs().max())]
+    return errs + [float((m.grad - f.grad[:, :, rank * s : (rank + 1) * s]).abs().max()) for m, f in zip(mine, full)]
+
+
+def test_sp_attention_equals_per_segment_attention_on_the_whole_rows(tmp_path):
+    """Two gloo ranks, each with half of two rows' tokens: output and the gradients of q, k and v on each
+    shard equal causal attention per segment of the whole rows (float64: ~1e-16 apart; 1e-12 leaves
+    room for summation order only). 2 kv heads are split over the ranks; 1 kv head takes the repeated path."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    mp.spawn(_attention_worker, args=(free_port(), str(tmp_path / "errs")), nprocs=2)
+    errs = [e for r in range(2) for e in torch.load(tmp_path / f"errs-{r}.pt")]
+    assert max(errs) < 1e-12, errs
