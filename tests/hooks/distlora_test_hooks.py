@@ -27,7 +27,7 @@ tests call the install functions directly. Variables:
 - DISTLORA_TEST_HOST_READS=1: per rank, the host reads of device values of each optimizer step and where
   they come from (HostReads), in output_dir/host-reads-rank<R>.json.
 - DISTLORA_TEST_FIRST_GRADS=1: the first optimizer step's reduced adapter gradients (before clipping), by
-  parameter name, in output_dir/first-grads-rank<R>.pt (DDP and one process: full gradients on every rank).
+  parameter name, in output_dir/first-grads-rank<R>.pt (full tensors: FSDP2's shards gathered; DDP, FSDP2).
 - DISTLORA_TEST_SP_VARIANT=per_rank_norm | stock_ulysses: sequence-parallel variants the exactness tests
   must catch. per_rank_norm: each rank's micro batch loss divided by its own target tokens (the gradient
   averaged over ranks) instead of the window's target tokens over all ranks; stock_ulysses: attention after
@@ -545,11 +545,16 @@ def install_first_grads() -> None:
 
         if step != 0:
             return
-        grads = {n: p.grad.detach().double().cpu().clone() for n, p in backend.unwrap().named_parameters()
+        grads = {n: _full(p.grad).detach().double().cpu().clone() for n, p in backend.unwrap().named_parameters()
                  if p.requires_grad and p.grad is not None}
         torch.save(grads, Path(out) / f"first-grads-rank{backend.acc.process_index}.pt")
 
     hooks.add("backward_done", dump)
+
+
+def _full(t):
+    """A gradient whole on this rank: FSDP2's DTensor shards gathered (every rank calls)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def install_sp_variant(name: str) -> None:
