@@ -407,6 +407,10 @@ def _fixes(cfg, mem: Memory, shape: ModelShape, gpu_bf16: bool) -> list[tuple[st
         out.append(("model.gradient_checkpointing=true", total(g=True)))
     if not chunk and t.loss_impl == "torch":
         out.append((f"train.loss_chunk_size={AUTO_CHUNK}", total(ch=AUTO_CHUNK)))
+    # more sequence-parallel ranks (exact too, but fewer data-parallel ranks: a smaller global batch unless
+    # accumulation grows): the smallest that fits of those dividing the GPUs and the heads
+    sps = [n for n in range(t.sequence_parallel_size + 1, p.gpus + 1) if p.gpus % n == 0 and shape.heads % n == 0]
+    out += smaller("train", "sequence_parallel_size", sps)
     if t.micro_batch_tokens:
         out += smaller("train", "micro_batch_tokens",
                        sorted({max(cfg.data.max_seq_len, t.micro_batch_tokens >> k) for k in range(1, 16)}, reverse=True))

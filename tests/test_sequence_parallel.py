@@ -276,3 +276,29 @@ def test_sp_attention_equals_per_segment_attention_on_the_whole_rows(tmp_path):
     mp.spawn(_attention_worker, args=(free_port(), str(tmp_path / "errs")), nprocs=2)
     errs = [e for r in range(2) for e in torch.load(tmp_path / f"errs-{r}.pt")]
     assert max(errs) < 1e-12, errs
+
+
+# ------------------------------------------------------------------------------------- the memory plan
+
+
+def test_plan_holds_one_gpus_share_of_the_row_and_offers_more_ranks_as_a_fix(tiny, long_data, tmp_path):
+    """Activations and logits of N ranks at N x L tokens are one rank's at L (packed sdpa: no [L, L] term
+    either way), the model state unchanged; a run that does not fit is offered the smallest N that does."""
+    from distlora import config as C
+    from distlora.plan import estimate, model_shape, resolve_memory
+
+    def cfg(sp, seq):
+        raw = sp_config(tiny, long_data, tmp_path / "out", True, sp=sp, micro=1, loss_chunk_size=0)
+        raw["data"]["max_seq_len"] = seq
+        raw["model"]["gradient_checkpointing"] = False
+        return C.load(write_config(tmp_path / f"c{sp}-{seq}.yaml", raw))
+
+    shape = model_shape(cfg(1, 512))
+    one, four = (estimate(cfg(sp, 512 * sp), 4, "ddp", shape, loss_chunk=0) for sp in (1, 4))
+    assert four.rows == one.rows  # every row, bytes exactly
+    assert estimate(cfg(4, 4 * 512 + 1), 4, "ddp", shape, loss_chunk=0).rows["activations"] > one.rows["activations"]
+    long = cfg(1, 4 * 512)
+    need = {sp: estimate(cfg(sp, 4 * 512), 4, "ddp", shape, loss_chunk=0).total(False) for sp in (1, 2, 4)}
+    assert need[1] > need[2] > need[4]
+    mem = resolve_memory(long, on_gpu=True, gpus=4, device_bytes=int((need[2] + need[1]) / 2 / 0.9), shape=shape)
+    assert ("train.sequence_parallel_size=2", need[2]) in mem.fixes, mem.fixes
