@@ -262,7 +262,7 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
     if sp > 1:
         plan.notes.append(f"sequence parallel: each GPU holds {Lr:,} of each row's {L:,} tokens "
                           f"(train.sequence_parallel_size {sp}; {n // sp if n % sp == 0 else n / sp} data-parallel "
-                          "ranks); activations and logits above are this GPU's share")
+                          "rank(s)); activations and logits above are this GPU's share")
     if budget:
         plan.notes.append(f"token budget: each micro batch is one packed row of up to {budget} tokens "
                           "(train.micro_batch_tokens), the shape used above")
