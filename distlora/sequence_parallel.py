@@ -11,7 +11,7 @@ run it alike): query/key/value arrive as [B, heads, L/N, d] on each rank of the 
 each turns them into [B, heads/N, L, d] (the whole row, a slice of the heads), distlora's per-segment
 sdpa (distlora.attention) runs causal attention on each segment of the FULL row (each packed example,
 or each padded row), whose bounds the collator made on the host before sharding, and an all-to-all
-turns the output back into [B, L/N, heads, d]. torch.distributed.nn.functional.all_to_all carries the
+turns the output back into [B, L/N, heads, d]. torch.distributed.nn.functional.all_to_all_single carries the
 gradient back through the same exchange, so a rank's gradient includes what other ranks' tokens send
 through its projections; the backend's world-wide gradient average, undone by the loop's loss scale
 (backends/base.py loss_scale), then sums every rank's disjoint tokens once.
