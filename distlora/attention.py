@@ -25,6 +25,7 @@ The names and the check import no torch (the launcher layer calls them); the res
 from __future__ import annotations
 
 VARLEN_SDPA = "distlora_sdpa_varlen"
+SP_ATTN = "distlora_sp_sdpa"  # distlora.sequence_parallel's all-to-all attention
 
 
 def is_flash(impl: str | None) -> bool:
@@ -66,6 +67,8 @@ def flatten(batch: dict) -> dict:
 def for_model(model_config, batch: dict) -> dict:
     """The batch as this model's attention takes it: packed and varlen -> flattened, else as it is."""
     impl = model_config._attn_implementation
+    if impl == SP_ATTN:  # a sequence-parallel shard: the full rows' segments, from the host (data.SequenceShard)
+        return {**batch, "attn_kwargs": {"sp_bounds": batch["host"]["sp_bounds"]}}
     if "cu_seq_lens" in batch and uses_varlen(impl):
         flat = flatten(batch)
         if impl == VARLEN_SDPA and "host" in batch:  # the segments as the collator made them, on the host

@@ -165,6 +165,9 @@ class TrainConfig(_Section):
         None, gt=1, description="Packing token budget: each micro batch is one row of up to this many tokens (micro_batch_size 1); None = off."
     )
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro batches per optimizer step per process.")
+    sequence_parallel_size: int = Field(
+        1, gt=0, description="Ranks that split each example's tokens (Ulysses all-to-all attention, sdpa); data-parallel ranks = processes / this."
+    )
     epochs: float = Field(1, gt=0, description="Passes over the training data (ignored if max_steps is set).")
     max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to run; None = derived from epochs.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
@@ -455,6 +458,10 @@ def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list
         problems += _check_quantization(model, train)
     if model is not None and data is not None:
         problems += _check_packed_attention(model, data, check_device)
+    if model is not None and train is not None and train.sequence_parallel_size > 1:
+        from distlora.sequence_parallel import attention_problem  # light: no torch at import
+
+        problems += [p for p in [attention_problem(train.sequence_parallel_size, model.attn_implementation)] if p]
     liger = train is not None and train.loss_impl == "liger"
     if liger:
         problems += _check_liger(train, check_device)

@@ -742,10 +742,13 @@ class GlobalBatchSampler:
     GROUP_SPAN = 32  # group_by_length sorts spans of this many global batches of the shuffled order
 
     def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,
-                 lengths=None):
+                 lengths=None, sp: int = 1):
         import numpy as np
 
         self.n, self.micro, self.accum, self.world = n, micro, accum, world
+        # each micro batch yielded `sp` times in a row: accelerate deals yield i to rank i % (world * sp),
+        # so the sp consecutive ranks of a sequence-parallel group get the same micro batch
+        self.sp = sp
         self.seed, self.shuffle = seed, shuffle
         self.global_batch = micro * accum * world
         self.epoch, self.start_step = 0, 0
@@ -801,10 +804,12 @@ class GlobalBatchSampler:
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order_array()
         for start in range(self.start_step * self.global_batch, len(order), self.micro):
-            yield order[start : start + self.micro].tolist()
+            micro = order[start : start + self.micro].tolist()
+            for _ in range(self.sp):
+                yield micro
 
     def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.accum * self.world
+        return (self.steps_per_epoch - self.start_step) * self.accum * self.world * self.sp
 
 
 class PackPlan:
@@ -889,12 +894,13 @@ class PackedBatchSampler(GlobalBatchSampler):
     data. A token budget (train.micro_batch_tokens) is capacity = the budget with micro = 1: each micro
     batch is one row, and a micro batch never holds more than the budget's tokens."""
 
-    def __init__(self, lengths, capacity: int, micro: int, accum: int, world: int, seed: int, shuffle: bool):
+    def __init__(self, lengths, capacity: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,
+                 sp: int = 1):
         import numpy as np
 
         lengths = np.asarray(lengths, dtype=np.int64)
         self.plan = PackPlan(lengths, capacity)  # once: every epoch's rows follow from it
-        super().__init__(self.plan.n_rows, micro, accum, world, seed, shuffle)
+        super().__init__(self.plan.n_rows, micro, accum, world, seed, shuffle, sp=sp)
         self.example_lengths, self.capacity, self.n_examples = lengths, capacity, len(lengths)
 
     def _rows_arrays(self):
@@ -926,8 +932,10 @@ class PackedBatchSampler(GlobalBatchSampler):
         flat, offsets, row_order = self._rows_arrays()
         row_order = row_order.tolist() + [-1] * (self.steps_per_epoch * self.global_batch - self.n)
         for start in range(self.start_step * self.global_batch, len(row_order), self.micro):
-            yield [flat[offsets[r] : offsets[r + 1]].tolist() if r >= 0 else [-1]
-                   for r in row_order[start : start + self.micro]]
+            micro = [flat[offsets[r] : offsets[r + 1]].tolist() if r >= 0 else [-1]
+                     for r in row_order[start : start + self.micro]]
+            for _ in range(self.sp):
+                yield micro
 
     def summary(self) -> str:
         used = int(self.example_lengths.sum())
@@ -1031,22 +1039,72 @@ def host_stats(labels, lengths: list[int]) -> dict:
             "padded": labels.numel()}
 
 
+class SequenceShard:
+    """A collated micro batch cut into `n` sequence-parallel shards, shard `k` returned (distlora.sequence_parallel).
+
+    The rows are padded on the right to a multiple of n tokens and cut along the sequence: shard k holds
+    tokens [k*S, (k+1)*S) of each row (S = width / n) with their global `position_ids` (rotary needs
+    them), and labels [k*S, (k+1)*S + 1): the one extra label is the next shard's first, so the shard's
+    last token is trained on its true next token (the shift happens over the full row, before the cut);
+    the loss reads target = labels[:, 1:] as always. Padded batches drop the attention mask: right
+    padding under causal attention is exact without one. Packed batches are first flattened to one row
+    (the collator's cu_seq_lens already read the B rows that way), the padding a segment of its own.
+    The host dict gets `sp_bounds`, the FULL row's segment bounds the attention needs after its
+    all-to-all, counts this shard's targets, and lists the examples' lengths on shard 0 only, so sums
+    over the group count each example once."""
+
+    def __init__(self, collate, n: int, k: int, pad_id: int):
+        self.collate, self.n, self.k, self.pad_id = collate, n, k, pad_id
+
+    def __call__(self, examples) -> dict[str, Any]:
+        import torch
+
+        b = self.collate(examples)
+        packed = "example_index" in b
+        rows = {key: b[key] for key in ("input_ids", "labels", *(("position_ids", "example_index") if packed else ()))}
+        if packed:
+            rows = {key: v.reshape(1, -1) for key, v in rows.items()}
+        r, width = rows["input_ids"].shape
+        full = -(-width // self.n) * self.n
+        fill = {"input_ids": self.pad_id, "labels": IGNORE, "position_ids": 0, "example_index": 0}
+        rows = {key: torch.cat([v, torch.full((r, full - width + 1), fill[key], dtype=v.dtype)], dim=1)
+                for key, v in rows.items()}  # one column past the end: the last shard's extra label
+        if packed:
+            bounds = list(b["host"]["cu_seq_lens"])
+            if full > width:  # the padding to a multiple of n: positions restart, a segment of its own
+                rows["position_ids"][0, width:full] = torch.arange(full - width)
+                bounds.append(full)
+        else:
+            rows["position_ids"] = torch.arange(full + 1).expand(r, -1)
+            bounds = [i * full for i in range(r + 1)]
+        s = full // self.n
+        a = self.k * s
+        shard = {key: v[:, a : a + s + (key in ("labels", "example_index"))].contiguous() for key, v in rows.items()}
+        lengths = b["host"]["lengths"] if self.k == 0 else []
+        host = {**host_stats(shard["labels"], lengths), "padded": shard["input_ids"].numel(), "sp_bounds": bounds}
+        return {**shard, "ids": b["ids"], "host": host}
+
+
 def make_loader(records, pad_id: int, micro: int, accum: int, world: int, seed: int, shuffle: bool,
-                pack: int = 0, group_by_length: bool = False):
+                pack: int = 0, group_by_length: bool = False, sp: int = 1, sp_rank: int = 0):
     """DataLoader + sampler over a list of records or a TokenStore (distlora.store: examples read by index
     from the mapped store, samplers work from its lengths array); `pack` > 0 packs examples into rows of at most `pack` tokens;
-    `group_by_length` batches examples of similar length together (unpacked)."""
+    `group_by_length` batches examples of similar length together (unpacked). `world` counts data-parallel
+    ranks; with `sp` > 1 the sampler deals every micro batch to the `sp` ranks of a group, and this rank
+    (`sp_rank` in its group) keeps its shard of each (SequenceShard)."""
     from torch.utils.data import DataLoader
 
     from distlora.store import lengths_of
 
     if pack:
-        sampler = PackedBatchSampler(lengths_of(records), pack, micro, accum, world, seed, shuffle)
+        sampler = PackedBatchSampler(lengths_of(records), pack, micro, accum, world, seed, shuffle, sp)
         collate = PackedCollator(pad_id)
     else:
         lengths = lengths_of(records) if group_by_length else None
-        sampler = GlobalBatchSampler(len(records), micro, accum, world, seed, shuffle, lengths)
+        sampler = GlobalBatchSampler(len(records), micro, accum, world, seed, shuffle, lengths, sp)
         collate = Collator(pad_id)
+    if sp > 1:
+        collate = SequenceShard(collate, sp, sp_rank, pad_id)
     loader = DataLoader(Records(records, pad_id), batch_sampler=sampler, collate_fn=collate, num_workers=0)
     return loader, sampler
 

@@ -7,7 +7,10 @@ knowing what is attached. With nothing attached, each call is a dictionary looku
 Points the trainer calls (ctx keyword arguments in brackets):
 - "step" (step): before the step after `step` finished steps fetches its window;
 - "fetched" (step, window): the window fetched, before its first collective and forward;
-- "loss" (step; transform of the micro batch's summed NLL);
+- "loss" (step, host, n_target; transform of the micro batch's summed NLL; `host` its collator counts,
+  `n_target` the window's target tokens over all ranks);
+- "backward_done" (backend, step, out): the window's gradients reduced (DDP, FSDP2), before clipping;
+- "sp_bounds" (transform of the segment bounds sequence-parallel attention uses after its all-to-all);
 - "before_model" (backend): before the base model loads;
 - "prepared" (backend): after the backend wrapped model and optimizer;
 - "memory" (backend, where, memory): after the model-state bytes are recorded at `where`

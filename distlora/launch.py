@@ -442,9 +442,9 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
     if t.resume == "auto" and out.is_dir():
         latest = layout.latest(out)
         if latest is not None:
+            dp = data_parallel_size(cfg, shape)
             err = layout.global_batch_problem(layout.read_state(latest), latest, cfg,
-                                              t.micro_batch_size * t.gradient_accumulation_steps * shape.world,
-                                              shape.world)
+                                              t.micro_batch_size * t.gradient_accumulation_steps * dp, dp)
             if err:
                 problems.append(err)
             err = layout.schedule_problem(layout.read_state(latest), latest, cfg)
@@ -517,6 +517,18 @@ def backend_problem(cfg, shape: Shape) -> str | None:
     return f"train.backend: the run config says {b}, the launch --backend {shape.backend}; fix: --backend {b}, or train.backend=auto"
 
 
+def sequence_parallel_problems(cfg, shape: Shape) -> list[str]:
+    """train.sequence_parallel_size against the launch: it divides the processes and the model's heads."""
+    from distlora.sequence_parallel import launch_problems
+
+    return launch_problems(cfg, shape.world)
+
+
+def data_parallel_size(cfg, shape: Shape) -> int:
+    """Ranks that see different examples: the processes over train.sequence_parallel_size."""
+    return max(shape.world // cfg.train.sequence_parallel_size, 1)
+
+
 def load_run_config(args, shape: Shape | None = None, check_model: bool = True):
     """The run config, validated (exit 2 naming each problem). Without `check_model` nothing reads
     the model (no torch: rendering on a login node); the job's --check and the trainer do."""
@@ -525,9 +537,10 @@ def load_run_config(args, shape: Shape | None = None, check_model: bool = True):
     except config_mod.ConfigError as err:
         print(err.render(), file=sys.stderr)
         raise SystemExit(2) from None
-    err = backend_problem(cfg, shape) if shape is not None else None
-    if err:
+    errs = [e for e in [backend_problem(cfg, shape)] if e] + sequence_parallel_problems(cfg, shape) if shape else []
+    for err in errs:
         print(f"distlora: {err}", file=sys.stderr)
+    if errs:
         raise SystemExit(2)
     if not check_model and cfg.lora.target_modules != "all-linear":
         print("distlora: note: lora.target_modules is checked against the model where it loads (--check, the run)",

@@ -193,8 +193,11 @@ def setup(cfg, backend) -> Run:
     from distlora import datacache
     from distlora.model import load_model, load_tokenizer, param_counts
 
+    from distlora import sequence_parallel
+
     acc = backend.build_accelerator()
     t = cfg.train
+    sequence_parallel.init(acc.process_index, acc.num_processes, backend.sp_size)
     out = Path(t.output_dir)
     problem = None
     if acc.is_main_process:
@@ -223,12 +226,14 @@ def setup(cfg, backend) -> Run:
     train_records, eval_records, _ = datacache.load_datasets(cfg, tokenizer, acc.main_process_first, log=say)
     hooks.point("before_model", backend=backend)
     model = load_model(cfg, backend.mixed_precision)
-    dp = backend.dp_size
+    if backend.sp_size > 1:
+        sequence_parallel.use(model)
+    dp, sp = backend.dp_size, {"sp": backend.sp_size, "sp_rank": sequence_parallel.rank()}
     pad_id = tokenizer.pad_token_id
     pack = data.row_capacity(cfg)  # 0: no packing
     train_loader, sampler = data.make_loader(
         train_records, pad_id, t.micro_batch_size, t.gradient_accumulation_steps, dp, t.seed, cfg.data.shuffle, pack,
-        cfg.data.group_by_length,
+        cfg.data.group_by_length, **sp,
     )
     if pack:
         say(f"distlora: {sampler.summary()}")
@@ -236,7 +241,7 @@ def setup(cfg, backend) -> Run:
     eval_loader = None
     if eval_records:
         eval_loader, _ = data.make_loader(
-            eval_records, pad_id, t.eval_micro_batch_size or t.micro_batch_size, 1, dp, t.seed, False, pack
+            eval_records, pad_id, t.eval_micro_batch_size or t.micro_batch_size, 1, dp, t.seed, False, pack, **sp
         )
         eval_loader = acc.prepare_data_loader(eval_loader)
     model, optimizer, train_loader = backend.prepare(model, lambda m: make_optimizer(m, cfg), train_loader)
@@ -255,7 +260,9 @@ def setup(cfg, backend) -> Run:
         f"distlora: {acc.num_processes} process(es), backend {backend.name}, mixed precision {backend.mixed_precision}; "
         f"trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters; "
         f"global batch {sampler.global_batch} = micro {t.micro_batch_size} x accumulation "
-        f"{t.gradient_accumulation_steps} x {dp} rank(s); {sampler.steps_per_epoch} steps/epoch, {total_steps} steps"
+        f"{t.gradient_accumulation_steps} x {dp} data-parallel rank(s)"
+        + (f" (x {backend.sp_size} sequence-parallel)" if backend.sp_size > 1 else "")
+        + f"; {sampler.steps_per_epoch} steps/epoch, {total_steps} steps"
     )
     return run
 
@@ -386,7 +393,7 @@ def train_window(run: Run, window: list, step: int, n_target: torch.Tensor) -> t
     for i, batch in enumerate(window):
         with backend.micro_step(model, i == len(window) - 1):
             nll = forward_nll(model, batch, t.loss_chunk_size, t.loss_impl, total=True)
-            nll = hooks.transform("loss", nll, step=step)
+            nll = hooks.transform("loss", nll, step=step, host=batch["host"], n_target=n_target)
             finite = torch.isfinite(nll.detach())
             loss_bad |= ~finite
             nll = nll * torch.where(finite, 1.0, float("nan"))
@@ -428,7 +435,8 @@ def fit(run: Run, metrics) -> dict:
     from distlora.metrics import Progress, peak_memory_mb
 
     t, backend, acc = run.cfg.train, run.backend, run.acc
-    dp, device, accum = backend.dp_size, acc.device, t.gradient_accumulation_steps
+    # per-device rates divide by every process (sequence-parallel ranks are devices too)
+    devices, device, accum = acc.num_processes, acc.device, t.gradient_accumulation_steps
     steps_per_epoch = run.sampler.steps_per_epoch
     params = [p for p in run.model.parameters() if p.requires_grad]
     fm = flop_model(backend.unwrap())
@@ -456,6 +464,7 @@ def fit(run: Run, metrics) -> dict:
         counts = backend.all_sum(torch.tensor([sum(h["targets"] for h in host), run.stop.requested()],
                                               dtype=torch.float64, device=device))
         nll_sum, loss_bad = train_window(run, window, step, counts[0])
+        hooks.point("backward_done", backend=backend, step=step, out=run.out)
         norm = backend.clip(params, t.max_grad_norm)
         lengths = [n for h in host for n in h["lengths"]]
         local_flops = fm.step(sum(lengths), lengths)
@@ -496,10 +505,10 @@ def fit(run: Run, metrics) -> dict:
                 "padded_tokens": int(n_padded),
                 "examples": int(n_examples),
                 "tokens_per_s": n_input / dt,
-                "tokens_per_s_per_device": n_input / dt / dp,
+                "tokens_per_s_per_device": n_input / dt / devices,
                 "examples_per_s": n_examples / dt,
-                "tflops_per_device": flops / dt / dp / 1e12,
-                "mfu": flops / dt / dp / peak if peak else None,
+                "tflops_per_device": flops / dt / devices / 1e12,
+                "mfu": flops / dt / devices / peak if peak else None,
                 "step_time_s": dt,
                 "data_wait_s": t_data,
                 "comm_bytes": comm_per_step,
@@ -549,15 +558,15 @@ def finish(run: Run, metrics, fitted: dict) -> None:
     per_rank = acc.gather(torch.tensor([[adapter_sum, peak_memory_mb()]], dtype=torch.float64, device=acc.device))
     tokens, flops = backend.all_sum(fitted["totals"].to(acc.device)).tolist()
     if acc.is_main_process:
-        loop_s, peak, row, dp = fitted["loop_s"], fitted["peak"], fitted["last_row"], backend.dp_size
+        loop_s, peak, row, devices = fitted["loop_s"], fitted["peak"], fitted["last_row"], acc.num_processes
         summary = {
             "steps": run.total_steps,
             "steps_this_leg": run.total_steps - run.start_step,
             "total_input_tokens": int(tokens),
             "train_wall_s": loop_s,
             "mean_tokens_per_s": tokens / max(loop_s, 1e-9),
-            "mean_tflops_per_device": flops / max(loop_s, 1e-9) / dp / 1e12,
-            "mfu": flops / max(loop_s, 1e-9) / dp / peak if peak else None,
+            "mean_tflops_per_device": flops / max(loop_s, 1e-9) / devices / 1e12,
+            "mfu": flops / max(loop_s, 1e-9) / devices / peak if peak else None,
             "peak_mem_mb": max(r[1] for r in per_rank.tolist()),
             "final_train_loss": row["loss"] if row else None,
             "final_eval_loss": final_eval.get("eval_loss") if final_eval else None,

@@ -40,10 +40,12 @@ IGNORE = -100
 
 
 def shifted_nll(logits, target):
-    """Token NLL (rows x positions) of logits[:, :-1] against `target` (= labels[:, 1:]), in the
-    (tokens, vocab) layout of transformers' own loss: gradients then match Trainer's bit for bit."""
-    b, t, v = logits[:, :-1, :].shape
-    flat = logits[:, :-1, :].float().reshape(-1, v)
+    """Token NLL (rows x positions) of the first target-width positions of `logits` against `target`
+    (= labels[:, 1:]; one position fewer than logits, or as many on a sequence-parallel shard, whose
+    labels reach one token into the next shard), in the (tokens, vocab) layout of transformers' own
+    loss: gradients then match Trainer's bit for bit."""
+    b, t, v = logits[:, : target.shape[1], :].shape
+    flat = logits[:, :t, :].float().reshape(-1, v)
     return F.cross_entropy(flat, target.reshape(-1), ignore_index=IGNORE, reduction="none").view(b, t)
 
 
@@ -164,9 +166,10 @@ def _target_positions(batch, keep):
 
 
 def _target_hidden(hidden, pos, width: int):
-    """Rows of `hidden` [B, L, H] one position before each target position `pos` (flat over [B, L - 1])."""
+    """Rows of `hidden` [B, L, H] one position before each target position `pos` (flat over [B, width]:
+    width L - 1, or L on a sequence-parallel shard)."""
     flat = hidden.reshape(-1, hidden.shape[-1])  # a view: no copy of the whole batch's hidden states
-    return flat.index_select(0, pos // width * (width + 1) + pos % width)
+    return flat.index_select(0, pos // width * hidden.shape[1] + pos % width)
 
 
 def _chunked_example_nll(hidden, head, batch, chunk):

@@ -204,13 +204,19 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
 
     budget = t.micro_batch_tokens if cfg.data.packing else None
     b, L = (1, budget) if budget else (t.micro_batch_size, cfg.data.max_seq_len)  # a budget: one packed row
-    tok = b * L
+    sp = t.sequence_parallel_size
+    # Sequence parallelism: each GPU holds L/sp tokens of every row (rounded up: the collator pads to a
+    # multiple), and attention, after its all-to-all, the whole row for heads/sp heads: every per-token
+    # term below, the log-sum-exp included, is this GPU's share, and no [L, L] tensor is made (causal
+    # sdpa per segment, no mask: distlora.sequence_parallel)
+    Lr = -(-L // sp)
+    tok = b * Lr
     h, i, a, d = s.hidden, s.intermediate, s.heads, s.head_dim
     r_per_layer = s.lora_r * s.adapted_layers / max(s.layers, 1)
     norm_bytes = 4 if compute < 4 else 0  # RMSNorm keeps an fp32 copy of its input under 16-bit compute
     attn = cfg.model.attn_implementation or "sdpa"  # transformers' choice for Llama-family models when unset
     eager = attn == "eager"
-    if "flash" in attn or "flex" in attn or (cfg.data.packing and attn == "sdpa"):
+    if "flash" in attn or "flex" in attn or (cfg.data.packing and attn == "sdpa") or sp > 1:
         square = 0  # varlen / block-sparse kernels, packed sdpa per segment (distlora.attention): no [L, L] tensor
     elif eager:
         square = a * (4 + (compute if compute < 4 else 0))  # probabilities per head: fp32 softmax (+ its cast)
@@ -220,7 +226,7 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
         compute * (4 * h + 4 * a * d + 4 * i + r_per_layer)  # see the module doc
         + norm_bytes * 2 * h
         + 2 * 4  # two RMSNorm rsqrt values per token (fp32)
-    ) + (0 if eager else b * a * L * 4) + b * L * L * square  # log-sum-exp per head and token; the [L, L] term
+    ) + (0 if eager else b * a * Lr * 4) + b * L * L * square  # log-sum-exp per head and token; the [L, L] term
     rest = tok * (compute * h + norm_bytes * h + 4) + tok * 8  # final norm (input, rsqrt), token ids
     rope = tok * d * 2 * compute  # cos/sin tables, kept by every layer's RoPE (not outside checkpointed layers)
     per_layer, rest = int(per_layer), int(rest)
@@ -253,6 +259,10 @@ def estimate(cfg, gpus: int, backend: str, shape: ModelShape | None = None, gpu_
         plan.notes.append(f"ZeRO keeps fp32 master copies of the adapter partition; gradients include one reduce "
                           f"bucket of {bucket:,} elements (reduce_bucket_size \"auto\" = hidden^2; a number in the "
                           "DeepSpeed JSON changes it)")
+    if sp > 1:
+        plan.notes.append(f"sequence parallel: each GPU holds {Lr:,} of each row's {L:,} tokens "
+                          f"(train.sequence_parallel_size {sp}; {n // sp if n % sp == 0 else n / sp} data-parallel "
+                          "rank(s)); activations and logits above are this GPU's share")
     if budget:
         plan.notes.append(f"token budget: each micro batch is one packed row of up to {budget} tokens "
                           "(train.micro_batch_tokens), the shape used above")
@@ -397,6 +407,10 @@ def _fixes(cfg, mem: Memory, shape: ModelShape, gpu_bf16: bool) -> list[tuple[st
         out.append(("model.gradient_checkpointing=true", total(g=True)))
     if not chunk and t.loss_impl == "torch":
         out.append((f"train.loss_chunk_size={AUTO_CHUNK}", total(ch=AUTO_CHUNK)))
+    # more sequence-parallel ranks (exact too, but fewer data-parallel ranks: a smaller global batch unless
+    # accumulation grows): the smallest that fits of those dividing the GPUs and the heads
+    sps = [n for n in range(t.sequence_parallel_size + 1, p.gpus + 1) if p.gpus % n == 0 and shape.heads % n == 0]
+    out += smaller("train", "sequence_parallel_size", sps)
     if t.micro_batch_tokens:
         out += smaller("train", "micro_batch_tokens",
                        sorted({max(cfg.data.max_seq_len, t.micro_batch_tokens >> k) for k in range(1, 16)}, reverse=True))

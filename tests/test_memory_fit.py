@@ -74,8 +74,8 @@ def test_refusal_names_fixes_that_fit(cfg_path):
     assert line.startswith("model.gradient_checkpointing: the plan needs"), line
     assert "fix, each fits alone: model.gradient_checkpointing=true" in line, line
     changes = dict(mem.fixes)  # the chunked loss is not among them: 512 tokens are fewer than a chunk of 1024
-    assert set(changes) == {"model.gradient_checkpointing=true", "train.micro_batch_size=4", "--backend zero3",
-                            "model.quantization={bits: 4}"}, changes
+    assert set(changes) == {"model.gradient_checkpointing=true", "train.sequence_parallel_size=2", "train.micro_batch_size=4",
+                            "--backend zero3", "model.quantization={bits: 4}"}, changes
     assert changes["model.gradient_checkpointing=true"] == full.total(True) <= mem.usable
     for change, need in mem.fixes:  # each lowers the plan; the line names exactly those that fit alone
         assert need < mem.need and (f"{change} (" in line) == (need <= mem.usable), (change, need, line)

@@ -93,8 +93,10 @@ def launcher_conflicts(cfg) -> list[str]:
             f"train.gradient_accumulation_steps: the accelerate config sets gradient_accumulation_steps: {env_ga} "
             f"but the run config says {cfg.train.gradient_accumulation_steps}; remove it from the accelerate config"
         )
+    from distlora.sequence_parallel import launch_problems
+
     name, choice_problems = _name(cfg)
-    return problems + choice_problems + _class(name).conflicts(cfg)
+    return problems + launch_problems(cfg, env_world_size()) + choice_problems + _class(name).conflicts(cfg)
 
 
 def select(cfg) -> Backend:

@@ -154,9 +154,14 @@ class Backend:
         return self.acc.unwrap_model(self.model)
 
     @property
+    def sp_size(self) -> int:
+        """Ranks that split each example's tokens (train.sequence_parallel_size; distlora.sequence_parallel)."""
+        return self.cfg.train.sequence_parallel_size
+
+    @property
     def dp_size(self) -> int:
-        """Ranks that see different data (no tensor/context parallelism here)."""
-        return self.acc.num_processes
+        """Ranks that see different data: the processes over the sequence-parallel size."""
+        return self.acc.num_processes // self.sp_size
 
     # ------------------------------------------------------------------ the step
 
@@ -164,10 +169,11 @@ class Backend:
         """Factor for a micro batch's summed NLL so that the step's gradient is exactly
         d(sum of NLL over the window, all ranks)/dθ / n_target: every backend divides the loss by the
         accumulation steps (accelerate's `backward`, or the DeepSpeed engine's) and averages gradients
-        over the data-parallel ranks (DDP's all-reduce, ZeRO's and FSDP2's reduce-scatter); undo both.
+        over ALL ranks (DDP's all-reduce, ZeRO's and FSDP2's reduce-scatter: none of them knows of
+        sequence parallelism, whose ranks hold disjoint tokens of the same examples); undo both.
         `n_target` (the window's target tokens, all ranks) stays on the device: an fp32 0-d tensor,
         the value a Python scalar would have been rounded to in the fp32 multiply."""
-        return (self.dp_size * self.acc.gradient_accumulation_steps / n_target.clamp(min=1)).float()
+        return (self.acc.num_processes * self.acc.gradient_accumulation_steps / n_target.clamp(min=1)).float()
 
     def micro_step(self, model, last: bool):
         """Context for one micro batch's forward and backward; gradients are synchronised on the last."""

@@ -26,6 +26,12 @@ tests call the install functions directly. Variables:
   run's end, in output_dir/base-checksum-rank<R>.json (an O(model) pass no production launch pays for).
 - DISTLORA_TEST_HOST_READS=1: per rank, the host reads of device values of each optimizer step and where
   they come from (HostReads), in output_dir/host-reads-rank<R>.json.
+- DISTLORA_TEST_FIRST_GRADS=1: the first optimizer step's reduced adapter gradients (before clipping), by
+  parameter name, in output_dir/first-grads-rank<R>.pt (full tensors: FSDP2's shards gathered; DDP, FSDP2).
+- DISTLORA_TEST_SP_VARIANT=per_rank_norm | stock_ulysses: sequence-parallel variants the exactness tests
+  must catch. per_rank_norm: each rank's micro batch loss divided by its own target tokens (the gradient
+  averaged over ranks) instead of the window's target tokens over all ranks; stock_ulysses: attention after
+  the all-to-all causal over the whole flattened row, packed examples not kept apart.
 - DISTLORA_TEST_LIVE_MEMORY=1: at each "memory" point, the bytes of the unique storages of every live
   torch tensor in the process and the growth of RssAnon since "before_model", in summary.json's
   memory_per_rank[r]["live_<where>"] (LiveMemory).
@@ -527,6 +533,43 @@ def install_from_env() -> None:
         FSDP2.reduce_dtype = torch.bfloat16  # the bf16-reduce variant the precision tests must catch
     if os.environ.get("DISTLORA_TEST_LIVE_MEMORY"):
         LiveMemory().install()
+    if os.environ.get("DISTLORA_TEST_FIRST_GRADS"):
+        install_first_grads()
+    if os.environ.get("DISTLORA_TEST_SP_VARIANT"):
+        install_sp_variant(os.environ["DISTLORA_TEST_SP_VARIANT"])
+
+
+def install_first_grads() -> None:
+    def dump(backend, step, out, **_):
+        import torch
+
+        if step != 0:
+            return
+        grads = {n: _full(p.grad).detach().double().cpu().clone() for n, p in backend.unwrap().named_parameters()
+                 if p.requires_grad and p.grad is not None}
+        torch.save(grads, Path(out) / f"first-grads-rank{backend.acc.process_index}.pt")
+
+    hooks.add("backward_done", dump)
+
+
+def _full(t):
+    """A gradient whole on this rank: FSDP2's DTensor shards gathered (every rank calls)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def install_sp_variant(name: str) -> None:
+    if name == "per_rank_norm":
+        import torch.distributed as dist
+
+        def per_rank(nll, host, n_target, **_):
+            # the loop multiplies by world * accumulation / n_target: this leaves nll / (own targets)
+            return nll * n_target / (dist.get_world_size() * max(host["targets"], 1))
+
+        hooks.add("loss", per_rank)
+    elif name == "stock_ulysses":
+        hooks.add("sp_bounds", lambda bounds, **_: [0, bounds[-1]])
+    else:
+        raise ValueError(f"DISTLORA_TEST_SP_VARIANT: unknown variant {name}")
 
 
 class HostReads:
