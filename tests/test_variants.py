@@ -1,0 +1,269 @@
+"""LoRA variants through PEFT (lora.init, lora.plus_lr_ratio), each trained by distlora itself:
+
+- LoRA+: the B matrices' lr is ratio x the A matrices' in the optimizer and through the schedule, and it
+  changes what a 2-process run trains;
+- PiSSA / OLoRA move the top of the base into the adapter: the saved adapter, converted, loads with
+  PeftModel.from_pretrained on the ORIGINAL base and reproduces the trained model's eval loss (fp32);
+  the moved base is the same on both ranks and untouched by training; resume == uninterrupted;
+- EVA: its data-driven init, inputs gathered across ranks, is the same on 1 and 2 processes reading the
+  same global batches (up to each singular vector's sign);
+- the combinations that cannot work are refused at config time (exit 2) naming the field.
+LoftQ needs CUDA (PEFT's LoftQ computes there): its GPU test is marked gpu.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import base_config, launch, load_adapter, read_metrics, run_inprocess, write_config
+
+
+def _eval_loss(cfg_path, adapter_dir, base=None, plain=False) -> float:
+    """The eval loss of `adapter_dir` loaded by PEFT alone on `base` (default: the run's model as saved on
+    disk, fp32), computed by distlora's evaluate over the run's eval set. `plain`: read as a plain LoRA
+    (init_lora_weights ignored), as merge tools and inference servers read an adapter; PEFT itself would
+    re-run an init that moves the base (PiSSA's SVD) before loading the weights."""
+    from accelerate import Accelerator
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from distlora import config as C
+    from distlora import data as D
+    from distlora.loop import evaluate
+    from distlora.model import load_tokenizer
+
+    cfg = C.load(cfg_path)
+    tok = load_tokenizer(cfg)
+    _, eval_recs, _ = D.build_datasets(cfg, tok, log=lambda *_: None)
+    if base is None:
+        base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if plain:
+        config.init_lora_weights = True
+    model = PeftModel.from_pretrained(base, adapter_dir, config=config)
+    loader, _ = D.make_loader(eval_recs, tok.pad_token_id, 8, 1, 1, 0, False)
+    return evaluate(Accelerator(cpu=True), model, loader)["eval_loss"]
+
+
+def _final_eval(out) -> float:
+    return json.loads((out / "summary.json").read_text())["final_eval_loss"]
+
+
+# ------------------------------------------------------------------------------------------ LoRA+
+
+
+def test_loraplus_b_lr_is_ratio_times_a_through_the_schedule(tiny, tmp_path):
+    """In-process: the optimizer's groups hold every lora_B in one group at ratio x train.lr and every
+    lora_A at train.lr, and the warmup/cosine schedule keeps the ratio at every step (the schedule multiplies
+    each group's initial lr by the same factor: equal up to one float rounding, so 1e-12 relative)."""
+    from distlora import config as C
+    from distlora.loop import make_optimizer, make_scheduler
+    from distlora.model import load_model
+
+    raw = base_config(tiny, tmp_path / "out", lora={"r": 4, "alpha": 8, "dropout": 0.0, "plus_lr_ratio": 16.0})
+    cfg = C.load(write_config(tmp_path / "c.yaml", raw))
+    model = load_model(cfg, "no")
+    opt = make_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    b_groups = [i for i, g in enumerate(opt.param_groups) if any(".lora_B." in names[id(p)] for p in g["params"])]
+    assert len(b_groups) == 1, b_groups
+    b = b_groups[0]
+    assert all(".lora_B." in names[id(p)] for p in opt.param_groups[b]["params"])
+    n_b = sum(".lora_B." in n for n, p in model.named_parameters() if p.requires_grad)
+    assert n_b == len(opt.param_groups[b]["params"]) > 0
+    assert all(".lora_A." in names[id(p)] for p in opt.param_groups[0]["params"])
+    sched = make_scheduler(opt, cfg, 6)
+    live = 0
+    for _ in range(6):
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs[b] == pytest.approx(16.0 * lrs[0], rel=1e-12), lrs
+        live += lrs[0] > 0
+        opt.step()
+        sched.step()
+    assert live == 5  # warmup starts at 0: the ratio was checked on 5 non-zero lrs
+
+
+@pytest.mark.slow  # 2-process launches: ~35 s each on 2 shared cores
+def test_loraplus_changes_the_2_process_training(tiny, tmp_path):
+    """2 processes (DDP): ratio 4 trains another adapter than ratio 1 (= LoRA+ off, bitwise: the same lr in
+    another group changes nothing), by more than the 1e-6 run-to-run noise floor of this comparison;
+    the lora_A of step 1 is the same (the first update of A sees B = 0 in both) ."""
+    outs = {}
+    for name, ratio in (("off", None), ("one", 1.0), ("four", 4.0)):
+        lora = {"r": 4, "alpha": 8, "dropout": 0.0, "plus_lr_ratio": ratio}
+        raw = base_config(tiny, tmp_path / name, lora=lora, train={"max_steps": 3, "micro_batch_size": 2})
+        raw["data"].pop("eval")
+        launch(2, write_config(tmp_path / f"{name}.yaml", raw))
+        outs[name] = load_adapter(tmp_path / name / "adapter")
+    off, one, four = outs["off"], outs["one"], outs["four"]
+    assert all(torch.equal(off[k], one[k]) for k in off)  # ratio 1 is LoRA without the plus
+    db = max(float((four[k] - off[k]).abs().max()) for k in off if ".lora_B." in k)
+    scale = max(float(off[k].abs().max()) for k in off if ".lora_B." in k)
+    assert db > 0.5 * scale, (db, scale)  # B moved by 4x the lr: far more than half its trained size apart
+
+
+# ------------------------------------------------------------------------------------------ PiSSA / OLoRA
+
+
+@pytest.fixture(scope="module")
+def moved(tiny, tmp_path_factory):
+    """2-process DDP runs of pissa and olora (fp32, 6 steps), with the base checksums of both ranks."""
+    root = tmp_path_factory.mktemp("moved")
+    out = {}
+    for init in ("pissa", "olora"):
+        raw = base_config(tiny, root / init, lora={"r": 4, "alpha": 8, "dropout": 0.0, "init": init},
+                          train={"max_steps": 6, "micro_batch_size": 2, "lr": 5e-3})
+        cfg = write_config(root / f"{init}.yaml", raw)
+        launch(2, cfg, env={"DISTLORA_TEST_BASE_CHECKSUM": "1"})
+        out[init] = (cfg, root / init)
+    return out
+
+
+@pytest.mark.slow  # 2-process launches: ~35 s each on 2 shared cores
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_moved_base_adapter_loads_on_the_original_base(moved, init):
+    """The saved adapter (converted to rank 2r: [B | -B0] [A ; A0]) loaded by PEFT alone on the ORIGINAL base
+    reproduces the eval loss the trained model (moved base + adapter) measured at the end of training, within
+    1e-5 (fp32: the two differ by the rounding of W - s B0 A0 + s B A against W + s [B|-B0][A;A0], ~1e-7 per
+    weight here), whether PEFT reads it or a plain-LoRA reader (which would apply an unconverted A, B to the
+    original base: a loss off by > 0.1 here)."""
+    cfg, out = moved[init]
+    trained = _final_eval(out)
+    for plain in (False, True):
+        loaded = _eval_loss(cfg, out / "adapter", plain=plain)
+        assert abs(loaded - trained) < 1e-5, (plain, loaded, trained)
+    conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (conf["r"], conf["lora_alpha"], conf["init_lora_weights"]) == (8, 16, True)
+    # the initial adapter was saved before step 1 and differs from the trained one
+    init_sd, final_sd = load_adapter(out / "initial_adapter"), load_adapter(out / "adapter")
+    for k, a0 in init_sd.items():
+        half = final_sd[k][: a0.shape[0]] if ".lora_A." in k else final_sd[k][:, : a0.shape[1]]
+        rest = final_sd[k][a0.shape[0]:] if ".lora_A." in k else -final_sd[k][:, a0.shape[1]:]
+        assert torch.equal(rest, a0), k
+        assert not torch.equal(half, a0), k
+
+
+@pytest.mark.slow  # 2-process launches: ~35 s each on 2 shared cores
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_moved_base_is_the_same_on_both_ranks_and_frozen(moved, init):
+    """The base after PiSSA/OLoRA (moved by s B0 A0, not the base on disk) is the same on both ranks
+    (rank 0's, broadcast) and training leaves it alone: the frozen-base promise, about the moved base."""
+    _, out = moved[init]
+    sums = [json.loads((out / f"base-checksum-rank{r}.json").read_text()) for r in range(2)]
+    assert sums[0] == sums[1], sums
+    assert sums[0]["start"] == sums[0]["end"], sums
+
+
+def test_pissa_resume_equals_uninterrupted(tiny, tmp_path):
+    """1 process, pissa: 4 steps with a checkpoint at step 2, stopped there and resumed, end on the adapter of
+    the uninterrupted run bitwise (the checkpoint's converted adapter gives back the trained A, B exactly and
+    the init is recomputed identically on the same machine)."""
+    def cfg(name):
+        raw = base_config(tiny, tmp_path / name, lora={"r": 4, "alpha": 8, "dropout": 0.0, "init": "pissa"},
+                          train={"max_steps": 4, "save_every": 2, "lr": 5e-3})
+        raw["data"].pop("eval")
+        return write_config(tmp_path / f"{name}.yaml", raw)
+
+    assert run_inprocess(cfg("full")) == 0
+    assert run_inprocess(cfg("cut"), "train.max_steps=2") == 0
+    assert run_inprocess(cfg("cut")) == 0
+    full, cut = load_adapter(tmp_path / "full" / "adapter"), load_adapter(tmp_path / "cut" / "adapter")
+    assert all(torch.equal(full[k], cut[k]) for k in full), max(float((full[k] - cut[k]).abs().max()) for k in full)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r][-2:] for n in ("full", "cut")]
+    assert losses[0] == losses[1], losses
+
+
+# ------------------------------------------------------------------------------------------ EVA
+
+
+@pytest.mark.slow  # 2-process launches: ~35 s each on 2 shared cores
+def test_eva_init_same_on_1_and_2_processes(tiny, tmp_path):
+    """EVA's lora_A (the top-r right singular vectors of each layer's trained-token inputs) from 1 process
+    reading micro batches of 4, and from 2 processes reading 2 each (the same global batches, gathered by
+    PEFT), agree up to each row's sign within 1e-4: the same IncrementalPCA over the same rows in another
+    row order and padding (fp32 matmuls of other shapes: measured 2e-6 apart; a singular vector whose
+    value is nearly tied with the next may rotate, so rows compare as |cos| > 1 - 1e-4). B stays 0."""
+    outs = {}
+    for n, micro in ((1, 4), (2, 2)):
+        raw = base_config(tiny, tmp_path / f"p{n}", lora={"r": 4, "alpha": 8, "dropout": 0.0, "init": "eva"},
+                          train={"max_steps": 1, "micro_batch_size": micro, "lr": 1e-12, "max_grad_norm": None},
+                          data={"shuffle": False})
+        raw["data"].pop("eval")
+        launch(n, write_config(tmp_path / f"p{n}.yaml", raw))
+        outs[n] = load_adapter(tmp_path / f"p{n}" / "adapter")
+    one, two = outs[1], outs[2]
+    assert one.keys() == two.keys()
+    for k in one:
+        if ".lora_A." in k:
+            a, b = one[k].double(), two[k].double()
+            cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+            assert cos.abs().min() > 1 - 1e-4, (k, cos)
+    default = load_adapter(tmp_path / "p1" / "adapter")  # noqa: F841 - shape reference below
+    # EVA's rows are orthonormal singular vectors: unlike PEFT's default (Kaiming) init
+    k = next(k for k in one if ".lora_A." in k)
+    gram = one[k].double() @ one[k].double().T
+    assert torch.allclose(gram, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-3), gram
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize("lora,model,field", [
+    ({"init": "pissa"}, {"quantization": {"bits": 4}}, "lora.init: pissa rewrites the base"),
+    ({"init": "olora", "use_dora": True}, {}, "lora.init: olora with lora.use_dora"),
+    ({"init": "loftq"}, {}, "lora.init: loftq fits the adapter to a 4-bit base"),
+    ({"init": "pissa_niter_0"}, {}, "lora.init: must be one of"),
+    ({"init": "svd"}, {}, "lora.init: must be one of"),
+    ({"eva_tau": 0.9}, {}, "lora.eva_tau: set, but lora.init is default"),
+    ({"plus_lr_ratio": 0}, {}, "lora.plus_lr_ratio: Input should be greater than 0"),
+])
+def test_invalid_variant_configs_exit_2_naming_the_field(tiny, tmp_path, capsys, lora, model, field):
+    raw = base_config(tiny, tmp_path / "out", lora=lora, model=model)
+    assert run_inprocess(write_config(tmp_path / "c.yaml", raw)) == 2
+    err = capsys.readouterr().err
+    assert field in err, err
+    assert not (tmp_path / "out").exists()  # found before anything started
+
+
+# ------------------------------------------------------------------------------------------ LoftQ (CUDA)
+
+
+@pytest.mark.gpu
+def test_loftq_adapter_reduces_the_4bit_error_and_loads_on_the_4bit_base(tiny, tmp_path):
+    """On a GPU: the LoftQ init brings the 4-bit base closer to the original weights (|W - (deq(Q) + s B A)|
+    < |W - deq(Q)| per layer), and the trained adapter loaded by PEFT on the same 4-bit base reproduces
+    the trained model's eval loss (fp32 compute, within 1e-5)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from distlora import config as C
+    from distlora.model import load_model, quantization_config
+
+    q = {"bits": 4, "compute_dtype": "float32", "quant_storage": "float32"}
+    raw = base_config(tiny, tmp_path / "out", lora={"r": 4, "alpha": 8, "dropout": 0.0, "init": "loftq"},
+                      model={"quantization": q, "dtype": "auto"})
+    path = write_config(tmp_path / "c.yaml", raw)
+    cfg = C.load(path)
+    model = load_model(cfg, "no")
+    original = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32)
+    from peft.tuners.lora import LoraLayer
+    import bitsandbytes as bnb
+
+    checked = 0
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            w = original.get_submodule(name.replace("base_model.model.", "", 1)).weight.cuda()
+            deq = bnb.functional.dequantize_4bit(m.base_layer.weight.data, m.base_layer.weight.quant_state).cuda()
+            delta = m.scaling["default"] * (m.lora_B["default"].weight @ m.lora_A["default"].weight).cuda()
+            assert (w - deq - delta).norm() < (w - deq).norm(), name
+            checked += 1
+    assert checked
+    assert run_inprocess(path) == 0
+    base = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32,
+                                                quantization_config=quantization_config(cfg.model.quantization))
+    assert abs(_eval_loss(path, tmp_path / "out" / "adapter", base=base) - _final_eval(tmp_path / "out")) < 1e-5
