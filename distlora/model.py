@@ -278,6 +278,9 @@ def eva_init(model, cfg, loader, acc) -> None:
         """This rank's micro batches in training order, up to `limit`; PEFT iterates it again (cycles)
         until every layer has converged."""
 
+        def __len__(self):  # every rank gets the same number: windows hold whole global batches (data.py)
+            return min(limit, len(loader) // acc.num_processes)
+
         def __iter__(self):
             for i, b in enumerate(loader):
                 if i >= limit * acc.num_processes:
