@@ -599,6 +599,17 @@ def _check_lora_init(lora: LoraConfig, model: ModelConfig | None, check_device: 
     return problems
 
 
+def lora_init_backend_problems(lora: LoraConfig, backend: str) -> list[str]:
+    """lora.init against the backend (one of BACKENDS): the inits that need the whole base on every rank
+    before the backend wraps the model. ZeRO-3 builds the base already partitioned: EVA's forward passes
+    and LoftQ's read of the 4-bit weights have nothing to run on. PiSSA/OLoRA run there (PEFT gathers
+    each weight for its SVD/QR)."""
+    if backend == "zero3" and lora.init in ("eva", "loftq"):
+        return [f"lora.init: {lora.init} needs the whole base on every rank before training, which ZeRO-3 "
+                "partitions as it loads; use train.backend zero2, ddp or fsdp2 (not with a 4-bit base), or another lora.init"]
+    return []
+
+
 def _check_liger(train: TrainConfig, check_device: bool) -> list[str]:
     """train.loss_impl=liger: liger-kernel (and the triton it runs on) installed; with `check_device`,
     a CUDA GPU on this machine (its kernels are triton GPU kernels)."""

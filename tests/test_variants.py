@@ -271,3 +271,19 @@ def test_loftq_adapter_reduces_the_4bit_error_and_loads_on_the_4bit_base(tiny, t
     base = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32,
                                                 quantization_config=quantization_config(cfg.model.quantization))
     assert abs(_eval_loss(path, tmp_path / "out" / "adapter", base=base) - _final_eval(tmp_path / "out")) < 1e-5
+
+
+@pytest.mark.parametrize("init", ["eva", "loftq"])
+def test_inits_needing_the_whole_base_refused_under_zero3_by_the_launcher(tiny, tmp_path, init):
+    """The launcher's preflight (before any worker starts) names lora.init under backend zero3; zero2 passes."""
+    from distlora import config as C
+    from distlora.launch import Shape, preflight
+
+    raw = base_config(tiny, tmp_path / "out", lora={"init": init})
+    if init == "loftq":
+        raw["model"].update(quantization={"bits": 4, "compute_dtype": "float32", "quant_storage": "float32"})
+    cfg = C.load(write_config(tmp_path / "c.yaml", raw), check_model=False)
+    for backend, refused in (("zero3", True), ("zero2", False)):
+        problems, _ = preflight(cfg, Shape(procs_per_node=2, backend=backend, cpu=True), main_port=None)
+        named = [p for p in problems if p.startswith(f"lora.init: {init} needs the whole base")]
+        assert bool(named) == refused, problems

@@ -94,7 +94,9 @@ def launcher_conflicts(cfg) -> list[str]:
             f"but the run config says {cfg.train.gradient_accumulation_steps}; remove it from the accelerate config"
         )
     name, choice_problems = _name(cfg)
-    return problems + choice_problems + _class(name).conflicts(cfg)
+    from distlora.config import lora_init_backend_problems
+
+    return problems + choice_problems + _class(name).conflicts(cfg) + lora_init_backend_problems(cfg.lora, name)
 
 
 def select(cfg) -> Backend:
