@@ -26,6 +26,8 @@ tests call the install functions directly. Variables:
   run's end, in output_dir/base-checksum-rank<R>.json (an O(model) pass no production launch pays for).
 - DISTLORA_TEST_HOST_READS=1: per rank, the host reads of device values of each optimizer step and where
   they come from (HostReads), in output_dir/host-reads-rank<R>.json.
+- DISTLORA_TEST_SKEW_INIT=1: PEFT's PiSSA init on rank R > 0 comes out shifted by R x 1e-2 (adapter and
+  moved base alike: what a device whose SVD gives other bits would do): every rank must train rank 0's.
 - DISTLORA_TEST_LIVE_MEMORY=1: at each "memory" point, the bytes of the unique storages of every live
   torch tensor in the process and the growth of RssAnon since "before_model", in summary.json's
   memory_per_rank[r]["live_<where>"] (LiveMemory).
@@ -527,6 +529,22 @@ def install_from_env() -> None:
         FSDP2.reduce_dtype = torch.bfloat16  # the bf16-reduce variant the precision tests must catch
     if os.environ.get("DISTLORA_TEST_LIVE_MEMORY"):
         LiveMemory().install()
+    if os.environ.get("DISTLORA_TEST_SKEW_INIT"):
+        install_skewed_init()
+
+
+def install_skewed_init() -> None:
+    from peft.tuners.lora import LoraLayer
+
+    pissa_init = LoraLayer.pissa_init
+    shift = 1e-2 * int(os.environ.get("RANK", "0"))
+
+    def skewed(self, adapter_name, init_lora_weights):
+        pissa_init(self, adapter_name, init_lora_weights)
+        self.lora_A[adapter_name].weight.data += shift
+        self.get_base_layer().weight.data += shift  # under ZeRO-3: the gathered copy, which rank 0 writes back
+
+    LoraLayer.pissa_init = skewed
 
 
 class HostReads:
