@@ -582,17 +582,9 @@ def _check_lora_init(lora: LoraConfig, model: ModelConfig | None, check_device: 
         if q is None:
             problems.append("lora.init: loftq fits the adapter to a 4-bit base's quantization error and needs "
                             "model.quantization (bits: 4); set it, or use another lora.init")
-        elif q.type != "nf4":
-            problems.append("model.quantization.type: lora.init=loftq fits an nf4 base (PEFT's LoftQ); set type: nf4")
         if model is not None and not (Path(model.name_or_path).is_dir() and any(Path(model.name_or_path).glob("*.safetensors"))):
             problems.append(f"lora.init: loftq reads the unquantized weights from the model's safetensors files; "
                             f"model.name_or_path '{model.name_or_path}' must be a local directory holding them")
-        if check_device:
-            import torch
-
-            if not torch.cuda.is_available():
-                problems.append("lora.init: loftq runs on CUDA only (PEFT computes its SVD there) and this machine has "
-                                "no GPU; train on a GPU, or use another lora.init")
     for name, owner in (("eva_tau", "eva"), ("eva_max_batches", "eva")):
         if name in lora.model_fields_set and init != owner:
             problems.append(f"lora.{name}: set, but lora.init is {init}; it applies to lora.init={owner} only: remove it")

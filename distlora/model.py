@@ -140,7 +140,7 @@ def load_model(cfg, mixed_precision: str):
         if cfg.lora.init == "loftq":
             fit_loftq(model, cfg)
         if moves_base(cfg) or cfg.lora.init == "loftq":
-            same_on_every_rank(model)
+            same_on_every_rank(model, base=moves_base(cfg))  # LoftQ leaves the base as loaded
     # Adapters train in fp32 even on a bf16/fp16 base: optimizer updates stay exact.
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
@@ -156,15 +156,39 @@ def load_model(cfg, mixed_precision: str):
 
 
 def fit_loftq(model, cfg) -> None:
-    """LoftQ on the 4-bit base as loaded: each adapted layer's A, B = the rank-r SVD of (original weight -
-    de-quantized weight), the original read from the model's safetensors files. The base is not modified,
-    so the adapter belongs to the same 4-bit base PeftModel.from_pretrained loads. PEFT computes on CUDA."""
-    from peft import replace_lora_weights_loftq
+    """LoftQ on the 4-bit base as loaded, one round (what PEFT's replace_lora_weights_loftq computes, but on
+    the device the base is on: PEFT's moves every weight to CUDA): each adapted layer's scale * B @ A = the
+    best rank-r approximation (SVD, sqrt(S) on each side) of W - dequantize(Q), W read from the model's
+    safetensors files. The base is not modified: the adapter belongs to the 4-bit base that
+    PeftModel.from_pretrained loads. fp32; one layer's W at a time."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+    from safetensors import safe_open
 
-    replace_lora_weights_loftq(model, model_path=cfg.model.name_or_path)
+    files = sorted(Path(cfg.model.name_or_path).glob("*.safetensors"))
+    where = {}
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            where.update(dict.fromkeys(fh.keys(), f))
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or not isinstance(module.get_base_layer(), bnb.nn.Linear4bit):
+            continue
+        key = name.removeprefix("base_model.model.") + ".weight"
+        if key not in where:
+            raise ValueError(f"lora.init: loftq found no '{key}' in the safetensors files of {cfg.model.name_or_path}")
+        q = module.get_base_layer().weight
+        with safe_open(str(where[key]), "pt") as fh:
+            w = fh.get_tensor(key).to(torch.float32)
+        residual = w - bnb.functional.dequantize_4bit(q.data, q.quant_state).to(torch.float32).cpu()
+        u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
+        r, scale = module.r["default"], module.scaling["default"]
+        root = sv[:r].sqrt()
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        a.data = (root[:, None] * vh[:r]).to(a.device, a.dtype).contiguous()
+        b.data = (u[:, :r] * root / scale).to(b.device, b.dtype).contiguous()
 
 
-def same_on_every_rank(model) -> None:
+def same_on_every_rank(model, base: bool = True) -> None:
     """Rank 0's adapter and adapted base weights on every rank: an init that computes (an SVD, a QR)
     is not promised to give the same bits on every device, and DDP/ZeRO-2 would keep rank 0's while
     FSDP2 keeps each rank's own shard. Once, before the first step: a copy of the adapted layers' weights.
@@ -179,10 +203,10 @@ def same_on_every_rank(model) -> None:
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
-        base = module.get_base_layer().weight
+        weight = module.get_base_layer().weight
         tensors = [p for d in (module.lora_A, module.lora_B) for p in d.parameters()]
-        if not hasattr(base, "ds_id"):  # a ZeRO-3 parameter is an empty partition here
-            tensors.append(base)
+        if base and not hasattr(weight, "ds_id"):  # a ZeRO-3 parameter is an empty partition here
+            tensors.append(weight)
         for t in tensors:
             buf = t.data.to(device)
             dist.broadcast(buf, src=0)
