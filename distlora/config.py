@@ -117,6 +117,12 @@ class LoraConfig(_Section):
         200, gt=0, description="EVA: micro batches per process the data-driven init may read before it gives up."
     )
 
+    @property
+    def moves_base(self) -> bool:
+        """PiSSA and OLoRA rewrite the base (W -> W - scale * B0 @ A0); their adapters are saved converted
+        to a plain LoRA of the unmodified base (distlora.model.to_plain_lora)."""
+        return self.init.startswith("pissa") or self.init == "olora"
+
     @field_validator("init")
     @classmethod
     def _known_init(cls, v):
@@ -477,7 +483,7 @@ def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list
         problems.append(f"lora.init_from: '{lora.init_from}' holds no adapter_config.json; point it at an adapter directory")
     model = s.get("model")
     if lora is not None:
-        problems += _check_lora_init(lora, model, check_device)
+        problems += _check_lora_init(lora, model)
     if model is not None and model.quantization is not None:
         problems += _check_quantization(model, train)
     if model is not None and data is not None:
@@ -565,17 +571,16 @@ def _check_function(spec: str, field: str, util) -> list[str]:
     return []
 
 
-def _check_lora_init(lora: LoraConfig, model: ModelConfig | None, check_device: bool) -> list[str]:
+def _check_lora_init(lora: LoraConfig, model: ModelConfig | None) -> list[str]:
     """lora.init against the rest of the config: what PEFT's init and distlora's save conversion can do."""
     init, q = lora.init, model.quantization if model is not None else None
     problems = []
     if lora.init_from and init != "default":
         problems.append(f"lora.init: {init} draws a fresh adapter but lora.init_from loads one; remove one of them")
-    moves_base = init.startswith("pissa") or init == "olora"
-    if moves_base and q is not None:
+    if lora.moves_base and q is not None:
         problems.append(f"lora.init: {init} rewrites the base weights, which a 4-bit base cannot hold exactly; use "
                         "lora.init=loftq for a quantized base, or remove model.quantization")
-    if moves_base and lora.use_dora:
+    if lora.moves_base and lora.use_dora:
         problems.append(f"lora.init: {init} with lora.use_dora: the saved adapter cannot be converted to the unmodified "
                         "base (DoRA's magnitude is of the modified one); set lora.use_dora=false or lora.init=default")
     if init == "loftq":

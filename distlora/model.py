@@ -35,12 +35,6 @@ def base_dtype(cfg, mixed_precision: str) -> torch.dtype:
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float16 if mixed_precision == "fp16" else torch.float32
 
 
-def moves_base(cfg) -> bool:
-    """Whether the run's lora.init rewrites the base (PiSSA, OLoRA: W -> W - scale * B0 @ A0): its adapters
-    are saved converted to a plain LoRA of the unmodified base (`to_plain_lora`)."""
-    return cfg.lora.init.startswith("pissa") or cfg.lora.init == "olora"
-
-
 def init_lora_weights(cfg, weights: bool = True):
     """PEFT's init_lora_weights for lora.init. LoftQ starts from PEFT's default and is fitted after
     wrapping (`fit_loftq`), on the 4-bit base that stays as loaded. `weights=False`: no init at all
@@ -139,15 +133,15 @@ def load_model(cfg, mixed_precision: str):
         model = get_peft_model(model, lora_config(cfg))
         if cfg.lora.init == "loftq":
             fit_loftq(model, cfg)
-        if moves_base(cfg) or cfg.lora.init == "loftq":
-            same_on_every_rank(model, base=moves_base(cfg))  # LoftQ leaves the base as loaded
+        if cfg.lora.moves_base or cfg.lora.init == "loftq":
+            same_on_every_rank(model, base=cfg.lora.moves_base)  # LoftQ leaves the base as loaded
     # Adapters train in fp32 even on a bf16/fp16 base: optimizer updates stay exact.
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     # adapter_config.json names the base as a hub id as given, or by absolute path: it loads from anywhere
     model.peft_config["default"].base_model_name_or_path = base_reference(cfg.model.name_or_path)
-    if moves_base(cfg):
+    if cfg.lora.moves_base:
         remember_initial_adapter(model)
     return model
 

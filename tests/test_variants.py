@@ -194,7 +194,7 @@ def test_pissa_converts_under_sharded_backends(tiny, tmp_path, backend):
                for k in init for k_half in [init[k].shape[0] if ".lora_A." in k else init[k].shape[1]])
 
 
-def test_pissa_resume_equals_uninterrupted(tiny, small_data, tmp_path):
+def test_pissa_resume_equals_uninterrupted(tiny, small_data, tmp_path, capsys):
     """1 process, pissa: a fresh output dir holding only the step-2 checkpoint of a 4-step run, resumed, ends
     on that run's adapter bitwise with the same losses (the checkpoint's converted adapter gives back the
     trained A, B exactly, and the init is recomputed identically on the same machine)."""
@@ -215,6 +215,10 @@ def test_pissa_resume_equals_uninterrupted(tiny, small_data, tmp_path):
     assert all(torch.equal(full[k], cut[k]) for k in full), max(float((full[k] - cut[k]).abs().max()) for k in full)
     losses = [[r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r][-2:] for n in ("full", "cut")]
     assert losses[0] == losses[1], losses
+    # the same checkpoint under the default init (the base not moved) is refused, naming the init
+    shutil.copytree(ckpt, tmp_path / "plain" / "checkpoints" / ckpt.name)
+    assert run_inprocess(cfg("plain"), "lora.init=default") == 1
+    assert "lora: step-00000002 holds an adapter of another shape (init: pissa -> None)" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ EVA
