@@ -7,8 +7,8 @@
   the moved base is the same on both ranks and untouched by training; resume == uninterrupted;
 - EVA: its data-driven init, inputs gathered across ranks, is the same on 1 and 2 processes reading the
   same global batches (up to each singular vector's sign);
+- LoftQ: the init is the best rank-r fit of the 4-bit base's error, and the adapter loads on that base;
 - the combinations that cannot work are refused at config time (exit 2) naming the field.
-- LoftQ: the init is the best rank-r fit of the 4-bit base's error, and the adapter loads on that base.
 """
 
 from __future__ import annotations
@@ -156,7 +156,9 @@ def test_moved_base_adapter_loads_on_the_original_base(moved, init):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_moved_base_is_the_same_on_both_ranks_and_frozen(moved, init):
     """The base after PiSSA/OLoRA (moved by s B0 A0, not the base on disk) is the same on both ranks
-    (rank 0's, broadcast) and training leaves it alone: the frozen-base promise, about the moved base."""
+    and training leaves it alone: the frozen-base promise, about the moved base. (Under DDP the wrap itself
+    broadcasts rank 0's module state; test_pissa_converts_under_sharded_backends is the one that needs
+    distlora's own broadcast.)"""
     _, out = moved[init]
     sums = [json.loads((out / f"base-checksum-rank{r}.json").read_text()) for r in range(2)]
     assert sums[0] == sums[1], sums
