@@ -1,6 +1,8 @@
 """The one owner of the on-disk layout: adapters, checkpoints, discovery and exact resume.
 
     output_dir/adapter/                         final adapter (PEFT format) + tokenizer
+    output_dir/initial_adapter/                 lora.init pissa/olora: the adapter at init, before step 1 (what
+                                                the base was moved by; saved adapters are converted with it)
     output_dir/checkpoints/step-NNNNNNNN/       adapter/, optimizer.pt, scheduler.pt, trainer_state.json,
                                                 COMPLETE.json (written last: step, files and sizes)
                                                 under DeepSpeed: deepspeed/ (the engine's per-rank ZeRO
@@ -74,28 +76,29 @@ def _publish(tmp: Path, final: Path, meta: dict) -> None:
     _fsync_dir(final.parent)
 
 
-def expected_adapter_shapes(model) -> dict[str, tuple[int, ...]]:
-    """LoRA tensor shapes from each adapted layer's geometry (not from the tensors, which ZeRO-3 partitions)."""
+def expected_adapter_shapes(model, rank_factor: int = 1) -> dict[str, tuple[int, ...]]:
+    """LoRA tensor shapes from each adapted layer's geometry (not from the tensors, which ZeRO-3 partitions);
+    `rank_factor`: the saved rank over the trained one (2 for an adapter converted by model.to_plain_lora)."""
     from peft.tuners.lora import LoraLayer
 
     shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and "default" in getattr(module, "r", {}):
-            r = module.r["default"]
+            r = module.r["default"] * rank_factor
             prefix = name.replace(".default", "")
             shapes[f"{prefix}.lora_A.weight"] = (r, module.in_features)
             shapes[f"{prefix}.lora_B.weight"] = (module.out_features, r)
     return shapes
 
 
-def verify_adapter(adapter_dir: Path, model) -> None:
+def verify_adapter(adapter_dir: Path, model, rank_factor: int = 1) -> None:
     """Fail loudly on empty adapters, missing or mis-shaped LoRA tensors, or base weights in the file."""
     from safetensors import safe_open
 
     f = adapter_dir / "adapter_model.safetensors"
     if not f.is_file() or f.stat().st_size < 64:
         raise CheckpointError(f"{f}: adapter file missing or empty")
-    expected = expected_adapter_shapes(model)
+    expected = expected_adapter_shapes(model, rank_factor)
     with safe_open(str(f), "pt") as fh:
         got = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     lora_got = {k.replace("base_model.model.", "", 1): v for k, v in got.items() if ".lora_" in k}
@@ -110,6 +113,40 @@ def verify_adapter(adapter_dir: Path, model) -> None:
         )
 
 
+def write_adapter(m, sd: dict, tokenizer, directory: Path, plain: bool = True) -> None:
+    """The adapter `sd` (gathered, full-shape) of the PeftModel `m` in PEFT format, checked. `plain`: as a plain
+    LoRA of the unmodified base (a PiSSA/OLoRA adapter converted by model.to_plain_lora; others as they are)."""
+    from distlora.model import plain_lora_config, to_plain_lora
+
+    sd, factor = to_plain_lora(m, sd) if plain else (sd, 1)
+    m.save_pretrained(directory, state_dict=sd, safe_serialization=True)
+    plain_lora_config(directory, factor)
+    tokenizer.save_pretrained(directory)
+    verify_adapter(directory, m, factor)
+
+
+def save_initial_adapter(backend, tokenizer, output_dir) -> None:
+    """lora.init pissa/olora: the adapter before step 1 to output_dir/initial_adapter (what the base was moved
+    by: initial adapter + that base = the original model). All ranks call; nothing for other inits."""
+    from distlora.model import INITIAL, initial_adapter
+
+    m = backend.unwrap()
+    if INITIAL not in m.__dict__:
+        return
+    if backend.acc.is_main_process:
+        final = Path(output_dir) / "initial_adapter"
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            write_adapter(m, initial_adapter(m), tokenizer, tmp, plain=False)
+            _publish(tmp, final, {"kind": "initial_adapter"})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    backend.barrier()
+
+
 def save_adapter(backend, tokenizer, final: Path) -> None:
     """Write the adapter (gathered full-shape on every backend) atomically to `final`. All ranks call."""
     tmp = final.with_name(f".tmp-{final.name}")
@@ -118,10 +155,7 @@ def save_adapter(backend, tokenizer, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
-            m = backend.unwrap()
-            m.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            verify_adapter(tmp, m)
+            write_adapter(backend.unwrap(), sd, tokenizer, tmp)
             _publish(tmp, final, {"kind": "adapter"})
         except (OSError, RuntimeError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -155,10 +189,8 @@ def save(backend, scheduler, tokenizer, output_dir, state: dict, keep_last: int 
             if failed is not None:
                 raise failed
             (tmp / "adapter").mkdir(parents=True)
-            m = backend.unwrap()
-            m.save_pretrained(tmp / "adapter", state_dict=sd, safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "adapter")
-            verify_adapter(tmp / "adapter", m)
+            # plain LoRA of the unmodified base: usable as is; a resume takes its trained half (load_weights_only)
+            write_adapter(backend.unwrap(), sd, tokenizer, tmp / "adapter")
             hooks.point("save.after_adapter")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             hooks.point("save.after_scheduler")
@@ -219,7 +251,10 @@ def _remove(d: Path) -> None:
 def load_weights_only(backend, ckpt: Path) -> None:
     from safetensors.torch import load_file
 
-    backend.load_adapter_state(load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+    from distlora.model import from_plain_lora
+
+    sd = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    backend.load_adapter_state(from_plain_lora(backend.unwrap(), sd))
 
 
 def load(backend, scheduler, ckpt: Path) -> dict:

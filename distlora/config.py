@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -87,6 +88,10 @@ class TokenizerConfig(_Section):
     add_special_tokens: bool = Field(True, description="Add the tokenizer's BOS (if any) before each prompt.")
 
 
+# lora.init values; "pissa_niter_N" (fast randomized SVD, N iterations) is also accepted
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva", "loftq")
+
+
 class LoraConfig(_Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
@@ -98,6 +103,32 @@ class LoraConfig(_Section):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     modules_to_save: Optional[list[str]] = Field(None, description="Extra modules trained in full and saved.")
     init_from: Optional[str] = Field(None, description="Adapter directory to start from instead of a fresh init.")
+    init: str = Field(
+        "default", description="LoRA init (PEFT init_lora_weights): default | gaussian | pissa | pissa_niter_N | olora | "
+        "eva | loftq; pissa/olora move part of the base into the adapter (saved converted to plain LoRA on the original base)."
+    )
+    plus_lr_ratio: Optional[float] = Field(
+        None, gt=0, description="LoRA+: lr of the B matrices = this x train.lr (the paper suggests 16); None = off."
+    )
+    eva_tau: float = Field(
+        0.99, gt=0, le=1, description="EVA: a layer's components have converged at this cosine similarity between batches."
+    )
+    eva_max_batches: int = Field(
+        200, gt=0, description="EVA: micro batches per process the data-driven init may read before it gives up."
+    )
+
+    @property
+    def moves_base(self) -> bool:
+        """PiSSA and OLoRA rewrite the base (W -> W - scale * B0 @ A0); their adapters are saved converted
+        to a plain LoRA of the unmodified base (distlora.model.to_plain_lora)."""
+        return self.init.startswith("pissa") or self.init == "olora"
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, v):
+        if v not in LORA_INITS and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", v):
+            raise ValueError(f"must be one of {', '.join(LORA_INITS)} or pissa_niter_N (N >= 1 subspace iterations)")
+        return v
 
     @field_validator("target_modules")
     @classmethod
@@ -454,6 +485,8 @@ def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list
     if lora is not None and lora.init_from and not (Path(lora.init_from) / "adapter_config.json").is_file():
         problems.append(f"lora.init_from: '{lora.init_from}' holds no adapter_config.json; point it at an adapter directory")
     model = s.get("model")
+    if lora is not None:
+        problems += _check_lora_init(lora, model)
     if model is not None and model.quantization is not None:
         problems += _check_quantization(model, train)
     if model is not None and data is not None:
@@ -542,6 +575,42 @@ def _check_function(spec: str, field: str, util) -> list[str]:
             names.update(t.id for t in node.targets if isinstance(t, ast.Name))
     if fn not in names:
         return [f"{field}: module '{mod}' ({found.origin}) defines no '{fn}'"]
+    return []
+
+
+def _check_lora_init(lora: LoraConfig, model: ModelConfig | None) -> list[str]:
+    """lora.init against the rest of the config: what PEFT's init and distlora's save conversion can do."""
+    init, q = lora.init, model.quantization if model is not None else None
+    problems = []
+    if lora.init_from and init != "default":
+        problems.append(f"lora.init: {init} draws a fresh adapter but lora.init_from loads one; remove one of them")
+    if lora.moves_base and q is not None:
+        problems.append(f"lora.init: {init} rewrites the base weights, which a 4-bit base cannot hold exactly; use "
+                        "lora.init=loftq for a quantized base, or remove model.quantization")
+    if lora.moves_base and lora.use_dora:
+        problems.append(f"lora.init: {init} with lora.use_dora: the saved adapter cannot be converted to the unmodified "
+                        "base (DoRA's magnitude is of the modified one); set lora.use_dora=false or lora.init=default")
+    if init == "loftq":
+        if q is None:
+            problems.append("lora.init: loftq fits the adapter to a 4-bit base's quantization error and needs "
+                            "model.quantization (bits: 4); set it, or use another lora.init")
+        if model is not None and not (Path(model.name_or_path).is_dir() and any(Path(model.name_or_path).glob("*.safetensors"))):
+            problems.append(f"lora.init: loftq reads the unquantized weights from the model's safetensors files; "
+                            f"model.name_or_path '{model.name_or_path}' must be a local directory holding them")
+    for name, owner in (("eva_tau", "eva"), ("eva_max_batches", "eva")):
+        if name in lora.model_fields_set and init != owner:
+            problems.append(f"lora.{name}: set, but lora.init is {init}; it applies to lora.init={owner} only: remove it")
+    return problems
+
+
+def lora_init_backend_problems(lora: LoraConfig, backend: str) -> list[str]:
+    """lora.init against the backend (one of BACKENDS): the inits that need the whole base on every rank
+    before the backend wraps the model. ZeRO-3 builds the base already partitioned: EVA's forward passes
+    and LoftQ's read of the 4-bit weights have nothing to run on. PiSSA/OLoRA run there (PEFT gathers
+    each weight for its SVD/QR)."""
+    if backend == "zero3" and lora.init in ("eva", "loftq"):
+        return [f"lora.init: {lora.init} needs the whole base on every rank before training, which ZeRO-3 "
+                "partitions as it loads; use train.backend zero2, ddp or fsdp2 (not with a 4-bit base), or another lora.init"]
     return []
 
 

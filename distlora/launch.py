@@ -434,6 +434,7 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
     if shape.cpu and t.loss_impl == "liger":
         problems.append("train.loss_impl: liger's fused loss runs on CUDA GPUs only; fix: train.loss_impl=torch "
                         "with --cpu (train.loss_chunk_size bounds the logits memory), or launch on GPUs")
+    problems += config_mod.lora_init_backend_problems(cfg.lora, shape.backend)
     if shape.backend in DEEPSPEED_JSON and not Path(DEEPSPEED_JSON[shape.backend]).is_file():
         problems.append(f"backend: {DEEPSPEED_JSON[shape.backend]} (the DeepSpeed config the accelerate config points to) "
                         "does not exist here; fix: run from the repository root, or copy configs/deepspeed/ next to your run")

@@ -119,8 +119,11 @@ def read_state(ckpt: Path) -> dict:
 def lora_shape(cfg) -> dict:
     """What fixes the adapter tensors' keys and shapes."""
     lo = cfg.lora
-    return {"r": lo.r, "target_modules": lo.target_modules, "use_dora": lo.use_dora,
-            "modules_to_save": lo.modules_to_save}
+    shape = {"r": lo.r, "target_modules": lo.target_modules, "use_dora": lo.use_dora,
+             "modules_to_save": lo.modules_to_save}
+    # an init that moves the base saves rank 2r against another base: named only then, so checkpoints
+    # written before lora.init existed (default init) still match
+    return shape | {"init": lo.init} if lo.moves_base else shape
 
 
 CHECKPOINT_OVERHEAD = 16 << 20  # per checkpoint: tokenizer files, scheduler and trainer state
@@ -224,7 +227,9 @@ def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, re
                          "anyway, or train.resume=never", True))
     old_shape = state.get("lora_shape", lora_shape(cfg))
     if old_shape != lora_shape(cfg):
-        changed = {k: (old_shape.get(k), v) for k, v in lora_shape(cfg).items() if old_shape.get(k) != v}
+        new_shape = lora_shape(cfg)
+        changed = {k: (old_shape.get(k), new_shape.get(k)) for k in {**old_shape, **new_shape}
+                   if old_shape.get(k) != new_shape.get(k)}
         problems.append((f"lora: {ckpt.name} holds an adapter of another shape ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
                          "its tensors cannot load into this model: restore those settings, or set train.resume=never", False))
     if state["dp_size"] != dp and not reshardable:

@@ -100,14 +100,23 @@ def evaluate(acc, model, loader, chunk: int = 0, impl: str = "torch") -> dict:
 
 
 def make_optimizer(model, cfg):
-    decay, no_decay = [], []
-    for _n, p in model.named_parameters():
-        if p.requires_grad:
+    """AdamW over the trainable parameters: biases and norm weights not decayed; under LoRA+
+    (lora.plus_lr_ratio) the B matrices in their own group at ratio x train.lr. Group 0 holds the
+    A matrices at train.lr: the lr the metrics log. The schedule scales every group's lr alike."""
+    t, ratio = cfg.train, cfg.lora.plus_lr_ratio
+    decay, no_decay, plus = [], [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ratio is not None and ".lora_B." in n:
+            plus.append(p)
+        else:
             (decay if p.ndim >= 2 else no_decay).append(p)  # biases and norm weights are not decayed
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    t = cfg.train
+    if plus:
+        groups.append({"params": plus, "weight_decay": t.weight_decay, "lr": t.lr * ratio})
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
 
 
@@ -244,6 +253,10 @@ def setup(cfg, backend) -> Run:
             eval_records, pad_id, t.eval_micro_batch_size or t.micro_batch_size, 1, dp, t.seed, False, pack, **sp
         )
         eval_loader = acc.prepare_data_loader(eval_loader)
+    if cfg.lora.init == "eva":  # data-driven: on this rank's first micro batches, before the backend wraps the model
+        from distlora.model import eva_init
+
+        eva_init(model, cfg, train_loader, acc)
     model, optimizer, train_loader = backend.prepare(model, lambda m: make_optimizer(m, cfg), train_loader)
     # The scheduler is not prepared: accelerate would step it once per process per step.
     scheduler = make_scheduler(optimizer, cfg, total_steps)
@@ -613,6 +626,8 @@ def run(cfg, backend=None) -> None:
     check_not_complete(r)
     # The run really starts here: only now are the files of a previous run in output_dir replaced.
     info = run_info(r.acc, r.counts) | {"backend": backend.name, "mixed_precision": backend.mixed_precision}
+    if r.start_step == 0 and r.resumed_from is None:
+        checkpoint.save_initial_adapter(backend, r.tokenizer, r.out)
     if r.acc.is_main_process:
         config_mod.dump(cfg, r.out / "config.yaml")
         (r.out / "run_info.json").write_text(json.dumps(info, indent=1))

@@ -241,4 +241,5 @@ def test_memory_rule_without_torch(tiny, tmp_path):
     here = [resolve_memory(cfg, on_gpu=True, gpus=2, device_bytes=d, shape=shape) for d in devices]
     assert got["records"] == [m.record() for m in here] and got["problems"] == [m.problem() for m in here]
     assert [r["gradient_checkpointing"] for r in got["records"]] == [False, True, True]
-    assert got["problems"][:2] == [None, None] and "no single change fits, combine: train.micro_batch_size=1" in got["problems"][2]
+    assert got["problems"][:2] == [None, None] and "no single change fits, combine: " in got["problems"][2]
+    assert "train.micro_batch_size=1 (" in got["problems"][2] and "train.sequence_parallel_size=2 (" in got["problems"][2]

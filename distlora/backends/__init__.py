@@ -96,7 +96,10 @@ def launcher_conflicts(cfg) -> list[str]:
     from distlora.sequence_parallel import launch_problems
 
     name, choice_problems = _name(cfg)
-    return problems + launch_problems(cfg, env_world_size()) + choice_problems + _class(name).conflicts(cfg)
+    from distlora.config import lora_init_backend_problems
+
+    return (problems + launch_problems(cfg, env_world_size()) + choice_problems + _class(name).conflicts(cfg)
+            + lora_init_backend_problems(cfg.lora, name))
 
 
 def select(cfg) -> Backend:

@@ -32,6 +32,8 @@ tests call the install functions directly. Variables:
   must catch. per_rank_norm: each rank's micro batch loss divided by its own target tokens (the gradient
   averaged over ranks) instead of the window's target tokens over all ranks; stock_ulysses: attention after
   the all-to-all causal over the whole flattened row, packed examples not kept apart.
+- DISTLORA_TEST_SKEW_INIT=1: PEFT's PiSSA init on rank R > 0 comes out shifted by R x 1e-2 (adapter and
+  moved base alike: what a device whose SVD gives other bits would do): every rank must train rank 0's.
 - DISTLORA_TEST_LIVE_MEMORY=1: at each "memory" point, the bytes of the unique storages of every live
   torch tensor in the process and the growth of RssAnon since "before_model", in summary.json's
   memory_per_rank[r]["live_<where>"] (LiveMemory).
@@ -537,6 +539,8 @@ def install_from_env() -> None:
         install_first_grads()
     if os.environ.get("DISTLORA_TEST_SP_VARIANT"):
         install_sp_variant(os.environ["DISTLORA_TEST_SP_VARIANT"])
+    if os.environ.get("DISTLORA_TEST_SKEW_INIT"):
+        install_skewed_init()
 
 
 def install_first_grads() -> None:
@@ -570,6 +574,20 @@ def install_sp_variant(name: str) -> None:
         hooks.add("sp_bounds", lambda bounds, **_: [0, bounds[-1]])
     else:
         raise ValueError(f"DISTLORA_TEST_SP_VARIANT: unknown variant {name}")
+
+
+def install_skewed_init() -> None:
+    from peft.tuners.lora import LoraLayer
+
+    pissa_init = LoraLayer.pissa_init
+    shift = 1e-2 * int(os.environ.get("RANK", "0"))
+
+    def skewed(self, adapter_name, init_lora_weights):
+        pissa_init(self, adapter_name, init_lora_weights)
+        self.lora_A[adapter_name].weight.data += shift
+        self.get_base_layer().weight.data += shift  # under ZeRO-3: the gathered copy, which rank 0 writes back
+
+    LoraLayer.pissa_init = skewed
 
 
 class HostReads:
