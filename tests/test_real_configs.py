@@ -62,12 +62,12 @@ REAL = {
     "qwen2.5-7b-fsdp2-8gpu.yaml": ("qwen2.5-7b", 1, 8, "fsdp2"),
     "llama3.1-70b-zero3-2x8gpu.yaml": ("llama-3.1-70b", 2, 8, "zero3"),
 }
-SLOW = {"llama3.1-70b-zero3-2x8gpu.yaml"}  # its memory test ~25 s: PEFT allocates and initializes the 70B's adapters (0.8 GB)
 QUOTE = "#> "  # the prefix of the lines that quote `distlora plan`'s output in a run config
 
 
 def test_every_real_config_is_checked_here():
-    shipped = {p.name for p in TRAIN.glob("*.yaml")} - {"tiny.yaml"}
+    # the tiny model's configs (demo, GSM8K on the tiny model) run in tests/test_config.py's shipped-config test
+    shipped = {p.name for p in TRAIN.glob("*.yaml")} - {"tiny.yaml", "gsm8k_tiny.yaml"}
     assert shipped == set(REAL), f"configs/train/ and REAL differ: {sorted(shipped ^ set(REAL))}"
 
 
@@ -187,7 +187,7 @@ def test_header_command_starts_this_shape_and_backend(name, arch_dirs, tmp_path,
     assert launch.backend_problem(cfg, shape) is None
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in sorted(REAL)])
+@pytest.mark.parametrize("name", sorted(REAL))  # the 70B: ~6 s (its adapters counted on the meta device)
 def test_architecture_memory_preflight_and_quoted_plan(name, arch_dirs, shapes, tmp_path, monkeypatch, capsys):
     """The typed architecture has the published parameter count; the launch's memory preflight accepts the
     run on the GPU memory its plan names; the quoted `distlora plan` output is what it prints now."""
