@@ -12,7 +12,8 @@
 #   scripts/netns_cluster.sh link I down|up take node I's link down (packets dropped, as a cut cable:
 #                                            the node keeps its address and routes) or bring it back
 #   scripts/netns_cluster.sh status         nodes, addresses, link state, qdisc
-#   scripts/netns_cluster.sh down           remove everything this prefix created (idempotent)
+#   scripts/netns_cluster.sh down           kill the processes still running in its nodes, remove everything
+#                                            this prefix created (idempotent)
 #
 # Settings (environment): DISTLORA_NETNS_PREFIX (dl-) prefixes every name this creates: the bridge
 # <prefix>br, namespaces <prefix>node<I>, host-side veth ends <prefix>h<I> (Linux allows 15 characters
@@ -52,8 +53,10 @@ need_node() {
 }
 
 cmd_down() {
-  local i
+  local i pid
   for i in $(nodes); do
+    # processes still inside would keep a deleted namespace (and their ports) alive: end them first
+    for pid in $(ip netns pids "$(ns "$i")" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
     ip link del "$(host_end "$i")" 2>/dev/null || true  # deletes both ends of the pair
     ip netns del "$(ns "$i")" 2>/dev/null || true
   done
