@@ -27,10 +27,22 @@ set -euo pipefail
 PREFIX=${DISTLORA_NETNS_PREFIX:-dl-}
 SUBNET=${DISTLORA_NETNS_SUBNET:-10.77.0}
 BRIDGE=${PREFIX}br
-# tbf's bucket and queue: 64 kB lets a full-size TCP segment burst through at any rate; a 1 s queue
-# delays rather than drops a collective's burst (drops would stall TCP far below the rate).
-TBF_BURST=${DISTLORA_NETNS_BURST:-64kb}
+# tbf's queue: 1 s delays rather than drops a collective's burst (drops would stall TCP far below the
+# rate). Its bucket (burst): 10 ms of traffic at the rate, at least 4 KiB (a full-size frame fits, and
+# the kernel's timer tick can refill it); a larger bucket would let a whole small collective through
+# unthrottled. DISTLORA_NETNS_BURST (tc units, e.g. 64kb) sets it instead.
 TBF_LATENCY=${DISTLORA_NETNS_LATENCY:-1s}
+
+# burst_bytes RATE: the bucket size in bytes for a tc rate like 20mbit, 512kbit, 1gbit, 100000bit
+burst_bytes() {
+  local rate=$1 num unit mult
+  [[ "$rate" =~ ^([0-9]+)(bit|kbit|mbit|gbit)$ ]] || die "slow: RATE must look like 512kbit, 20mbit or 1gbit, got '$rate'"
+  num=${BASH_REMATCH[1]}
+  unit=${BASH_REMATCH[2]}
+  case "$unit" in bit) mult=1 ;; kbit) mult=1000 ;; mbit) mult=1000000 ;; gbit) mult=1000000000 ;; esac
+  local b=$((num * mult / 8 / 100))
+  echo $((b > 4096 ? b : 4096))
+}
 
 die() { echo "netns_cluster: $*" >&2; exit 2; }
 ns() { echo "${PREFIX}node$1"; }
@@ -107,9 +119,11 @@ set_rate() {
     return 0
   fi
   command -v tc >/dev/null || die "slow: 'tc' (iproute2) is not installed"
+  local burst
+  burst=${DISTLORA_NETNS_BURST:-$(burst_bytes "$rate")b}
   # egress of the host end = traffic into the node; egress of eth0 = traffic out of it
-  tc qdisc replace dev "$h" root tbf rate "$rate" burst "$TBF_BURST" latency "$TBF_LATENCY"
-  ip netns exec "$n" tc qdisc replace dev eth0 root tbf rate "$rate" burst "$TBF_BURST" latency "$TBF_LATENCY"
+  tc qdisc replace dev "$h" root tbf rate "$rate" burst "$burst" latency "$TBF_LATENCY"
+  ip netns exec "$n" tc qdisc replace dev eth0 root tbf rate "$rate" burst "$burst" latency "$TBF_LATENCY"
 }
 
 cmd_status() {

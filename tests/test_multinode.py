@@ -106,3 +106,93 @@ def test_two_nodes_equal_one_node_two_processes(backend, tiny, netns_cluster, tm
     assert_bitwise(tmp_path / "ref" / "adapter", tmp_path / "out" / "adapter")
     assert_bitwise(tmp_path / "ref" / "checkpoints" / "step-00000003" / "adapter",
                    tmp_path / "out" / "checkpoints" / "step-00000003" / "adapter")
+
+
+# ---------------------------------------------------------------------------------------------- link faults
+
+
+def wait_checkpoint(out: Path, step: int, procs, timeout: float = 400) -> None:
+    from distlora import layout
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _ = layout.complete_checkpoints(out)
+        if any(d.name == f"step-{step:08d}" for d in done):
+            return
+        assert all(p.poll() is None for p in procs), "a node ended before its checkpoint"
+        time.sleep(0.1)
+    raise AssertionError(f"no complete checkpoint of step {step} within {timeout} s")
+
+
+@pytest.mark.slow  # three 2-process runs: ~3-5 min on the shared CPU
+def test_link_down_ends_both_nodes_within_the_timeout_and_the_checkpoint_resumes_exactly(tiny, netns_cluster, tmp_path):
+    """Node 1's link cut mid-run (packets dropped, as a pulled cable): both nodes' launchers end within
+    train.collective_timeout_s, each rank naming the timeout; the last complete checkpoint is intact: with
+    the link back, the same commands resume from it and end bitwise equal to a run without the fault."""
+    timeout_s = 5
+    train = {"save_every": 4, "max_steps": 8, "collective_timeout_s": timeout_s}
+    ref_cfg = write_config(tmp_path / "ref.yaml", base_config(tiny, tmp_path / "ref", train=train))
+    reference(tmp_path, ref_cfg, "ddp")
+
+    netns_cluster.sh("up", 2)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "run.yaml", base_config(tiny, out, train=train))
+    main_ip = netns_cluster.addr(0)
+    pause_s = 4  # both ranks sleep before step 5 (after step 4's checkpoint): the link is cut in that window
+    fault = {"DISTLORA_FAULT": f"rank*:step4:sleep{pause_s}"}
+    procs = [netns_cluster.popen(r, node_cmd(cfg, r, main_ip), tmp_path / f"cut{r}.log", fault) for r in range(2)]
+    wait_checkpoint(out, 4, procs)
+    netns_cluster.sh("link", 1, "down")
+    cut = time.monotonic()
+    codes, ended = [], []
+    for p in procs:
+        codes.append(p.wait(timeout=120))
+        ended.append(time.monotonic() - cut)
+    logs = [(tmp_path / f"cut{r}.log").read_text() for r in range(2)]
+    assert codes == [1, 1], logs[0][-2000:] + logs[1][-2000:]
+    # the rest of the pause + one collective timeout + the launchers' exit (agent poll, process teardown:
+    # ~2 s measured); 10 s of slack for a CPU shared with other runs. A hang would run to p.wait's 120 s.
+    assert max(ended) < pause_s + timeout_s + 10, ended
+    for r, log in enumerate(logs):
+        assert f"distlora: rank {r} failed: it waited in a collective longer than train.collective_timeout_s=" \
+               f"{timeout_s} s" in log, log[-2000:]
+
+    from distlora import layout
+
+    done, _ = layout.complete_checkpoints(out)
+    assert [d.name for d in done] == ["step-00000004"] and not (out / "adapter").exists()
+    netns_cluster.sh("link", 1, "up")
+    codes, logs = run_nodes(netns_cluster, tmp_path, cfg)
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "resum" in logs[0].lower() and "step-00000004" in logs[0], logs[0][-3000:]
+    assert_bitwise(tmp_path / "ref" / "adapter", out / "adapter")
+
+
+@pytest.mark.slow  # two 2-process runs
+def test_slow_link_completes_equal_to_fault_free_and_the_steps_show_it(tiny, netns_cluster, tmp_path):
+    """Node 1's link limited both ways by tc tbf: the run completes, bitwise equal to the fault-free run
+    (1 node x 2, equal to 2 nodes x 1 by test_two_nodes_equal_one_node_two_processes), and every step's
+    time (metrics.jsonl step_time_s) holds the time its all-reduce's bytes need at that rate."""
+    ref_cfg = write_config(tmp_path / "ref.yaml", base_config(tiny, tmp_path / "ref"))
+    reference(tmp_path, ref_cfg, "ddp")
+    netns_cluster.sh("up", 2)
+    netns_cluster.sh("slow", 1, "256kbit")
+    import json
+
+    tbf = json.loads(subprocess.run(["tc", "-j", "qdisc", "show", "dev", f"{netns_cluster.prefix}h1"], check=True,
+                                    capture_output=True, text=True).stdout)[0]["options"]
+    rate, burst = tbf["rate"], tbf["burst"]  # bytes/s, bytes: what the kernel applies
+    assert rate == 32_000
+    cfg = write_config(tmp_path / "run.yaml", base_config(tiny, tmp_path / "out"))
+    codes, logs = run_nodes(netns_cluster, tmp_path, cfg, env={"DISTLORA_TEST_COMM": "1"})
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert_bitwise(tmp_path / "ref" / "adapter", tmp_path / "out" / "adapter")
+    from conftest import read_metrics
+
+    rows = [r for r in read_metrics(tmp_path / "out") if "step_time_s" in r]  # the step rows (not eval's)
+    assert len(rows) == 6, rows
+    for row in rows:
+        # any all-reduce of N bytes over 2 ranks sends at least N/2 bytes each way through node 1's link;
+        # beyond the bucket (the burst the kernel lets pass at once) they drain at the rate
+        bound = (row["comm_bytes"] / 2 - burst) / rate
+        assert row["comm_bytes"] > 0 and row["step_time_s"] >= bound, (row, bound)
