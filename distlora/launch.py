@@ -737,8 +737,9 @@ def main(argv=None) -> int:
         cmd = launch_command(shape, acc_path, args.config, args.overrides, main_port=port,
                              machine_rank=args.machine_rank, main_ip=args.main_ip)
         print(shlex.join(cmd), flush=True)
+        watch = _MainNodeWatch(args.main_ip, port, cfg.train.collective_timeout_s) if args.machine_rank else None
         return _run(launch_command(shape, write_to, args.config, args.overrides, main_port=port,
-                                   machine_rank=args.machine_rank, main_ip=args.main_ip), out, Path(acc_path))
+                                   machine_rank=args.machine_rank, main_ip=args.main_ip), out, Path(acc_path), watch)
     ip = args.main_ip or "$MAIN_IP"
     print(f"# {shape.describe()}: run on every node, with MAIN_IP = node 0's address "
           f"(the accelerate config must be readable there)")
@@ -803,7 +804,75 @@ class _Shown:
         return True
 
 
-def _run(cmd: list[str], out: Path, acc_final: Path | None = None) -> int:
+def _kill_tree(pid: int, sig: int) -> None:
+    """`sig` to `pid` and all its descendants (Linux /proc). Not its process group alone: torch's elastic
+    agent starts each worker in a session of its own, and a surviving worker keeps the output pipe open."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:  # the agent first: it restarts or waits on nothing once killed
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+class _MainNodeWatch:
+    """On nodes other than 0: ends this node's job once node 0's rendezvous store (served by node 0's
+    launcher agent on the main port for the whole run) has stopped answering for `grace_s` seconds after
+    it answered once. A rank blocked where no collective timeout reaches it (its own work, a connect to a
+    peer that went away) would otherwise outlive a failed node 0 by up to its own 30-minute defaults;
+    node 0 ends by itself once its ranks' collectives time out. The grace lets a finished run's ranks
+    exit by themselves after node 0's agent has."""
+
+    POLL_S = 1.0
+
+    def __init__(self, main_ip: str, port: int, grace_s: float):
+        self.addr, self.grace_s, self.reason = (main_ip, port), grace_s, None
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(self.addr, timeout=min(5.0, self.grace_s)):
+                return True
+        except OSError:
+            return False
+
+    def start(self, proc: subprocess.Popen) -> None:
+        import threading
+
+        threading.Thread(target=self._loop, args=(proc,), daemon=True, name="distlora-main-watch").start()
+
+    def _loop(self, proc) -> None:
+        import signal
+        import time
+
+        seen, lost_since = False, None
+        while proc.poll() is None:
+            now = time.monotonic()
+            if self.answers():
+                seen, lost_since = True, None
+            elif seen:
+                lost_since = lost_since or now
+                if now - lost_since >= self.grace_s and proc.poll() is None:
+                    self.reason = (f"distlora: node 0 ({self.addr[0]}:{self.addr[1]}, the rendezvous store) stopped "
+                                   f"answering {self.grace_s:g} s ago: its job ended or it is unreachable; this node's "
+                                   "ranks were killed (node 0's own error is in its output)")
+                    print(self.reason, file=sys.stderr, flush=True)
+                    _kill_tree(proc.pid, signal.SIGKILL)  # no checkpoint can be agreed on without node 0
+                    return
+            time.sleep(self.POLL_S)
+
+
+def _run(cmd: list[str], out: Path, acc_final: Path | None = None, watch: _MainNodeWatch | None = None) -> int:
     """Run it in the foreground, in its own process group, its whole output in
     <output_dir>/logs/launch-<time>.log and on the terminal without tracebacks. SIGTERM, SIGUSR1 and
     a first Ctrl-C become a stop request the trainer sees at its next optimizer step (the STOP file: it
@@ -824,6 +893,8 @@ def _run(cmd: list[str], out: Path, acc_final: Path | None = None) -> int:
     started = time.time()
     proc = subprocess.Popen(runnable(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             start_new_session=True)  # Ctrl-C reaches this process only; it asks for a stop
+    if watch is not None:
+        watch.start(proc)
     asked = []
 
     def request_stop(signum, _frame):
@@ -864,7 +935,7 @@ def _run(cmd: list[str], out: Path, acc_final: Path | None = None) -> int:
               f"same command to resume (log: {log_path})", file=sys.stderr)
         return EXIT_STOPPED
     if rc != 0:
-        what = shown.first_failure or f"the job failed (exit {rc})"
+        what = shown.first_failure or (watch and watch.reason) or f"the job failed (exit {rc})"
         print(f"{what}\ndistlora: full log: {log_path}", file=sys.stderr)
         return EXIT_FAILED
     return 0

@@ -108,6 +108,35 @@ def test_two_nodes_equal_one_node_two_processes(backend, tiny, netns_cluster, tm
                    tmp_path / "out" / "checkpoints" / "step-00000003" / "adapter")
 
 
+# ---------------------------------------------------------------------------------------------- failures
+
+
+@pytest.mark.slow  # one 2-process run
+def test_node0_failing_ends_a_stuck_rank_on_node1(tiny, netns_cluster, tmp_path):
+    """Node 1's rank stuck in its own work (60 s: no collective timeout reaches it) while node 0's rank
+    gives up in the collective after train.collective_timeout_s: node 0's job ends with its timeout error,
+    and node 1's launcher, seeing node 0's rendezvous store gone, ends its ranks one timeout later, saying
+    why (without that watch node 1 would run for the whole 60 s)."""
+    timeout_s = 5
+    netns_cluster.sh("up", 2)
+    cfg = write_config(tmp_path / "run.yaml", base_config(tiny, tmp_path / "out",
+                                                          train={"collective_timeout_s": timeout_s}))
+    main_ip = netns_cluster.addr(0)
+    procs = [netns_cluster.popen(r, node_cmd(cfg, r, main_ip), tmp_path / f"node{r}.log",
+                                 {"DISTLORA_FAULT": "rank1:step2:sleep60"}) for r in range(2)]
+    codes, ended = [], []
+    for p in procs:
+        codes.append(p.wait(timeout=400))
+        ended.append(time.monotonic())
+    logs = [(tmp_path / f"node{r}.log").read_text() for r in range(2)]
+    assert codes == [1, 1], logs[0][-2000:] + logs[1][-2000:]
+    assert "distlora: rank 0 failed: it waited in a collective longer than train.collective_timeout_s=5 s" in logs[0]
+    assert f"distlora: node 0 ({main_ip}:{PORT}, the rendezvous store) stopped answering {timeout_s} s ago" in logs[1]
+    # node 1 ends one grace (the timeout) after node 0's agent closed the store, polled every second;
+    # 10 s of slack for process teardown on a CPU shared with other runs
+    assert ended[1] - ended[0] < timeout_s + 1 + 10, ended[1] - ended[0]
+
+
 # ---------------------------------------------------------------------------------------------- link faults
 
 
