@@ -19,6 +19,11 @@ all nodes, free disk vs the expected checkpoints, main port free, backend files 
 fix for each problem. The run config owns precision, micro batch and accumulation: the accelerate
 config never sets them (it says mixed_precision 'no'; the DeepSpeed JSONs say "auto").
 
+Several nodes (--machine-rank, --main-ip): gloo and NCCL are pinned to the interface that routes to
+--main-ip (GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME, unless set), a loopback or unreachable main address
+is refused before any worker starts (exit 2), and nodes other than 0 end their ranks once node 0's
+rendezvous store has stopped answering for train.collective_timeout_s (see the Network section).
+
 `--cpu` (tests, CPU clusters): processes are CPU processes, `--processes-per-node` counts them, and
 the config is the MULTI_GPU kind, which distlora turns into real gloo DDP on CPU (see
 distlora.backends.base.Backend.build_accelerator); MULTI_CPU would start one process per node.
@@ -548,11 +553,9 @@ def route_to(main_ip: str) -> tuple[str, str]:
 def wait_reachable(ip: str, port: int, wait_s: float) -> str | None:
     """None once node 0's host answers a TCP connect to `port` (accepted, or refused while its launcher
     is still starting: either proves the path); else why not, after `wait_s` seconds."""
-    import errno
     import time
 
     deadline = time.monotonic() + wait_s
-    last = "no answer"
     while True:
         left = deadline - time.monotonic()
         try:
@@ -560,10 +563,8 @@ def wait_reachable(ip: str, port: int, wait_s: float) -> str | None:
                 return None
         except ConnectionRefusedError:
             return None
-        except OSError as exc:
-            last = errno.errorcode.get(exc.errno, "") or type(exc).__name__
-            if exc.errno is None:
-                last = "no answer"
+        except OSError as exc:  # a connect timeout has no strerror: the packets went unanswered
+            last = exc.strerror or "no answer"
         if left <= 0:
             return last
         time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -598,16 +599,16 @@ def netenv_main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "netenv":
         print("usage: python -m distlora.launch netenv MAIN_IP", file=sys.stderr)
         return 2
-    argv = argv[1:]
+    main_ip = argv[1]
     try:
-        ifname, src = route_to(argv[0])
+        ifname, src = route_to(main_ip)
     except NetworkError as err:
         print(f"distlora: {err}", file=sys.stderr)
         return 2
     for k in IFNAME_VARS:
         if not os.environ.get(k):
             print(f"export {k}={shlex.quote(ifname)}")
-    print(f"distlora: network: {argv[0]} reached through {ifname} ({src})", file=sys.stderr)
+    print(f"distlora: network: {main_ip} reached through {ifname} ({src})", file=sys.stderr)
     return 0
 
 

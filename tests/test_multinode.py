@@ -86,6 +86,24 @@ def test_multinode_preflight_refuses_loopback_and_unreachable_main(tiny, netns_c
     assert 2 <= elapsed < 2 + 10, elapsed
 
 
+def test_netenv_names_the_interface_that_routes_to_node0(netns_cluster):
+    """What the SLURM script's node tasks eval: node 1 reaches node 0 through its eth0 (and so does node 0
+    itself: the interface holding its address, not lo); a variable the user set is left alone."""
+    netns_cluster.sh("up", 2)
+    main_ip = netns_cluster.addr(0)
+    for node in (0, 1):
+        res = subprocess.run(["bash", str(ROOT / "scripts" / "netns_cluster.sh"), "exec", str(node), sys.executable,
+                              "-m", "distlora.launch", "netenv", main_ip], capture_output=True, text=True,
+                             env=netns_cluster.env, cwd=ROOT, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split("\n")[:2] == ["export GLOO_SOCKET_IFNAME=eth0", "export NCCL_SOCKET_IFNAME=eth0"]
+        assert f"reached through eth0 ({netns_cluster.addr(node)})" in res.stderr
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "netns_cluster.sh"), "exec", "1", sys.executable, "-m",
+                          "distlora.launch", "netenv", main_ip], capture_output=True, text=True,
+                         env={**netns_cluster.env, "NCCL_SOCKET_IFNAME": "ib0"}, cwd=ROOT, timeout=60)
+    assert res.returncode == 0 and res.stdout == "export GLOO_SOCKET_IFNAME=eth0\n", res.stdout + res.stderr
+
+
 # ---------------------------------------------------------------------------------------------- equality
 
 
