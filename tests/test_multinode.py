@@ -52,6 +52,57 @@ def assert_bitwise(a: Path, b: Path) -> None:
     assert all(torch.equal(x[k], y[k]) for k in x), f"max |diff| {max_abs_diff(x, y)}"
 
 
+# ---------------------------------------------------------------------------------------------- the harness
+
+SERVE = "import socket; s = socket.create_server(('0.0.0.0', 5001)); c, a = s.accept(); print(a[0])"
+CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 5001), timeout=2); print('ok')"
+
+
+def _tcp(cluster, src: int, dst: int) -> str:
+    """One TCP connection from node `src` to node `dst`: the peer address dst saw, or why it failed."""
+    server = subprocess.Popen(["bash", str(ROOT / "scripts" / "netns_cluster.sh"), "exec", str(dst), sys.executable,
+                               "-c", SERVE], stdout=subprocess.PIPE, text=True, env=cluster.env)
+    try:
+        for _ in range(50):  # until the server listens
+            client = cluster.sh("exec", src, sys.executable, "-c", CONNECT, cluster.addr(dst), check=False)
+            if "Connection refused" not in client.stderr:
+                break
+            time.sleep(0.1)
+        if client.returncode != 0:
+            return client.stderr.strip().splitlines()[-1]
+        return server.communicate(timeout=10)[0].strip()
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_harness_nodes_links_and_teardown(netns_cluster):
+    """scripts/netns_cluster.sh: nodes with their own addresses that reach each other; `up` again is a
+    no-op; `link down` drops packets (a connect times out) and `up` restores them; `slow` installs tbf
+    both ways; `down` leaves no namespace or interface of its prefix. bash -n and shellcheck clean."""
+    from test_slurm import _bash_n_and_shellcheck
+
+    c = netns_cluster
+    c.sh("up", 2)
+    c.sh("up", 2)
+    assert [c.addr(i) for i in (0, 1)] == ["10.77.0.1", "10.77.0.2"]
+    assert _tcp(c, 1, 0) == "10.77.0.2"  # node 0 sees node 1's own address, not 127.0.0.1
+    c.sh("link", 1, "down")
+    assert "timed out" in _tcp(c, 1, 0)
+    c.sh("link", 1, "up")
+    assert _tcp(c, 0, 1) == "10.77.0.1"
+    c.sh("slow", 1, "20mbit")
+    status = c.sh("status").stdout.splitlines()
+    assert status[1].endswith("link=up qdisc=tbf") and status[0].endswith("qdisc=noqueue"), status
+    assert "qdisc tbf" in c.sh("exec", 1, "tc", "qdisc", "show", "dev", "eth0").stdout
+    c.sh("down")
+    c.sh("down")
+    names = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert c.prefix not in names and c.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                                    text=True).stdout
+    _bash_n_and_shellcheck(ROOT / "scripts" / "netns_cluster.sh")
+
+
 # ---------------------------------------------------------------------------------------------- preflight
 
 
