@@ -902,7 +902,7 @@ def _run(cmd: list[str], out: Path, acc_final: Path | None = None, watch: _MainN
         if signum == signal.SIGINT and signal.SIGINT in asked:
             print("distlora: second interrupt: killing the run (progress since the last checkpoint is lost)",
                   file=sys.stderr, flush=True)
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid, signal.SIGKILL)  # the workers too: they run in sessions of their own
             asked.append("kill")
             return
         print(f"distlora: {signal.Signals(signum).name}: asking the trainer to checkpoint and stop", file=sys.stderr,

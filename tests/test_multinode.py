@@ -206,6 +206,57 @@ def test_node0_failing_ends_a_stuck_rank_on_node1(tiny, netns_cluster, tmp_path)
     assert ended[1] - ended[0] < timeout_s + 1 + 10, ended[1] - ended[0]
 
 
+def _processes_with(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # one 2-process run: ~1 min
+def test_second_interrupt_kills_the_workers_too(tiny, tmp_path):
+    """A second Ctrl-C to `distlora launch` kills the job: the agent and its workers, which torch's
+    elastic agent starts in sessions of their own (a signal to the agent's process group alone left them
+    running, holding the output pipe open). The ranks are busy in their own work (120 s), so only the
+    kill can end them."""
+    import signal
+
+    cfg = write_config(tmp_path / "run.yaml", base_config(tiny, tmp_path / "out", train={"max_steps": 200}))
+    log = tmp_path / "launch.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "distlora.cli", "launch", "--config", str(cfg), "--cpu",
+                                 "--processes-per-node", "2"], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
+                                     "DISTLORA_FAULT": "rank*:step3:sleep120"})
+    try:
+        deadline = time.monotonic() + 300
+        while "step 3/" not in log.read_text():  # then each rank sleeps: it cannot see the first interrupt's stop
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        workers = [p for p in _processes_with(str(cfg)) if p != proc.pid]
+        assert len(workers) >= 3, workers  # the agent and its 2 workers
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130, log.read_text()[-2000:]
+        time.sleep(1)  # SIGKILL is delivered at once; the kernel ends them within this
+        assert [p for p in workers if _running(p)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 # ---------------------------------------------------------------------------------------------- link faults
 
 
