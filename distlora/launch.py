@@ -19,6 +19,11 @@ all nodes, free disk vs the expected checkpoints, main port free, backend files 
 fix for each problem. The run config owns precision, micro batch and accumulation: the accelerate
 config never sets them (it says mixed_precision 'no'; the DeepSpeed JSONs say "auto").
 
+Several nodes (--machine-rank, --main-ip): gloo and NCCL are pinned to the interface that routes to
+--main-ip (GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME, unless set), a loopback or unreachable main address
+is refused before any worker starts (exit 2), and nodes other than 0 end their ranks once node 0's
+rendezvous store has stopped answering for train.collective_timeout_s (see the Network section).
+
 `--cpu` (tests, CPU clusters): processes are CPU processes, `--processes-per-node` counts them, and
 the config is the MULTI_GPU kind, which distlora turns into real gloo DDP on CPU (see
 distlora.backends.base.Backend.build_accelerator); MULTI_CPU would start one process per node.
@@ -486,6 +491,129 @@ def preflight(cfg, shape: Shape, *, main_port: int | None, is_main_node: bool = 
 
 
 # ---------------------------------------------------------------------------------------------
+# Network: the interface that reaches node 0, exported to gloo/NCCL, checked before any worker starts
+
+# Variables that pin the interface gloo (CPU collectives) and NCCL (GPU collectives, its TCP bootstrap)
+# send on. Unset, gloo advertises the address the host name resolves to (127.0.0.1 on many machines
+# and inside containers: peers then connect to themselves) and NCCL picks the first non-loopback one.
+IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+# Longest wait for node 0's host to answer a TCP connect on the main port (an answer, even a refusal
+# while node 0 is still starting, proves the route); capped further by train.collective_timeout_s.
+MAIN_REACH_WAIT_S = 60.0
+
+
+class NetworkError(Exception):
+    """A multi-node launch whose network cannot work: one line naming the flag and the fix."""
+
+
+def resolve_ipv4(host: str) -> str:
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+    except (socket.gaierror, IndexError) as exc:
+        raise NetworkError(f"--main-ip {host}: does not resolve to an IPv4 address on this node ({exc}); "
+                           "fix: give node 0's IP address") from None
+
+
+def interface_addresses() -> dict[str, str]:
+    """{interface: its IPv4 address} of this node (Linux ioctl SIOCGIFADDR; no iproute2, no psutil)."""
+    import fcntl
+    import struct
+
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:  # no IPv4 address on it
+                continue
+            found[name] = socket.inet_ntoa(raw[20:24])
+    return found
+
+
+def route_to(main_ip: str) -> tuple[str, str]:
+    """(interface, this node's address on it) that the kernel's routing table picks for traffic to
+    `main_ip`. A UDP connect only looks the route up (nothing is sent); the interface is the one holding
+    that source address: on node 0 itself that is its network interface, not `lo`."""
+    ip = resolve_ipv4(main_ip)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((ip, 9))
+        except OSError as exc:
+            raise NetworkError(f"--main-ip {main_ip}: this node has no route to it ({exc.strerror or exc}); fix: "
+                               "give node 0's address on the network the nodes share (`ip -br addr` on node 0)") from None
+        src = s.getsockname()[0]
+    if src.startswith("127."):
+        return "lo", src
+    for name, addr in interface_addresses().items():
+        if addr == src:
+            return name, src
+    raise NetworkError(f"--main-ip {main_ip}: the route to it leaves from {src}, which no interface of this node "
+                       f"holds; fix: set GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME to the interface to use")
+
+
+def wait_reachable(ip: str, port: int, wait_s: float) -> str | None:
+    """None once node 0's host answers a TCP connect to `port` (accepted, or refused while its launcher
+    is still starting: either proves the path); else why not, after `wait_s` seconds."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((ip, port), timeout=max(0.2, min(2.0, left))):
+                return None
+        except ConnectionRefusedError:
+            return None
+        except OSError as exc:  # a connect timeout has no strerror: the packets went unanswered
+            last = exc.strerror or "no answer"
+        if left <= 0:
+            return last
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def network_setup(main_ip: str, main_port: int, nodes: int, wait_s: float, env=None) -> tuple[dict, str]:
+    """For one node of a multi-node launch: the variables to export (the interface that routes to
+    node 0, for those of IFNAME_VARS the user did not set) and a line saying what was chosen. Raises
+    NetworkError when this node would advertise a loopback address or cannot reach node 0."""
+    env = os.environ if env is None else env
+    ifname, src = route_to(main_ip)
+    if nodes > 1 and ifname == "lo":
+        raise NetworkError(f"--main-ip {main_ip}: is a loopback address on this node, so every node would advertise "
+                           f"{src} to the others (gloo: 'connectFullMesh failed ... remote=[127.0.0.1]'); fix: "
+                           "--main-ip <node 0's address on the network the nodes share> (`ip -br addr` on node 0)")
+    why = wait_reachable(resolve_ipv4(main_ip), main_port, wait_s)
+    if why is not None:
+        raise NetworkError(f"--main-ip {main_ip}: no answer on port {main_port} within {wait_s:g} s from this node "
+                           f"({ifname}, {src}: {why}); fix: check that the address is node 0's on a network this node "
+                           "reaches (a firewall or a down link drops the packets) and that node 0 was started")
+    add = {k: ifname for k in IFNAME_VARS if not env.get(k)}
+    kept = [f"{k}={env[k]} (set by you)" for k in IFNAME_VARS if env.get(k)]
+    line = (f"network: node 0 ({main_ip}) reached through {ifname}, this node's address {src}; "
+            + ", ".join([f"{k}={v}" for k, v in add.items()] + kept))
+    return add, line
+
+
+def netenv_main(argv: list[str]) -> int:
+    """`python -m distlora.launch netenv MAIN_IP`: `export` lines pinning gloo/NCCL to the interface that
+    routes to MAIN_IP (variables already set are kept), for job scripts (launch/slurm/multi_node.sbatch)
+    that start accelerate themselves. Selection only: the launcher's own checks need the port and peers."""
+    if len(argv) != 2 or argv[0] != "netenv":
+        print("usage: python -m distlora.launch netenv MAIN_IP", file=sys.stderr)
+        return 2
+    main_ip = argv[1]
+    try:
+        ifname, src = route_to(main_ip)
+    except NetworkError as err:
+        print(f"distlora: {err}", file=sys.stderr)
+        return 2
+    for k in IFNAME_VARS:
+        if not os.environ.get(k):
+            print(f"export {k}={shlex.quote(ifname)}")
+    print(f"distlora: network: {main_ip} reached through {ifname} ({src})", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -564,11 +692,16 @@ def main(argv=None) -> int:
     if args.device_memory_gib is not None:  # an override, so that the workers resolve with the same number
         args.overrides = [*args.overrides, f"train.device_memory_gib={args.device_memory_gib}"]
     shape = shape_from_args(args)
-    cfg = load_run_config(args, shape, check_model=args.check or not args.dry_run)  # --dry-run: no torch
-    out = Path(cfg.train.output_dir)
-
     multi = shape.nodes > 1
     port = args.main_port or (DEFAULT_MULTINODE_PORT if multi else None)
+    if multi and args.main_ip and (args.check or (args.machine_rank is not None and not args.dry_run)):
+        # the network first: a wrong --main-ip is named in a second, before torch and the model load
+        timeout = load_run_config(args, shape, check_model=False).train.collective_timeout_s
+        rc = _pin_network(args.main_ip, port, shape.nodes, timeout)
+        if rc:
+            return rc
+    cfg = load_run_config(args, shape, check_model=args.check or not args.dry_run)  # --dry-run: no torch
+    out = Path(cfg.train.output_dir)
     if not multi and port is None and not args.dry_run:
         port = free_port()
     alloc = slurm_allocation()
@@ -619,8 +752,9 @@ def main(argv=None) -> int:
         cmd = launch_command(shape, acc_path, args.config, args.overrides, main_port=port,
                              machine_rank=args.machine_rank, main_ip=args.main_ip)
         print(shlex.join(cmd), flush=True)
+        watch = _MainNodeWatch(args.main_ip, port, cfg.train.collective_timeout_s) if args.machine_rank else None
         return _run(launch_command(shape, write_to, args.config, args.overrides, main_port=port,
-                                   machine_rank=args.machine_rank, main_ip=args.main_ip), out, Path(acc_path))
+                                   machine_rank=args.machine_rank, main_ip=args.main_ip), out, Path(acc_path), watch)
     ip = args.main_ip or "$MAIN_IP"
     print(f"# {shape.describe()}: run on every node, with MAIN_IP = node 0's address "
           f"(the accelerate config must be readable there)")
@@ -628,6 +762,20 @@ def main(argv=None) -> int:
         cmd = launch_command(shape, acc_path, args.config, args.overrides, main_port=port, machine_rank=r, main_ip="@IP@")
         print(f"# node {r}:")
         print(shlex.join(cmd).replace("@IP@", ip if ip != "$MAIN_IP" else '"$MAIN_IP"'))
+    return 0
+
+
+def _pin_network(main_ip: str, port: int, nodes: int, collective_timeout_s: int) -> int:
+    """This node's network for a multi-node run: checked (exit 2 naming --main-ip) and the chosen
+    interface exported for the workers this process starts."""
+    try:
+        add, line = network_setup(main_ip, port, nodes, min(MAIN_REACH_WAIT_S, collective_timeout_s))
+    except NetworkError as err:
+        print(f"distlora: {err}", file=sys.stderr)
+        print("distlora: nothing launched", file=sys.stderr)
+        return 2
+    print(f"distlora: {line}", file=sys.stderr)
+    os.environ.update(add)
     return 0
 
 
@@ -671,7 +819,75 @@ class _Shown:
         return True
 
 
-def _run(cmd: list[str], out: Path, acc_final: Path | None = None) -> int:
+def _kill_tree(pid: int, sig: int) -> None:
+    """`sig` to `pid` and all its descendants (Linux /proc). Not its process group alone: torch's elastic
+    agent starts each worker in a session of its own, and a surviving worker keeps the output pipe open."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:  # the agent first: it restarts or waits on nothing once killed
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+class _MainNodeWatch:
+    """On nodes other than 0: ends this node's job once node 0's rendezvous store (served by node 0's
+    launcher agent on the main port for the whole run) has stopped answering for `grace_s` seconds after
+    it answered once. A rank blocked where no collective timeout reaches it (its own work, a connect to a
+    peer that went away) would otherwise outlive a failed node 0 by up to its own 30-minute defaults;
+    node 0 ends by itself once its ranks' collectives time out. The grace lets a finished run's ranks
+    exit by themselves after node 0's agent has."""
+
+    POLL_S = 1.0
+
+    def __init__(self, main_ip: str, port: int, grace_s: float):
+        self.addr, self.grace_s, self.reason = (main_ip, port), grace_s, None
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(self.addr, timeout=min(5.0, self.grace_s)):
+                return True
+        except OSError:
+            return False
+
+    def start(self, proc: subprocess.Popen) -> None:
+        import threading
+
+        threading.Thread(target=self._loop, args=(proc,), daemon=True, name="distlora-main-watch").start()
+
+    def _loop(self, proc) -> None:
+        import signal
+        import time
+
+        seen, lost_since = False, None
+        while proc.poll() is None:
+            now = time.monotonic()
+            if self.answers():
+                seen, lost_since = True, None
+            elif seen:
+                lost_since = lost_since or now
+                if now - lost_since >= self.grace_s and proc.poll() is None:
+                    self.reason = (f"distlora: node 0 ({self.addr[0]}:{self.addr[1]}, the rendezvous store) stopped "
+                                   f"answering {self.grace_s:g} s ago: its job ended or it is unreachable; this node's "
+                                   "ranks were killed (node 0's own error is in its output)")
+                    print(self.reason, file=sys.stderr, flush=True)
+                    _kill_tree(proc.pid, signal.SIGKILL)  # no checkpoint can be agreed on without node 0
+                    return
+            time.sleep(self.POLL_S)
+
+
+def _run(cmd: list[str], out: Path, acc_final: Path | None = None, watch: _MainNodeWatch | None = None) -> int:
     """Run it in the foreground, in its own process group, its whole output in
     <output_dir>/logs/launch-<time>.log and on the terminal without tracebacks. SIGTERM, SIGUSR1 and
     a first Ctrl-C become a stop request the trainer sees at its next optimizer step (the STOP file: it
@@ -693,13 +909,15 @@ def _run(cmd: list[str], out: Path, acc_final: Path | None = None) -> int:
     proc = subprocess.Popen(runnable(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, layout.LAUNCH_LOG_ENV: str(log_path)},  # the trainer keeps none of its own
                             start_new_session=True)  # Ctrl-C reaches this process only; it asks for a stop
+    if watch is not None:
+        watch.start(proc)
     asked = []
 
     def request_stop(signum, _frame):
         if signum == signal.SIGINT and signal.SIGINT in asked:
             print("distlora: second interrupt: killing the run (progress since the last checkpoint is lost)",
                   file=sys.stderr, flush=True)
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid, signal.SIGKILL)  # the workers too: they run in sessions of their own
             asked.append("kill")
             return
         print(f"distlora: {signal.Signals(signum).name}: asking the trainer to checkpoint and stop", file=sys.stderr,
@@ -733,7 +951,11 @@ def _run(cmd: list[str], out: Path, acc_final: Path | None = None) -> int:
               f"same command to resume (log: {log_path})", file=sys.stderr)
         return EXIT_STOPPED
     if rc != 0:
-        what = shown.first_failure or f"the job failed (exit {rc})"
+        what = shown.first_failure or (watch and watch.reason) or f"the job failed (exit {rc})"
         print(f"{what}\ndistlora: full log: {log_path}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(netenv_main(sys.argv[1:]))

@@ -193,3 +193,51 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+NETNS_SCRIPT = ROOT / "scripts" / "netns_cluster.sh"
+
+
+class NetnsCluster:
+    """Nodes as network namespaces (scripts/netns_cluster.sh) under this test's own name prefix."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.env = {**os.environ, "DISTLORA_NETNS_PREFIX": prefix, "OMP_NUM_THREADS": "1"}
+
+    def sh(self, *args, check: bool = True) -> subprocess.CompletedProcess:
+        res = subprocess.run(["bash", str(NETNS_SCRIPT), *map(str, args)], capture_output=True, text=True,
+                             env=self.env, timeout=60)
+        if check and res.returncode != 0:
+            raise AssertionError(f"netns_cluster.sh {' '.join(map(str, args))}: {res.stderr.strip()}")
+        return res
+
+    def addr(self, i: int) -> str:
+        return self.sh("addr", i).stdout.strip()
+
+    def popen(self, i: int, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        """`cmd` inside node i, its output in `log`; `down` ends whatever is left of it."""
+        with open(log, "w") as fh:
+            return subprocess.Popen(["bash", str(NETNS_SCRIPT), "exec", str(i), *cmd], stdout=fh,
+                                    stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=ROOT)
+
+
+@pytest.fixture
+def netns_cluster():
+    """A NetnsCluster (call .sh("up", N)); torn down after the test, its processes killed. Skipped where
+    network namespaces cannot be made (not root, no iproute2, a kernel or sandbox without netns)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root (scripts/netns_cluster.sh)")
+    if not shutil.which("ip"):
+        pytest.skip("iproute2 ('ip') is not installed")
+    cluster = NetnsCluster(f"dl-{os.getpid() % 100000}-")
+    probe = cluster.sh("up", 1, check=False)
+    if probe.returncode != 0:
+        cluster.sh("down", check=False)
+        pytest.skip(f"cannot create network namespaces here: {probe.stderr.strip()[-200:]}")
+    try:
+        yield cluster
+    finally:
+        cluster.sh("down", check=False)
