@@ -96,11 +96,15 @@ def _chunk_nll(head, h, y):
 
 
 def chunked_target_nll(head, hidden, target, chunk: int):
-    """NLL of each row of `hidden` [N, H] for `target` [N], `chunk` rows at a time, logits recomputed in backward."""
+    """NLL of each row of `hidden` [N, H] for `target` [N], `chunk` rows at a time, logits recomputed in
+    backward, except the last chunk's: backward starts with it, while every activation is still held, so
+    a recompute there would allocate the same logits at the same moment; keeping them costs no peak memory
+    and saves its lm_head forward (all of the recompute when the targets fit in one chunk)."""
     out = []
+    last = (hidden.shape[0] - 1) // chunk * chunk if hidden.shape[0] else 0
     for i in range(0, hidden.shape[0], chunk):
         h, y = hidden[i : i + chunk], target[i : i + chunk]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and i != last:
             out.append(checkpoint(_chunk_nll, head, h, y, use_reentrant=False))
         else:
             out.append(_chunk_nll(head, h, y))
