@@ -13,15 +13,20 @@ Variants (each run in its own process, runs alternated round-robin, threads pinn
   c    distlora, data.packing
 The model (LlamaConfig built here, random weights, a byte-level BPE tokenizer trained here on GSM8K's
 text: nothing downloads), the GSM8K rows, the tokenization (distlora.data for every variant), LoRA init
-(seeded, distlora.model.load_model), optimizer and schedule are shared. Timing: the first `warmup`
-optimizer steps are dropped; tokens/s counts real (non-padding) input tokens over the timed steps;
-both sides log a loss every step (Trainer logging_steps=1, distlora log_every=1) and evaluate only
-after training. The final eval loss is computed the same way for every variant (sum of token NLL /
-target tokens over the eval slice, distlora.train.evaluate). Ratios are tokens/s vs variant a of the
+(seeded, distlora.model.load_model), optimizer and schedule are shared. Data: every variant of a process
+count trains on the same rows, one epoch (`steps` global batches; packed, the fewer steps its rows
+make), so the grouped variants time the same examples: no tool's choice of which batches fall in a
+dropped warm-up changes its number. Timing: every step, from the first fetch to the last step end
+(each side pays its own first-step costs); tokens/s counts real (non-padding) input tokens. Each step is
+split (StepSplit) into data, forward, backward, optimizer and other by wrapping each side's calls from
+outside. Both sides log a loss every step (Trainer logging_steps=1, distlora log_every=1) and evaluate
+only after training. The final eval loss is computed the same way for every variant (sum of token NLL /
+target tokens over the eval slice, distlora.loop.evaluate). Ratios are tokens/s vs variant a of the
 same process count, with a bootstrap 95% interval over the repeats. Round i runs every variant with
 seed 7 + i (a and b of a round see the same batches and LoRA init), so the eval-loss spread over
 rounds is the seed-to-seed variance. Threads: 2 for one process; with 2 processes each rank is
-pinned to its own core with 1 thread. The table ends with the issue's targets, each met or MISSED.
+pinned to its own core with 1 thread. The table ends with the issue's targets (lower bounds of the
+intervals), each met or MISSED.
 """
 
 from __future__ import annotations
@@ -53,8 +58,8 @@ NAMES = {
     "c": "distlora packed",
 }
 
-QUICK = dict(layers=2, hidden=64, vocab=1024, n_train=32, n_eval=8, max_seq_len=512, micro=4, steps=5, warmup=1, repeats=2, procs=[1])
-FULL = dict(layers=4, hidden=256, vocab=4096, n_train=1024, n_eval=128, max_seq_len=512, micro=8, steps=40, warmup=5, repeats=5, procs=[1, 2])
+QUICK = dict(layers=2, hidden=64, vocab=1024, n_eval=8, max_seq_len=512, micro=4, steps=8, repeats=2, procs=[1])
+FULL = dict(layers=4, hidden=256, vocab=4096, n_eval=128, max_seq_len=512, micro=8, steps=40, repeats=3, procs=[1, 2])
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -90,7 +95,9 @@ def build_bpe_tokenizer(out: Path, texts: list[str], vocab_size: int):
 
 
 def prepare(work: Path, spec: dict) -> None:
-    """Model + tokenizer under work/model, GSM8K slices under work/{train,eval}.jsonl."""
+    """Model + tokenizer under work/model; GSM8K slices: work/train-{P}.jsonl holds exactly one epoch of
+    `steps` global batches for P processes (so every variant of a process count trains on the same
+    multiset of examples once), work/eval.jsonl the eval rows."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -103,25 +110,32 @@ def prepare(work: Path, spec: dict) -> None:
     )
     torch.manual_seed(0)
     LlamaForCausalLM(conf).save_pretrained(work / "model", safe_serialization=True)
-    for name, n, out in (("train", spec["n_train"], "train"), ("test", spec["n_eval"], "eval")):
-        lines = (GSM8K / f"{name}.jsonl").read_text().splitlines()[:n]
-        (work / f"{out}.jsonl").write_text("\n".join(lines) + "\n")
+    train = (GSM8K / "train.jsonl").read_text().splitlines()
+    for procs in spec["procs"]:
+        (work / f"train-{procs}.jsonl").write_text("\n".join(train[: epoch_rows(spec, procs)]) + "\n")
+    (work / "eval.jsonl").write_text("\n".join((GSM8K / "test.jsonl").read_text().splitlines()[: spec["n_eval"]]) + "\n")
+
+
+def epoch_rows(spec: dict, procs: int) -> int:
+    return spec["steps"] * spec["micro"] * procs
 
 
 def run_config(work: Path, spec: dict, variant: str, out: Path, procs: int, seed: int = 7) -> dict:
+    """One epoch of work/train-{procs}.jsonl: `steps` optimizer steps unpacked; packed (c), the fewer
+    steps its rows make (max_steps null, epochs 1)."""
     return {
         "model": {"name_or_path": str(work / "model"), "dtype": "float32", "attn_implementation": "sdpa"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {
-            "train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl"), "max_seq_len": spec["max_seq_len"],
-            "format": "completion", "prompt_field": "question", "completion_field": "answer",
-            "packing": variant == "c", "group_by_length": variant == "b'",
+            "train": str(work / f"train-{procs}.jsonl"), "eval": str(work / "eval.jsonl"),
+            "max_seq_len": spec["max_seq_len"], "format": "completion", "prompt_field": "question",
+            "completion_field": "answer", "packing": variant == "c", "group_by_length": variant == "b'",
         },
         "train": {
             "output_dir": str(out), "micro_batch_size": spec["micro"], "gradient_accumulation_steps": 1,
-            "max_steps": spec["steps"], "lr": 1e-3, "warmup_steps": 2, "lr_scheduler": "cosine",
-            "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": 0, "mixed_precision": "no", "seed": seed,
-            "log_every": 1,
+            "max_steps": None if variant == "c" else spec["steps"], "epochs": 1, "lr": 1e-3, "warmup_steps": 2,
+            "lr_scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": 0,
+            "mixed_precision": "no", "seed": seed, "log_every": 1,
         },
     }
 
@@ -149,8 +163,56 @@ def _profiled(fn, result: Path):
     return out
 
 
-def worker_distlora(cfg_dict: dict, result: Path, warmup: int) -> None:
+class StepSplit:
+    """Where each optimizer step's wall time goes, measured from outside the loop being timed: the step
+    is the time between consecutive step-end marks (the first from the first fetch), and `timed(cat, fn)`
+    wraps the calls of each part. data: fetching the window; forward: model forward and loss; backward
+    (gradient all-reduce included under DDP); optimizer: clipping, the optimizer step, zeroing gradients;
+    other: the rest (the loop's own bookkeeping: counts, collectives of counts, host reads, schedule,
+    logging, checks). Only ends of whole steps are kept, so nested parts never count twice."""
+
+    PARTS = ("data", "forward", "backward", "optimizer")
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.mark = None
+        self.cur = dict.fromkeys(self.PARTS, 0.0)
+        self.depth = 0
+
+    def begin(self) -> None:
+        if self.mark is None:
+            self.mark = time.perf_counter()
+
+    def timed(self, part: str, fn):
+        def wrapper(*a, **k):
+            self.begin()
+            if self.depth:  # a part called inside another (e.g. zero_grad inside step): counted once
+                return fn(*a, **k)
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.cur[part] += time.perf_counter() - t0
+                self.depth -= 1
+        return wrapper
+
+    def end_step(self) -> None:
+        now = time.perf_counter()
+        total = now - self.mark
+        row = {**self.cur, "total": total}
+        row["other"] = total - sum(self.cur[k] for k in self.PARTS)
+        self.rows.append(row)
+        self.mark, self.cur = now, dict.fromkeys(self.PARTS, 0.0)
+
+    def summary(self) -> dict:
+        """Seconds per part summed over every step (all steps are timed)."""
+        return {k: sum(r[k] for r in self.rows) for k in (*self.PARTS, "other", "total")}
+
+
+def worker_distlora(cfg_dict: dict, result: Path) -> None:
     from distlora import config as config_mod
+    from distlora import hooks, loop
     from distlora.loop import run
 
     if os.environ.get("DISTLORA_BENCH_PROFILE"):
@@ -160,25 +222,46 @@ def worker_distlora(cfg_dict: dict, result: Path, warmup: int) -> None:
     from distlora.plan import resolve_for_training
 
     resolve_for_training(cfg, backends.launched_backend(), backends.env_world_size())  # as distlora.train does
+    split, fetch = StepSplit(), {}
+
+    def on_prepared(backend):
+        for name, part in (("backward", "backward"), ("clip", "optimizer"), ("step", "optimizer"),
+                           ("zero_grad", "optimizer")):
+            setattr(backend, name, split.timed(part, getattr(backend, name)))
+
+    def on_step(step):
+        split.begin()
+        fetch["t"] = time.perf_counter()
+
+    def on_fetched(step, window):
+        split.cur["data"] += time.perf_counter() - fetch["t"]
+
+    hooks.add("prepared", on_prepared)
+    hooks.add("step", on_step)
+    hooks.add("fetched", on_fetched)
+    hooks.add("window_done", lambda backend, step, window: split.end_step())
+    loop.forward_nll = split.timed("forward", loop.forward_nll)
     _profiled(lambda: run(cfg), result)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     rows = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    timed = steps[warmup:]
     ev = [r["eval_loss"] for r in rows if "eval_loss" in r] or [float("nan")]  # no eval when profiling
     result.write_text(json.dumps({
-        "time_s": sum(r["step_time_s"] for r in timed),
-        "tokens": sum(r["input_tokens"] for r in timed),
-        "padded": sum(r["padded_tokens"] for r in timed),
-        "examples": sum(r["examples"] for r in timed),
+        "time_s": split.summary()["total"],
+        "split": split.summary(),
+        "steps": len(steps),
+        "tokens": sum(r["input_tokens"] for r in steps),
+        "padded": sum(r["padded_tokens"] for r in steps),
+        "examples": sum(r["examples"] for r in steps),
         "losses": [r["loss"] for r in steps],
         "eval_loss": ev[-1],
         "rss_mb": _rss_mb(),
     }))
 
 
-def worker_trainer(cfg_dict: dict, variant: str, result: Path, warmup: int) -> None:
+def worker_trainer(cfg_dict: dict, variant: str, result: Path) -> None:
+    import torch
     from accelerate import Accelerator
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
@@ -213,12 +296,12 @@ def worker_trainer(cfg_dict: dict, variant: str, result: Path, warmup: int) -> N
         counts[-1] = (counts[-1][0], int(batch["input_ids"].numel()))
         return batch
 
-    marks: list[float] = []
     losses: list[float] = []
+    split = StepSplit()
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            marks.append(time.perf_counter())
+            split.end_step()
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -234,17 +317,31 @@ def worker_trainer(cfg_dict: dict, variant: str, result: Path, warmup: int) -> N
         eval_strategy="no", report_to="none", use_cpu=True, seed=t.seed, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[Clock()])
+    trainer.get_batch_samples = split.timed("data", trainer.get_batch_samples)
+    trainer.compute_loss = split.timed("forward", trainer.compute_loss)
+    trainer.accelerator.backward = split.timed("backward", trainer.accelerator.backward)
+    trainer._clip_grad_norm = split.timed("optimizer", trainer._clip_grad_norm)
+    # the optimizer (made inside train) and the model's zero_grad (on the wrapped model): patched by class
+    opt_start = {}
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(lambda *a: opt_start.__setitem__("t", time.perf_counter()))
+    register_optimizer_step_post_hook(
+        lambda *a: split.cur.__setitem__("optimizer", split.cur["optimizer"] + time.perf_counter() - opt_start["t"]))
+    zero_grad = torch.nn.Module.zero_grad
+    torch.nn.Module.zero_grad = lambda self, *a, **k: split.timed("optimizer", zero_grad)(self, *a, **k)
     _profiled(trainer.train, result)
-    # step k's batch is collated before step k's end mark; time the steps after the warm-up ones
-    timed = counts[warmup:t.max_steps]
+    torch.nn.Module.zero_grad = zero_grad
     acc = Accelerator(cpu=True)
     loader, _ = data.make_loader(evals, tok.pad_token_id, t.micro_batch_size, 1, 1, 0, False)
     ev = evaluate(acc, model, loader)
     result.with_name(result.stem + f"-rank{rank}.json").write_text(json.dumps({
-        "time_s": marks[-1] - marks[warmup - 1],
-        "tokens": sum(c[0] for c in timed),
-        "padded": sum(c[1] for c in timed),
-        "examples": len(timed) * t.micro_batch_size,
+        "time_s": split.summary()["total"],
+        "split": split.summary(),
+        "steps": len(split.rows),
+        "tokens": sum(c[0] for c in counts[: t.max_steps]),
+        "padded": sum(c[1] for c in counts[: t.max_steps]),
+        "examples": min(len(counts), t.max_steps) * t.micro_batch_size,
         "losses": losses,
         "eval_loss": ev["eval_loss"],
         "rss_mb": _rss_mb(),
@@ -264,7 +361,7 @@ def launch_run(work: Path, spec: dict, variant: str, procs: int, rep: int) -> di
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": str(ROOT),
            "TOKENIZERS_PARALLELISM": "false"}
     worker = [str(Path(__file__).resolve()), "--worker", variant, "--cfg", str(out / "cfg.json"),
-              "--result", str(result), "--warmup", str(spec["warmup"])]
+              "--result", str(result)]
     if procs == 1:
         cmd = [sys.executable, *worker]
     else:
@@ -279,7 +376,8 @@ def launch_run(work: Path, spec: dict, variant: str, procs: int, rep: int) -> di
     if variant.startswith("a"):
         parts = [json.loads(p.read_text()) for p in sorted(out.glob("result-rank*.json"))]
         r = {
-            "time_s": max(p["time_s"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
+            "time_s": max(p["time_s"] for p in parts), "split": parts[0]["split"], "steps": parts[0]["steps"],
+            "tokens": sum(p["tokens"] for p in parts),
             "padded": sum(p["padded"] for p in parts), "examples": sum(p["examples"] for p in parts),
             "losses": parts[0]["losses"], "eval_loss": parts[0]["eval_loss"], "rss_mb": max(p["rss_mb"] for p in parts),
         }
@@ -302,63 +400,85 @@ def _mean_sd(xs: list[float], digits: int) -> str:
     return f"{statistics.fmean(xs):.{digits}f}" + (f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else "")
 
 
+def _tps(results: dict, v: str, procs: int) -> list[float]:
+    return [r["tokens"] / r["time_s"] for r in results[(v, procs)]]
+
+
+def _ratio(results: dict, v: str, base: str, procs: int) -> tuple[float, float, float]:
+    """mean tok/s of v / mean of base, with the bootstrap 95% interval (nan for one repeat)."""
+    xs, ys = _tps(results, v, procs), _tps(results, base, procs)
+    lo, hi = bootstrap_ratio(xs, ys) if len(xs) > 1 and len(ys) > 1 else (float("nan"), float("nan"))
+    return statistics.fmean(xs) / statistics.fmean(ys), lo, hi
+
+
+def other_share(results: dict, v: str, procs: int) -> float:
+    """The mean share of step time outside data, forward, backward and optimizer (StepSplit's 'other')."""
+    return statistics.fmean(r["split"]["other"] / r["split"]["total"] for r in results[(v, procs)])
+
+
 def targets(results: dict, procs: int, loss_diff: float) -> list[str]:
-    """The issue's targets for this process count, each with its numbers and met / MISSED."""
-    def tps(v):
-        return [r["tokens"] / r["time_s"] for r in results[(v, procs)]]
-
-    def ratio(v, base):
-        return statistics.fmean(tps(v)) / statistics.fmean(tps(base))
-
-    def lower(v, base):
-        return bootstrap_ratio(tps(v), tps(base))[0] if len(tps(v)) > 1 else float("nan")
-
-    ev_b = [r["eval_loss"] for r in results[("b", procs)]]
-    ev_c = [r["eval_loss"] for r in results[("c", procs)]]
-    sd_b = statistics.stdev(ev_b) if len(ev_b) > 1 else float("nan")
-    gap = statistics.fmean(ev_c) - statistics.fmean(ev_b)  # < 0: c lower (a packed step holds more examples)
-    ex_ratio = (statistics.fmean(r["examples"] for r in results[("c", procs)])
-                / statistics.fmean(r["examples"] for r in results[("b", procs)]))
-    c_vs_flat = ratio("c", "a''")
-    rows = [
-        ("b >= 1.0x a, lower 95% bound >= 0.95", ratio("b", "a") >= 1.0 and lower("b", "a") >= 0.95,
-         f"{ratio('b', 'a'):.2f}x, lower {lower('b', 'a'):.2f}"),
-        ("b losses equal a's (max |diff| < 1e-4)", loss_diff < 1e-4, f"{loss_diff:.1e}"),
-        ("c >= 1.5x a", ratio("c", "a") >= 1.5, f"{ratio('c', 'a'):.2f}x"),
-        ("c >= 1.0x a''", c_vs_flat >= 1.0, f"{c_vs_flat:.2f}x"),
-        ("c eval loss within seed-to-seed spread of b (|mean diff| <= 2 sd of b over seeds)",
-         abs(gap) <= 2 * sd_b, f"c - b {gap:+.4f}, sd(b) {sd_b:.4f}"),
-        ("c eval loss not worse than b's (c - b <= 2 sd of b)", gap <= 2 * sd_b,
-         f"c - b {gap:+.4f}; in the same number of steps c trained on {ex_ratio:.2f}x b's examples"),
-    ]
+    """The issue's targets for this process count, judged on the interval's lower bound where there is
+    one, each with its numbers and met / MISSED."""
+    trainer = [v for v in ("a", "a'", "a''") if (v, procs) in results]
+    best = max(trainer, key=lambda v: statistics.fmean(_tps(results, v, procs)))
+    rows = []
+    if (("b'", procs) in results) and (("a'", procs) in results):
+        r, lo, hi = _ratio(results, "b'", "a'", procs)
+        rows.append(("b' >= 1.05x a' (group_by_length vs group_by_length, lower bound)", lo >= 1.05,
+                     f"{r:.2f}x [{lo:.2f}, {hi:.2f}]"))
+    if ("c", procs) in results:
+        r, lo, hi = _ratio(results, "c", best, procs)
+        rows.append((f"c >= 1.2x the best Trainer row ({best}, lower bound)", lo >= 1.2, f"{r:.2f}x [{lo:.2f}, {hi:.2f}]"))
+        ev_b = [r["eval_loss"] for r in results[("b", procs)]]
+        ev_c = [r["eval_loss"] for r in results[("c", procs)]]
+        sd_b = statistics.stdev(ev_b) if len(ev_b) > 1 else float("nan")
+        gap = statistics.fmean(ev_c) - statistics.fmean(ev_b)
+        rows.append(("c eval loss within the seed-to-seed spread of b's (|mean diff| <= 2 sd of b)", abs(gap) <= 2 * sd_b,
+                     f"c - b {gap:+.4f}, sd(b) {sd_b:.4f}; same examples, once each"))
+    rows.append(("b losses equal a's, same batches (max |diff| < 1e-4)", loss_diff < 1e-4, f"{loss_diff:.1e}"))
+    for v in ("b", "b'", "c"):
+        if (v, procs) in results:
+            share = other_share(results, v, procs)
+            rows.append((f"{v} bookkeeping < 3% of step time", share < 0.03, f"{share:.1%}"))
     return [f"target {name}: {'met' if ok else 'MISSED'} ({detail})" for name, ok, detail in rows]
 
 
 def table(results: dict, spec: dict) -> str:
     lines = [
-        f"distlora vs Trainer+PEFT: {spec['layers']}-layer {spec['hidden']}-wide Llama, GSM8K {spec['n_train']} train / "
-        f"{spec['n_eval']} eval rows, max_seq_len {spec['max_seq_len']}, micro batch {spec['micro']} per process, "
-        f"{spec['steps']} steps ({spec['warmup']} warm-up dropped), {spec['repeats']} repeats",
+        f"distlora vs Trainer+PEFT: {spec['layers']}-layer {spec['hidden']}-wide Llama, one epoch of "
+        f"{spec['steps']} global batches of GSM8K rows (micro batch {spec['micro']} per process), {spec['n_eval']} "
+        f"eval rows, max_seq_len {spec['max_seq_len']}, every step timed, {spec['repeats']} repeats",
         "",
-        "| variant | procs | input tok/s | examples/s | timed s | run wall s | peak RSS MB | final eval loss | padding | tok/s vs a [95% CI] |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | procs | steps | input tok/s | examples/s | timed s | run wall s | peak RSS MB | final eval loss | padding | tok/s vs a [95% CI] |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for procs in spec["procs"]:
-        base = [r["tokens"] / r["time_s"] for r in results[("a", procs)]]
         for v in (v for v in VARIANTS if (v, procs) in results):
             rs = results[(v, procs)]
-            tps = [r["tokens"] / r["time_s"] for r in rs]
+            tps = _tps(results, v, procs)
             eps = [r["examples"] / r["time_s"] for r in rs]
             pad = statistics.fmean(1 - r["tokens"] / r["padded"] for r in rs) if v in ("a", "a'", "b", "b'") else None
-            ratio = statistics.fmean(tps) / statistics.fmean(base)
-            lo, hi = bootstrap_ratio(tps, base) if len(rs) > 1 else (float("nan"), float("nan"))
+            ratio, lo, hi = _ratio(results, v, "a", procs)
             sd = statistics.stdev(tps) if len(tps) > 1 else 0.0
             lines.append(
-                f"| {v} {NAMES[v]} | {procs} | {statistics.fmean(tps):.0f} ± {sd:.0f} | {statistics.fmean(eps):.1f} | "
-                f"{statistics.fmean(r['time_s'] for r in rs):.2f} | {statistics.fmean(r['wall_s'] for r in rs):.1f} | "
-                f"{max(r['rss_mb'] for r in rs):.0f} | {_mean_sd([r['eval_loss'] for r in rs], 5)} | "
-                f"{'' if pad is None else f'{pad:.1%}'} | {ratio:.2f}x [{lo:.2f}, {hi:.2f}] |"
+                f"| {v} {NAMES[v]} | {procs} | {rs[0]['steps']} | {statistics.fmean(tps):.0f} ± {sd:.0f} | "
+                f"{statistics.fmean(eps):.1f} | {statistics.fmean(r['time_s'] for r in rs):.2f} | "
+                f"{statistics.fmean(r['wall_s'] for r in rs):.1f} | {max(r['rss_mb'] for r in rs):.0f} | "
+                f"{_mean_sd([r['eval_loss'] for r in rs], 5)} | {'' if pad is None else f'{pad:.1%}'} | "
+                f"{ratio:.2f}x [{lo:.2f}, {hi:.2f}] |"
             )
+    lines += ["", "Where a step's time goes (ms per step, mean over repeats; other = everything but data, forward, "
+              "backward, optimizer):", "",
+              "| variant | procs | data | forward | backward | optimizer | other | other share |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for procs in spec["procs"]:
+        for v in (v for v in VARIANTS if (v, procs) in results):
+            rs = results[(v, procs)]
+            ms = {k: statistics.fmean(1e3 * r["split"][k] / r["steps"] for r in rs)
+                  for k in (*StepSplit.PARTS, "other")}
+            lines.append(f"| {v} {NAMES[v]} | {procs} | " + " | ".join(f"{ms[k]:.1f}" for k in (*StepSplit.PARTS, "other"))
+                         + f" | {other_share(results, v, procs):.1%} |")
+    for procs in spec["procs"]:
         n_rounds = min(len(results[("a", procs)]), len(results[("b", procs)]))
         diffs = []
         for i in range(n_rounds):  # round i: a and b with the same seed, so the same batches and init
@@ -367,8 +487,7 @@ def table(results: dict, spec: dict) -> str:
         lines.append("")
         lines.append(f"{procs} process(es): per-step training loss, a vs b (same seed, batches and init per round): "
                      f"max |diff| {max(diffs) if diffs else float('nan'):.2e} over {len(diffs)} steps")
-        if all((v, procs) in results for v in ("a", "a''", "b", "c")):
-            lines += [f"  {t}" for t in targets(results, procs, max(diffs) if diffs else float("nan"))]
+        lines += [f"  {t}" for t in targets(results, procs, max(diffs) if diffs else float("nan"))]
     return "\n".join(lines)
 
 
@@ -410,7 +529,6 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--cfg", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         import torch
@@ -423,9 +541,9 @@ def main(argv=None) -> int:
             os.sched_setaffinity(0, cores[rank * threads:(rank + 1) * threads])
         cfg = json.loads(Path(a.cfg).read_text())
         if a.worker.startswith("a"):
-            worker_trainer(cfg, a.worker, Path(a.result), a.warmup)
+            worker_trainer(cfg, a.worker, Path(a.result))
         else:
-            worker_distlora(cfg, Path(a.result), a.warmup)
+            worker_distlora(cfg, Path(a.result))
         return 0
     if not (GSM8K / "train.jsonl").is_file():
         print(f"GSM8K not found at {GSM8K}: the benchmark needs ../shared/data/gsm8k", file=sys.stderr)

@@ -31,7 +31,12 @@ def test_vs_trainer_quick_end_to_end(tmp_path):
     assert "per-step training loss, a vs b" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "x [" in line]
     assert len(rows) == len(bench.VARIANTS)
-    assert all("nan" not in line.split("|")[8] for line in rows), "every variant reports a final eval loss"
+    assert all("nan" not in line.split("|")[9] for line in rows), "every variant reports a final eval loss"
+    # every step of every variant split into its parts, and the targets judged
+    split = text.split("Where a step's time goes")[1]
+    assert all(f"| {v} {bench.NAMES[v]} | 1 |" in split for v in bench.VARIANTS)
+    assert "target b' >= 1.05x a'" in text and "target c >= 1.2x the best Trainer row" in text
+    assert "target b bookkeeping < 3% of step time" in text
 
 
 @pytest.mark.slow
