@@ -107,6 +107,9 @@ def _check_same_end(ref: Path, out: Path, log: str, ckpt: Path, saved_on: int, r
     final = f"step-{STEPS:08d}"
     (ref_opt, ref_step), (opt, step) = optimizer_state(ref / "checkpoints" / final), optimizer_state(out / "checkpoints" / final)
     moments = rel_diff(ref_opt, opt)
+    if (ref / "checkpoints" / final / "optimizer-zero.pt").is_file():  # the engine's step counters come back too
+        engine = [torch.load(d / "checkpoints" / final / "optimizer-zero.pt", weights_only=True)["engine"] for d in (ref, out)]
+        assert engine[0] == engine[1] and engine[0]["global_steps"] == STEPS, engine
     print(f"{saved_on} -> {resumed_on}: adapter {adapter:.2e}, optimizer state {moments:.2e} (relative)")
     assert adapter < TOL and moments < TOL and step == ref_step == STEPS, (adapter, moments, step, ref_step)
 
