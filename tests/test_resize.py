@@ -38,7 +38,8 @@ TOL = 1e-5
 
 
 def _cfg(tiny, small_data, d: Path, accum: int) -> Path:
-    raw = base_config(tiny, d / "out", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    # LoRA+ (B matrices in a second param group at 4x lr): the groups' own lrs must come back too
+    raw = base_config(tiny, d / "out", lora={"r": 4, "alpha": 8, "dropout": 0.0, "plus_lr_ratio": 4.0})
     raw["data"]["train"] = str(small_data)
     raw["train"].update({"micro_batch_size": MICRO, "gradient_accumulation_steps": accum, "max_steps": STEPS,
                          "save_every": SAVE, "keep_last": None})

@@ -273,6 +273,18 @@ class DeepSpeed(Backend):
             return list(zero.fp32_partitioned_groups_flat)
         return list(zero.single_partition_of_fp32_groups)
 
+    def _link_optimizer_state(self) -> None:
+        """ZeRO-2: point each parameter's fragment at the flat optimizer state it lives in (views, no
+        copy), which safe_get/set_full_optimizer_state read. DeepSpeed 0.19.8 links once, right after
+        the first group's first step (stage_1_and_2.py _optimizer_step), so with several param groups
+        (LoRA+, biases) the later groups' fragments would point at an empty state."""
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        zero = self._zero()
+        if self.stage != 3:
+            for lp_params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+                lazy_init_hp_params_optimizer_state(lp_params, flat, zero.optimizer.state)
+
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.unwrap().named_parameters() if p.requires_grad]
 
@@ -290,6 +302,8 @@ class DeepSpeed(Backend):
         steps = {float(st["step"]) for st in states}
         if len(steps) > 1:
             raise RuntimeError(f"ZeRO partitions hold different optimizer step counts {sorted(steps)}")
+        if keys:
+            self._link_optimizer_state()
         params = {}
         for name, p in self._trainable():
             entry = {"master": safe_get_full_fp32_param(p).detach().to("cpu", copy=True)}
@@ -337,8 +351,7 @@ class DeepSpeed(Backend):
                     st["step"].copy_(sd["step"])
                 else:
                     st["step"] = sd["step"].clone()
-            if self.stage != 3:
-                zero._lazy_init_hp_params_optimizer_state()  # ZeRO-2: each parameter's views into the flat state
+            self._link_optimizer_state()
             for name, p in trainable:
                 for k in keys:
                     safe_set_full_optimizer_state(p, sd["params"][name][k].to(p.device), k)
