@@ -204,7 +204,8 @@ def schedule_problem(state: dict, ckpt: Path, cfg) -> str | None:
             f"train.resume={ckpt} (its adapter, a fresh schedule from step 0), or train.resume=never")
 
 
-def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, data_order: dict | None = None) -> list[tuple[str, bool]]:
+def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int,
+                    data_order: dict | None = None) -> list[tuple[str, bool]]:
     """Why `ckpt` cannot be resumed exactly by this run: (message, fixable by train.resume_weights_only)."""
     problems = []
     sched = schedule_problem(state, ckpt, cfg)
@@ -235,7 +236,8 @@ def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, da
         problems.append((f"lora: {ckpt.name} holds an adapter of another shape ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
                          "its tensors cannot load into this model: restore those settings, or set train.resume=never", False))
     if (ckpt / ZERO_PARTITIONS).is_dir():
-        problems.append((f"train: {ckpt.name} holds DeepSpeed's per-rank ZeRO partitions (written before distlora saved "
-                         "the optimizer state in full), which this version cannot load; set "
-                         "train.resume_weights_only=true (its adapter, a fresh optimizer), or train.resume=never", True))
+        problems.append((f"train: {ckpt.name} holds DeepSpeed's per-rank ZeRO partitions (written before distlora "
+                         "saved the optimizer state in full), which this version cannot load; set "
+                         "train.resume_weights_only=true (its adapter, a fresh optimizer), or train.resume=never",
+                         True))
     return problems
