@@ -10,8 +10,9 @@ adapter and the optimizer state bitwise equal in all four cases, since a step's 
 the same two micro-batch terms either way (one rank accumulating 2, or 2 ranks reducing 1 each) and
 a + b = b + a; with more terms the order would matter, which 1e-5 allows. A lost piece of optimizer
 state is far outside it (each was broken on purpose and went red): Adam moments zeroed, the step
-count reset (bias correction), the fp32 masters left at their init, or only rank 0's partitions
-restored all move the final adapter by 6e-3 to 2e-2 (lr 1e-2). The moments are compared relative to
+count reset (bias correction), the fp32 masters left at their init, the param groups' lrs not restored,
+or only rank 0's partitions restored all move the final adapter by 6e-3 to 2e-2 (lr 1e-2; measured
+without LoRA+). The moments are compared relative to
 each tensor's largest entry (exp_avg_sq is tiny here, so an absolute bound would hold for any values).
 """
 
