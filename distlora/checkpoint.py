@@ -5,8 +5,9 @@
                                                 the base was moved by; saved adapters are converted with it)
     output_dir/checkpoints/step-NNNNNNNN/       adapter/, optimizer.pt, scheduler.pt, trainer_state.json,
                                                 COMPLETE.json (written last: step, files and sizes)
-                                                under DeepSpeed: deepspeed/ (the engine's per-rank ZeRO
-                                                optimizer partitions + its `latest`) instead of optimizer.pt
+                                                the optimizer state in full (keyed by parameter name, any
+                                                world size resumes it): optimizer-full.pt under FSDP2,
+                                                optimizer-zero.pt under DeepSpeed, instead of optimizer.pt
 
 Every directory is written under a temporary sibling name, its files fsynced, the completeness
 marker written last, then renamed into place: a crash or a full disk never leaves a directory

@@ -17,6 +17,9 @@ import shutil
 from pathlib import Path
 
 MARKER = "COMPLETE.json"
+# In checkpoints of older versions under DeepSpeed: the engine's per-rank optimizer partitions (no full
+# state): refused for exact resume by resume_problems.
+ZERO_PARTITIONS = "deepspeed"
 STATE = "trainer_state.json"
 STATUS = "status.json"  # output_dir/status.json: running | stopped | complete, written by the trainer's rank 0
 # Set by `distlora launch` to its log of the whole job (output_dir/logs/launch-<time>.log): the workers
@@ -201,7 +204,7 @@ def schedule_problem(state: dict, ckpt: Path, cfg) -> str | None:
             f"train.resume={ckpt} (its adapter, a fresh schedule from step 0), or train.resume=never")
 
 
-def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, reshardable: bool,
+def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int,
                     data_order: dict | None = None) -> list[tuple[str, bool]]:
     """Why `ckpt` cannot be resumed exactly by this run: (message, fixable by train.resume_weights_only)."""
     problems = []
@@ -232,8 +235,9 @@ def resume_problems(state: dict, ckpt: Path, cfg, global_batch: int, dp: int, re
                    if old_shape.get(k) != new_shape.get(k)}
         problems.append((f"lora: {ckpt.name} holds an adapter of another shape ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
                          "its tensors cannot load into this model: restore those settings, or set train.resume=never", False))
-    if state["dp_size"] != dp and not reshardable:
-        problems.append((f"train: {ckpt.name} holds optimizer state partitioned over {state['dp_size']} ranks (ZeRO), "
-                         f"which cannot be resharded to {dp}; resume on {state['dp_size']} processes, or set "
-                         "train.resume_weights_only=true (fresh optimizer)", True))
+    if (ckpt / ZERO_PARTITIONS).is_dir():
+        problems.append((f"train: {ckpt.name} holds DeepSpeed's per-rank ZeRO partitions (written before distlora "
+                         "saved the optimizer state in full), which this version cannot load; set "
+                         "train.resume_weights_only=true (its adapter, a fresh optimizer), or train.resume=never",
+                         True))
     return problems

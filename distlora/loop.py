@@ -296,7 +296,7 @@ def resume(run: Run) -> None:
         return
     dp = backend.dp_size
     state = checkpoint.read_state(ckpt)
-    problems = checkpoint.resume_problems(state, ckpt, run.cfg, run.sampler.global_batch, dp, backend.reshardable,
+    problems = checkpoint.resume_problems(state, ckpt, run.cfg, run.sampler.global_batch, dp,
                                           data_order(run.cfg, run.sampler))
     blocking = [msg for msg, weights_ok in problems if not (t.resume_weights_only and weights_ok)]
     if blocking:

@@ -85,7 +85,7 @@ def test_one_global_batch_check_for_launcher_and_trainer(tiny, tmp_path, written
     (ckpt / layout.MARKER).write_text(json.dumps({"step": 3, "files": {layout.STATE: (ckpt / layout.STATE).stat().st_size}}))
     assert layout.latest(out) == ckpt and layout.read_state(ckpt) == state
 
-    trainer = [msg for msg, _ in layout.resume_problems(state, ckpt, cfg, micro * accum * dp, dp, reshardable=True)]
+    trainer = [msg for msg, _ in layout.resume_problems(state, ckpt, cfg, micro * accum * dp, dp)]
     problems, _ = launch.preflight(cfg, launch.Shape(1, dp, cpu=True), main_port=None)
     launcher = [p for p in problems if "global batch" in p]
     if fix is None:

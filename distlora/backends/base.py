@@ -64,7 +64,6 @@ class Backend:
     """One process, no wrapper: the reference every other backend is compared with."""
 
     name = "single"
-    reshardable = True  # whether a checkpoint's optimizer state loads on another number of ranks
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -8,8 +8,12 @@
   config's) and ZeRO averages gradients over the ranks, like DDP: the base class's loss_scale
   undoes both (tests/test_backends.py proves it against DDP).
 - ZeRO-3 partitions every parameter: adapter tensors are gathered for saving, written back gathered
-  for loading, and the optimizer state is a per-rank partition saved through the engine (not
-  reshardable to another number of ranks).
+  for loading.
+- The optimizer state (adapter-sized) is saved in full, keyed by parameter name: each adapter
+  parameter's fp32 master weight and Adam moments gathered from the ZeRO partitions (DeepSpeed's
+  safe_get_full_* helpers), the step count, the param groups' hyperparameters, the engine's step
+  counters and the loss scaler's state; loading sets them back into whatever partitions this run
+  has (safe_set_full_*), so a checkpoint resumes on any number of ranks.
 - On CPU the process group must be gloo, and `cpu=True` must not be passed (it silently turns a
   DeepSpeed launch into plain DDP).
 """
@@ -23,8 +27,10 @@ import torch
 
 from distlora.backends.base import Backend, DistributedSetupError, env_true, env_world_size, resolve_mixed_precision
 
-DS_DIR = "deepspeed"  # inside a checkpoint: the engine's per-rank optimizer partitions and its `latest`
-DS_TAG = "state"
+OPTIMIZER_FILE = "optimizer-zero.pt"  # inside a checkpoint: the full optimizer state (rank 0 writes it)
+# The engine counters and the (fp16) loss scaler's evolving state, restored with the optimizer.
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+SCALER_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
 def launched() -> bool:
@@ -98,8 +104,6 @@ _WHERE = {
 
 
 class DeepSpeed(Backend):
-    reshardable = False
-
     def __init__(self, cfg, stage: int):
         super().__init__(cfg)
         self.stage = stage
@@ -258,25 +262,107 @@ class DeepSpeed(Backend):
         # ZeRO-3 gathers each module's parameters in its forward: a collective in every generated token
         return contextlib.nullcontext(self.stage == 3 and self.acc.num_processes > 1)
 
+    def _zero(self):
+        """ZeRO's optimizer under accelerate's wrapper: owns the flat fp32 partitions."""
+        return self.optimizer.optimizer
+
+    def _flat_partitions(self) -> list:
+        """This rank's flat fp32 master partitions, one per ZeRO group: the keys of the torch optimizer's state."""
+        zero = self._zero()
+        if self.stage == 3:
+            return list(zero.fp32_partitioned_groups_flat)
+        return list(zero.single_partition_of_fp32_groups)
+
+    def _link_optimizer_state(self) -> None:
+        """ZeRO-2: point each parameter's fragment at the flat optimizer state it lives in (views, no
+        copy), which safe_get/set_full_optimizer_state read. DeepSpeed 0.19.8 links once, right after
+        the first group's first step (stage_1_and_2.py _optimizer_step), so with several param groups
+        (LoRA+, biases) the later groups' fragments would point at an empty state."""
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        zero = self._zero()
+        if self.stage != 3:
+            for lp_params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+                lazy_init_hp_params_optimizer_state(lp_params, flat, zero.optimizer.state)
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.unwrap().named_parameters() if p.requires_grad]
+
     def save_optimizer_state(self, ckpt_tmp) -> None:
-        """Every rank writes its ZeRO partition through the engine, frozen base excluded."""
+        """The optimizer state in full, keyed by parameter name (a collective per tensor: every rank
+        calls; rank 0 writes). Adapter-sized: 3 fp32 copies of the adapter."""
         from pathlib import Path
 
-        self.model.save_checkpoint(str(Path(ckpt_tmp) / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        inner = self._zero().optimizer
+        states = [inner.state[f] for f in self._flat_partitions() if f in inner.state]
+        # Moment names: the state's flat-partition-shaped tensors; none before the first applied step
+        keys = sorted(k for k, v in states[0].items() if torch.is_tensor(v) and v.dim() == 1) if states else []
+        steps = {float(st["step"]) for st in states}
+        if len(steps) > 1:
+            raise RuntimeError(f"ZeRO partitions hold different optimizer step counts {sorted(steps)}")
+        if keys:
+            self._link_optimizer_state()
+        params = {}
+        for name, p in self._trainable():
+            entry = {"master": safe_get_full_fp32_param(p).detach().to("cpu", copy=True)}
+            for k in keys:
+                entry[k] = safe_get_full_optimizer_state(p, k).detach().to("cpu", copy=True)
+            params[name] = entry
+        engine = self.model
+        sd = {
+            "params": params,
+            "step": states[0]["step"].detach().to("cpu", copy=True) if states else None,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups],
+            "engine": {k: getattr(engine, k) for k in ENGINE_COUNTERS},
+            "loss_scaler": {k: getattr(self._zero().loss_scaler, k) for k in SCALER_STATE
+                            if hasattr(self._zero().loss_scaler, k)},
+        }
+        if self.acc.is_main_process:
+            torch.save(sd, Path(ckpt_tmp) / OPTIMIZER_FILE)
 
     def load_optimizer_state(self, ckpt) -> None:
+        """Set the full state back into this run's partitions, whatever number of ranks wrote it (every
+        rank calls, after the adapter is loaded into the module)."""
         from pathlib import Path
 
-        ds_dir = Path(ckpt) / DS_DIR
-        if not ds_dir.is_dir():
-            raise DistributedSetupError(f"{ckpt} holds no DeepSpeed optimizer state; it was written by another backend")
-        world = len(list((ds_dir / DS_TAG).glob("*optim_states.pt")))
-        if self.acc.num_processes != world:
-            raise DistributedSetupError(f"{ckpt} holds ZeRO partitions for {world} ranks; this run has {self.acc.num_processes}")
-        # Module weights come from the adapter file (already loaded); the engine restores its fp32
-        # master partitions and Adam moments, and re-derives the module's adapter from them.
-        self.model.load_checkpoint(str(ds_dir), tag=DS_TAG, load_module_strict=False,
-                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        f = Path(ckpt) / OPTIMIZER_FILE
+        if not f.is_file():
+            raise DistributedSetupError(f"{ckpt} holds no {OPTIMIZER_FILE}; it was written by another backend")
+        sd = torch.load(f, weights_only=True, map_location="cpu")
+        zero, inner = self._zero(), self._zero().optimizer
+        trainable = self._trainable()
+        if set(sd["params"]) != {n for n, _ in trainable} or len(sd["param_groups"]) != len(inner.param_groups):
+            raise DistributedSetupError(f"{ckpt}: its optimizer state holds other parameters or groups than this model")
+        if sd["step"] is not None:
+            keys = [k for k in next(iter(sd["params"].values())) if k != "master"]
+            for flat in self._flat_partitions():
+                # A fresh engine has no state before its first step: made here as torch's AdamW makes
+                # it (zeros, then overwritten below); an existing one is overwritten in place, which
+                # keeps ZeRO-2's fragment views of it valid.
+                st = inner.state[flat]
+                for k in keys:
+                    if k not in st:
+                        st[k] = torch.zeros_like(flat)
+                if "step" in st:
+                    st["step"].copy_(sd["step"])
+                else:
+                    st["step"] = sd["step"].clone()
+            self._link_optimizer_state()
+            for name, p in trainable:
+                for k in keys:
+                    safe_set_full_optimizer_state(p, sd["params"][name][k].to(p.device), k)
+        for name, p in trainable:
+            safe_set_full_fp32_param(p, sd["params"][name]["master"].to(p.device))
+        for group, saved in zip(inner.param_groups, sd["param_groups"]):
+            group.update(saved)
+        for k, v in sd["engine"].items():
+            setattr(self.model, k, v)
+        for k, v in sd["loss_scaler"].items():
+            setattr(zero.loss_scaler, k, v)
 
     # ------------------------------------------------------------------ memory
 

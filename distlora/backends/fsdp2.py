@@ -37,7 +37,6 @@ def _is_dtensor(t) -> bool:
 
 class FSDP2(Backend):
     name = "fsdp2"
-    reshardable = True
     reduce_dtype = torch.float32  # the gradient reduce-scatter's dtype, as DDP's all-reduce of fp32 gradients
 
     @classmethod
