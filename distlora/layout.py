@@ -134,9 +134,10 @@ UNBOUNDED_KEPT = 12  # checkpoints counted when keep_last is null and the number
 
 
 def checkpoint_bytes(trainable_params: int) -> int:
-    """One checkpoint, estimated: the fp32 adapter and its two fp32 Adam moments (12 bytes per
-    trainable parameter) + CHECKPOINT_OVERHEAD."""
-    return 12 * trainable_params + CHECKPOINT_OVERHEAD
+    """One checkpoint, estimated for any backend: the fp32 adapter, its two fp32 Adam moments and, under
+    DeepSpeed, the fp32 master copy in optimizer-zero.pt (16 bytes per trainable parameter) +
+    CHECKPOINT_OVERHEAD."""
+    return 16 * trainable_params + CHECKPOINT_OVERHEAD
 
 
 def disk_need(ckpt_bytes: int, keep_last: int | None, save_every: int, max_steps: int | None = None) -> tuple[int, int]:

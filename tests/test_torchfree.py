@@ -29,7 +29,7 @@ DISK = [
 @pytest.mark.parametrize("keep_last,save_every,max_steps,kept", [c[1:] for c in DISK], ids=[c[0] for c in DISK])
 def test_disk_need(keep_last, save_every, max_steps, kept):
     ckpt = layout.checkpoint_bytes(T)
-    assert ckpt == 12 * T + layout.CHECKPOINT_OVERHEAD
+    assert ckpt == 16 * T + layout.CHECKPOINT_OVERHEAD  # adapter, 2 moments, DeepSpeed's master: fp32 each
     assert layout.disk_need(ckpt, keep_last, save_every, max_steps) == (kept * ckpt + ckpt // 3, kept)
 
 
