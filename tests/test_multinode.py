@@ -345,3 +345,57 @@ def test_slow_link_completes_equal_to_fault_free_and_the_steps_show_it(tiny, net
         # beyond the bucket (the burst the kernel lets pass at once) they drain at the rate
         bound = (row["comm_bytes"] / 2 - burst) / rate
         assert row["comm_bytes"] > 0 and row["step_time_s"] >= bound, (row, bound)
+
+
+# ---------------------------------------------------------------------------------------------- global batch
+
+
+def _global_batch_config(tiny: Path, tmp: Path, name: str, global_batch: int, **train) -> Path:
+    """micro 4 and train.global_batch_size, accumulation left to be derived (base_config sets it: removed)."""
+    raw = base_config(tiny, tmp / name / "out", train={"global_batch_size": global_batch, **train})
+    raw["train"].pop("gradient_accumulation_steps")
+    return write_config(tmp / name / "run.yaml", raw)
+
+
+def test_global_batch_size_derives_accumulation_by_one_rule(tiny, tmp_path, capsys, monkeypatch):
+    """train.global_batch_size / (micro x data-parallel processes): the accumulation on 1, 2, 4 processes
+    and under sequence parallelism (dp = processes / sp). A global batch the processes cannot divide is
+    refused with the same line (field, nearest values) by the config alone (micro), the launcher, `distlora
+    plan` and the trainer, each before any worker or model starts: exit 2. An explicit accumulation that
+    contradicts the derived one is refused too; the trainer runs with the derived value."""
+    from distlora import config as C
+    from distlora import launch as L
+    from distlora.cli import main as cli_main
+    from distlora.train import main as train_main
+
+    t = C.TrainConfig(output_dir="x", micro_batch_size=4, global_batch_size=16)
+    assert [C.accumulation(t, n) for n in (1, 2, 4)] == [4, 2, 1]
+    sp = C.TrainConfig(output_dir="x", micro_batch_size=2, global_batch_size=8, sequence_parallel_size=2)
+    assert [C.accumulation(sp, n) for n in (2, 4, 8)] == [4, 2, 1]
+    assert C.accumulation(C.TrainConfig(output_dir="x", gradient_accumulation_steps=3), 8) == 3  # unset: as given
+
+    with pytest.raises(C.ConfigError) as err:  # no number of processes divides 10 into micro batches of 4
+        C.load(_global_batch_config(tiny, tmp_path, "micro", 10))
+    assert err.value.problems == ["train.global_batch_size: 10 is not a multiple of train.micro_batch_size 4; set it to "
+                                  "8 or 12 (or change train.micro_batch_size or the number of processes)"]
+
+    cfg = _global_batch_config(tiny, tmp_path, "three", 8)
+    want = ("train.global_batch_size: 8 is not a multiple of micro_batch_size 4 x 3 data-parallel processes = 12; set "
+            "it to 12 (or change train.micro_batch_size or the number of processes)")
+    with pytest.raises(SystemExit) as code:
+        L.main(["--config", str(cfg), "--cpu", "--processes-per-node", "3", "--dry-run"])
+    assert code.value.code == 2 and want in capsys.readouterr().err
+    assert cli_main(["plan", "--config", str(cfg), "--gpus", "3", "--backend", "ddp"]) == 2
+    assert want in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what accelerate launch gives each worker: refused before any model loads
+    assert train_main(["--config", str(cfg)]) == 2
+    assert want in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_main(["--config", str(cfg), "train.gradient_accumulation_steps=2"]) == 2
+    assert "train.gradient_accumulation_steps: 2, but train.global_batch_size 8 on 2 data-parallel process(es) x " \
+           "micro 4 derives 1; remove train.gradient_accumulation_steps" in capsys.readouterr().err
+
+    monkeypatch.delenv("WORLD_SIZE")
+    assert train_main(["--config", str(cfg), "train.max_steps=1", "train.eval_every=0"]) == 0
+    said = capsys.readouterr()
+    assert "global batch 8 = micro 4 x accumulation 2 x 1 data-parallel rank(s)" in said.out + said.err
