@@ -556,7 +556,10 @@ def resolve_accumulation(cfg: RunConfig, processes: int) -> None:
     err = accumulation_problem(cfg.train, processes)
     if err:
         raise ConfigError([err])
+    given = "gradient_accumulation_steps" in cfg.train.model_fields_set
     cfg.train.gradient_accumulation_steps = accumulation(cfg.train, processes)
+    if not given:  # derived, not the user's: a later check on another number of processes derives it again
+        cfg.train.model_fields_set.discard("gradient_accumulation_steps")
 
 
 def _check_eval(ev: EvalConfig, data: DataConfig | None) -> list[str]:

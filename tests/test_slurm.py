@@ -446,3 +446,87 @@ def test_cpu_job_asks_one_cpu_per_process_and_leaves_memory(tiny, tmp_path, caps
                                 monkeypatch=monkeypatch, tmp=tmp_path)
     assert rc == 0 and _sbatch(text, "--cpus-per-task") == ["2"] and not _sbatch(text, "--mem"), err
     assert "--gpus-per-node" not in text
+
+
+# ---------------------------------------------------------------------------------------------- losing a node
+
+
+@pytest.fixture
+def own_slurm(tmp_path_factory):
+    """A 2-node cluster of this test's own (its own state directory and ports): the test takes a node
+    down, which must not touch jobs of the shared cluster (the `slurm` fixture's) that other tests use."""
+    import socket
+
+    def free(p: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                return False
+        return True
+
+    base = next((p for p in range(17100, 17900, 10) if all(free(p + i) for i in range(3))), None)
+    assert base is not None, "no three free ports in 17100-17900"
+    root = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "DISTLORA_SLURM_ROOT": str(root), "DISTLORA_SLURM_PORT": str(base)}
+    res = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600, env=env)
+    if res.returncode != 0:
+        stop = subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120, env=env)
+        if not all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch", "munged")):
+            _skip_or_fail(f"SLURM is not installed and could not be installed here: {res.stderr.strip()[-500:]}")
+        pytest.fail(f"the local cluster did not start:\n{res.stderr[-3000:]}{stop.stderr[-500:]}")
+    try:
+        yield {**env, "SLURM_CONF": f"{root}/etc/slurm.conf"}
+    finally:
+        subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120, env=env)
+
+
+@slow  # a 2-process reference and a job of two legs: ~3-4 min
+def test_node_lost_requeues_on_fewer_nodes_and_finishes_equal(own_slurm, tiny, tmp_path):
+    """A job rendered with --nodes 2 --nodes-min 1 (#SBATCH --nodes=1-2) starts on both nodes; after its
+    step-4 checkpoint node2 (not the job's node 0) goes down, as a node that dies: SLURM ends the job and
+    requeues it (--requeue), and the next leg starts on the one node left, resumes step 4 with the
+    accumulation raised by train.global_batch_size (no hand edit), and ends equal to the uninterrupted
+    2-process run within 1e-5 (summation order only; tests/test_reliability.py measured DDP resumes on
+    another world size below that)."""
+    from distlora import layout
+
+    train = {"max_steps": 8, "save_every": 4, "global_batch_size": 8, "collective_timeout_s": 10}
+
+    def config(name: str) -> Path:
+        raw = base_config(tiny, tmp_path / name / "out", train=train)
+        raw["train"].pop("gradient_accumulation_steps")
+        return write_config(tmp_path / name / "run.yaml", raw)
+
+    launch(2, config("ref"))
+    out = tmp_path / "run" / "out"
+    script = render(config("run"), "--nodes", "2", "--nodes-min", "1", "--processes-per-node", "1", "--cpu",
+                    "--time", "00:15:00")
+    assert "#SBATCH --nodes=1-2" in script.read_text()
+    _bash_n_and_shellcheck(script)
+    # both legs' ranks pause before step 5: node2 goes down in that window, after step 4's checkpoint
+    job = sbatch(script, job_env(own_slurm, DISTLORA_FAULT="rank*:step4:sleep8"))
+    downed = []
+
+    def poll(info):
+        done, _ = layout.complete_checkpoints(out)
+        if not downed and any(d.name == "step-00000004" for d in done):
+            subprocess.run(["scontrol", "update", "nodename=node2", "state=down", "reason=lost-in-test"],
+                           env=own_slurm, check=True)
+            downed.append(time.monotonic())
+
+    try:
+        info = wait_job(job, own_slurm, timeout=600, poll=poll)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], env=own_slurm)
+    log = log_of(out, job)
+    assert downed, log[-4000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-5000:])
+    assert "(restart 0) on node[1-2] (2 node(s))" in log and "(restart 1) on node1 (1 node(s))" in log, log[-5000:]
+    second = log[log.index("(restart 1)"):]
+    assert "resuming a 2-process checkpoint on 1 processes with the same global batch" in second, second[-4000:]
+    assert "resumed from" in second and "step-00000004 at step 4" in second
+    assert "global batch 8 = micro 4 x accumulation 2 x 1 data-parallel rank(s)" in second
+    diff = max_abs_diff(load_adapter(tmp_path / "ref" / "out" / "adapter"), load_adapter(out / "adapter"))
+    assert diff < 1e-5, diff
+    print(f"max |adapter diff| vs uninterrupted: {diff:.3g}")
