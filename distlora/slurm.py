@@ -281,6 +281,10 @@ def render(shape: Shape, *, run_config: Path, output_dir: Path, accelerate_confi
         "JOB_NAME": job_name,
         # a range lets SLURM start (or requeue) the job on fewer nodes: the script then runs on the nodes it got
         "NODES": f"{nodes_min}-{shape.nodes}" if ranged else str(shape.nodes),
+        # one task per node; with a range, #SBATCH --ntasks-per-node=1 would make SLURM's default task count
+        # the range's minimum and so allocate the fewest nodes (SLURM 22.05, measured): srun sets it instead
+        "SBATCH_TASKS": ("# (no --ntasks-per-node: with a node range SLURM would allocate the fewest nodes; srun "
+                         "below starts one task per node)" if ranged else "#SBATCH --ntasks-per-node=1"),
         "NUM_NODES": ('"$SLURM_JOB_NUM_NODES"  # what SLURM gave, within #SBATCH --nodes; train.global_batch_size '
                       "keeps the global batch" if ranged else str(shape.nodes)),
         "PER_NODE": str(shape.procs_per_node),

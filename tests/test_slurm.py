@@ -452,7 +452,7 @@ def test_cpu_job_asks_one_cpu_per_process_and_leaves_memory(tiny, tmp_path, caps
 
 
 @pytest.fixture
-def own_slurm(tmp_path_factory):
+def own_slurm():
     """A 2-node cluster of this test's own (its own state directory and ports): the test takes a node
     down, which must not touch jobs of the shared cluster (the `slurm` fixture's) that other tests use."""
     import socket
@@ -467,11 +467,17 @@ def own_slurm(tmp_path_factory):
 
     base = next((p for p in range(17100, 17900, 10) if all(free(p + i) for i in range(3))), None)
     assert base is not None, "no three free ports in 17100-17900"
-    root = tmp_path_factory.mktemp("slurm")
+    import tempfile
+
+    # munged wants every directory above its socket open to all (pytest's tmp_path is not), and a unix
+    # socket's path short: a directory of its own right under /tmp
+    root = Path(tempfile.mkdtemp(prefix="distlora-slurm-", dir="/tmp"))
+    root.chmod(0o755)
     env = {**os.environ, "DISTLORA_SLURM_ROOT": str(root), "DISTLORA_SLURM_PORT": str(base)}
     res = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600, env=env)
     if res.returncode != 0:
         stop = subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120, env=env)
+        shutil.rmtree(root, ignore_errors=True)
         if not all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch", "munged")):
             _skip_or_fail(f"SLURM is not installed and could not be installed here: {res.stderr.strip()[-500:]}")
         pytest.fail(f"the local cluster did not start:\n{res.stderr[-3000:]}{stop.stderr[-500:]}")
@@ -479,6 +485,24 @@ def own_slurm(tmp_path_factory):
         yield {**env, "SLURM_CONF": f"{root}/etc/slurm.conf"}
     finally:
         subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120, env=env)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_job_processes_on(job: str, node: str) -> list[int]:
+    """SIGKILL every process of SLURM job `job` that runs on `node` (found by the variables SLURM gives
+    its tasks, which their children inherit); the pids killed."""
+    import signal
+
+    mine = {f"SLURM_JOB_ID={job}".encode(), f"SLURMD_NODENAME={node}".encode()}
+    killed = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mine <= set(env.read_bytes().split(b"\0")):
+                os.kill(int(env.parent.name), signal.SIGKILL)
+                killed.append(int(env.parent.name))
+        except (OSError, ValueError):  # exited meanwhile
+            continue
+    return killed
 
 
 @slow  # a 2-process reference and a job of two legs: ~3-4 min
@@ -511,16 +535,21 @@ def test_node_lost_requeues_on_fewer_nodes_and_finishes_equal(own_slurm, tiny, t
     def poll(info):
         done, _ = layout.complete_checkpoints(out)
         if not downed and any(d.name == "step-00000004" for d in done):
-            subprocess.run(["scontrol", "update", "nodename=node2", "state=down", "reason=lost-in-test"],
-                           env=own_slurm, check=True)
-            downed.append(time.monotonic())
+            # down: SLURM ends the job on every node and requeues it; drain: node2 stays out (the cluster's
+            # ReturnToService=2 would return a down node whose slurmd still answers). Then node2's processes
+            # die at once, as on a node that lost power: SLURM's own end would be a SIGTERM, which the
+            # trainer turns into a checkpoint (a preemption, tested above), not a lost node.
+            for state in ("down", "drain"):
+                subprocess.run(["scontrol", "update", "nodename=node2", f"state={state}", "reason=lost-in-test"],
+                               env=own_slurm, check=True)
+            downed.append(_kill_job_processes_on(job, "node2"))
 
     try:
         info = wait_job(job, own_slurm, timeout=600, poll=poll)
     finally:
         subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], env=own_slurm)
     log = log_of(out, job)
-    assert downed, log[-4000:]
+    assert downed and downed[0], (downed, log[-4000:])  # node2's ranks were running, and were killed
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-5000:])
     assert "(restart 0) on node[1-2] (2 node(s))" in log and "(restart 1) on node1 (1 node(s))" in log, log[-5000:]
     second = log[log.index("(restart 1)"):]
