@@ -451,6 +451,43 @@ def test_cpu_job_asks_one_cpu_per_process_and_leaves_memory(tiny, tmp_path, caps
 # ---------------------------------------------------------------------------------------------- losing a node
 
 
+def test_node_range_runs_on_the_nodes_slurm_gives_and_is_checked_at_render(tiny, tmp_path, capsys, monkeypatch):
+    """--nodes-min renders #SBATCH --nodes=MIN-MAX and a script that runs on SLURM's node count (no
+    #SBATCH --ntasks-per-node, with which SLURM allocates the range's fewest nodes); a fixed count keeps
+    its literal shape (a smaller allocation is then refused by the job's preflight). Refused at render,
+    one line each, exit 2, nothing written: no train.global_batch_size (the requeued run could not
+    resume), a count in the range that does not divide it, a minimum outside 1..--nodes."""
+    def cfg(global_batch=None):
+        raw = base_config(tiny, tmp_path / "out", train={"max_steps": STEPS})
+        if global_batch:
+            raw["train"].pop("gradient_accumulation_steps")
+            raw["train"]["global_batch_size"] = global_batch
+        return write_config(tmp_path / f"run-{global_batch}.yaml", raw)
+
+    shape = ("--nodes", "3", "--processes-per-node", "1", "--cpu")
+    rc, text, err = _slurm_main(cfg(24), *shape, "--nodes-min", "1", capsys=capsys, monkeypatch=monkeypatch,
+                                tmp=tmp_path)
+    assert rc == 0 and _sbatch(text, "--nodes") == ["1-3"] and not _sbatch(text, "--ntasks-per-node"), err
+    assert 'NUM_NODES="$SLURM_JOB_NUM_NODES"' in text and "NUM_PROCESSES=$((NUM_NODES * 1))" in text
+    assert '--check' in text and 'launch --config "$RUN_CONFIG" --nodes "$NUM_NODES"' in text
+    rc, text, err = _slurm_main(cfg(24), *shape, capsys=capsys, monkeypatch=monkeypatch, tmp=tmp_path)
+    assert rc == 0 and _sbatch(text, "--nodes") == ["3"] and _sbatch(text, "--ntasks-per-node") == ["1"]
+    assert "NUM_NODES=3\n" in text
+
+    script = tmp_path / "out" / "launch" / "job.sbatch"
+    script.unlink()
+    for raw, args, line in [
+        (cfg(), ("--nodes-min", "2"), "--nodes-min 2: a job requeued on fewer nodes resumes only with the same global "
+                                      "batch; set train.global_batch_size=12"),
+        (cfg(12), ("--nodes-min", "1"), "--nodes-min 1: on 2 node(s) train.global_batch_size: 12 is not a multiple of "
+                                        "micro_batch_size 4 x 2 data-parallel processes = 8; set it to 8 or 16"),
+        (cfg(24), ("--nodes-min", "4"), "--nodes-min 4: must lie between 1 and --nodes 3"),
+    ]:
+        rc, text, err = _slurm_main(raw, *shape, *args, capsys=capsys, monkeypatch=monkeypatch, tmp=tmp_path)
+        assert rc == 2 and f"distlora slurm: {line}" in err and "nothing written" in err, err
+        assert not script.exists()
+
+
 @pytest.fixture
 def own_slurm():
     """A 2-node cluster of this test's own (its own state directory and ports): the test takes a node
