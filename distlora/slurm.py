@@ -1,6 +1,6 @@
 """`distlora slurm`: render an sbatch script for a run config and a machine shape.
 
-    distlora slurm --config run.yaml --nodes N --gpus-per-node G --time HH:MM:SS
+    distlora slurm --config run.yaml --nodes N [--nodes-min M] --gpus-per-node G --time HH:MM:SS
                    [--partition P] [--account A] [--cpus-per-task C|none] [--cpus-per-gpu C]
                    [--mem M|none | --mem-per-gpu M] [--sbatch-arg ARG ...]
                    [--signal-secs S] [--cpu --processes-per-node P] [--backend B] [--main-port PORT]
@@ -11,7 +11,9 @@ with literal values filled in: #SBATCH lines cannot expand shell variables, so p
 absolute here. It writes the accelerate config next to it (the same generator as `distlora launch`),
 checks the shape in the job before starting (`distlora launch --check`), and handles preemption and
 time limits: USR1/TERM -> STOP file -> checkpoint on all ranks -> `scontrol requeue` -> automatic
-resume. See the templates for the details.
+resume. With --nodes-min the job may start, and be requeued after a node failure, on M..N nodes: it
+runs on the nodes SLURM gave, train.global_batch_size keeping the global batch (checked here for every
+count). See the templates for the details.
 
 Resources of a GPU job (one task per node runs all the node's ranks, so the task asks for the node's share):
 - CPUs: --cpus-per-task, default GPUs x CPUs per GPU; CPUs per GPU from --cpus-per-gpu, else the

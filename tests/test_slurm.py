@@ -561,8 +561,11 @@ def test_node_lost_requeues_on_fewer_nodes_and_finishes_equal(own_slurm, tiny, t
 
     launch(2, config("ref"))
     out = tmp_path / "run" / "out"
+    from conftest import free_port
+
+    # a port of its own: the script's default (20000 + job id) repeats the shared cluster's job numbers
     script = render(config("run"), "--nodes", "2", "--nodes-min", "1", "--processes-per-node", "1", "--cpu",
-                    "--time", "00:15:00")
+                    "--time", "00:15:00", "--main-port", str(free_port()))
     assert "#SBATCH --nodes=1-2" in script.read_text()
     _bash_n_and_shellcheck(script)
     # both legs' ranks pause before step 5: node2 goes down in that window, after step 4's checkpoint
