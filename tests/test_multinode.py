@@ -376,8 +376,8 @@ def test_global_batch_size_derives_accumulation_by_one_rule(tiny, tmp_path, caps
 
     with pytest.raises(C.ConfigError) as err:  # no number of processes divides 10 into micro batches of 4
         C.load(_global_batch_config(tiny, tmp_path, "micro", 10))
-    assert err.value.problems == ["train.global_batch_size: 10 is not a multiple of train.micro_batch_size 4; set it to "
-                                  "8 or 12 (or change train.micro_batch_size or the number of processes)"]
+    assert err.value.problems == [("train.global_batch_size: 10 is not a multiple of train.micro_batch_size 4; set it "
+                                   "to 8 or 12 (or change train.micro_batch_size or the number of processes)")]
 
     cfg = _global_batch_config(tiny, tmp_path, "three", 8)
     want = ("train.global_batch_size: 8 is not a multiple of micro_batch_size 4 x 3 data-parallel processes = 12; set "

@@ -477,10 +477,10 @@ def test_node_range_runs_on_the_nodes_slurm_gives_and_is_checked_at_render(tiny,
     script = tmp_path / "out" / "launch" / "job.sbatch"
     script.unlink()
     for raw, args, line in [
-        (cfg(), ("--nodes-min", "2"), "--nodes-min 2: a job requeued on fewer nodes resumes only with the same global "
-                                      "batch; set train.global_batch_size=12"),
-        (cfg(12), ("--nodes-min", "1"), "--nodes-min 1: on 2 node(s) train.global_batch_size: 12 is not a multiple of "
-                                        "micro_batch_size 4 x 2 data-parallel processes = 8; set it to 8 or 16"),
+        (cfg(), ("--nodes-min", "2"), ("--nodes-min 2: a job requeued on fewer nodes resumes only with the same "
+                                       "global batch; set train.global_batch_size=12")),
+        (cfg(12), ("--nodes-min", "1"), ("--nodes-min 1: on 2 node(s) train.global_batch_size: 12 is not a multiple "
+                                         "of micro_batch_size 4 x 2 data-parallel processes = 8; set it to 8 or 16")),
         (cfg(24), ("--nodes-min", "4"), "--nodes-min 4: must lie between 1 and --nodes 3"),
     ]:
         rc, text, err = _slurm_main(raw, *shape, *args, capsys=capsys, monkeypatch=monkeypatch, tmp=tmp_path)
