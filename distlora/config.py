@@ -196,6 +196,9 @@ class TrainConfig(_Section):
         None, gt=1, description="Packing token budget: each micro batch is one row of up to this many tokens (micro_batch_size 1); None = off."
     )
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro batches per optimizer step per process.")
+    global_batch_size: Optional[int] = Field(
+        None, gt=0, description="Examples (packed rows) per optimizer step over all ranks; set, it derives gradient_accumulation_steps from the processes, so fewer nodes keep the global batch."
+    )
     sequence_parallel_size: int = Field(
         1, gt=0, description="Ranks that split each example's tokens (Ulysses all-to-all attention, sdpa); data-parallel ranks = processes / this."
     )
@@ -476,6 +479,9 @@ def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list
             problems.append("data.group_by_length: packing already removes padding; set data.packing or data.group_by_length, not both")
     if train is not None and train.micro_batch_tokens is not None:
         problems += _check_token_budget(train, data)
+    if train is not None and train.global_batch_size is not None:
+        # the processes are known only at launch; a micro batch that does not divide it never fits
+        problems += [p for p in [accumulation_problem(train, None)] if p]
     if s.get("eval") is not None:
         problems += _check_eval(s["eval"], data)
     tok = s.get("tokenizer")
@@ -504,6 +510,56 @@ def _check_world(s: dict, check_model: bool, check_device: bool = False) -> list
         elif check_model and lora is not None:
             problems += _check_target_modules(model, lora, liger)
     return problems
+
+
+def data_parallel(train: TrainConfig, processes: int) -> int:
+    """Ranks that see different examples: the processes over train.sequence_parallel_size."""
+    return max(processes // train.sequence_parallel_size, 1)
+
+
+def accumulation(train: TrainConfig, processes: int) -> int:
+    """Micro batches per optimizer step per rank on `processes` processes: train.global_batch_size /
+    (micro_batch_size x data-parallel ranks) when it is set, else train.gradient_accumulation_steps. The
+    one formula of the launcher's preflight, `distlora plan` and the trainer (accumulation_problem first)."""
+    if train.global_batch_size is None:
+        return train.gradient_accumulation_steps
+    return train.global_batch_size // (train.micro_batch_size * data_parallel(train, processes))
+
+
+def accumulation_problem(train: TrainConfig, processes: int | None) -> str | None:
+    """Why train.global_batch_size cannot be kept on `processes` processes (None: it can). `processes`
+    None (the config alone, before a launch): only what no number of processes can fix."""
+    g = train.global_batch_size
+    if g is None:
+        return None
+    dp = data_parallel(train, processes or 1)
+    unit = train.micro_batch_size * dp
+    if g % unit == 0:
+        if processes is None:
+            return None
+        if "gradient_accumulation_steps" in train.model_fields_set and train.gradient_accumulation_steps != g // unit:
+            return (f"train.gradient_accumulation_steps: {train.gradient_accumulation_steps}, but train.global_batch_size "
+                    f"{g} on {dp} data-parallel process(es) x micro {train.micro_batch_size} derives {g // unit}; "
+                    "remove train.gradient_accumulation_steps (it follows from the global batch)")
+        return None
+    below, above = g // unit * unit, (g // unit + 1) * unit
+    near = f"{below} or {above}" if below else f"{above}"
+    per = f"micro_batch_size {train.micro_batch_size} x {dp} data-parallel processes = {unit}" if processes else \
+        f"train.micro_batch_size {unit}"
+    return (f"train.global_batch_size: {g} is not a multiple of {per}; set it to {near} "
+            "(or change train.micro_batch_size or the number of processes)")
+
+
+def resolve_accumulation(cfg: RunConfig, processes: int) -> None:
+    """Fill train.gradient_accumulation_steps in place from train.global_batch_size for `processes`
+    (launcher, plan, trainer: before anything reads it). ConfigError (exit 2) when it does not divide."""
+    err = accumulation_problem(cfg.train, processes)
+    if err:
+        raise ConfigError([err])
+    given = "gradient_accumulation_steps" in cfg.train.model_fields_set
+    cfg.train.gradient_accumulation_steps = accumulation(cfg.train, processes)
+    if not given:  # derived, not the user's: a later check on another number of processes derives it again
+        cfg.train.model_fields_set.discard("gradient_accumulation_steps")
 
 
 def _check_eval(ev: EvalConfig, data: DataConfig | None) -> list[str]:

@@ -655,7 +655,7 @@ def sequence_parallel_problems(cfg, shape: Shape) -> list[str]:
 
 def data_parallel_size(cfg, shape: Shape) -> int:
     """Ranks that see different examples: the processes over train.sequence_parallel_size."""
-    return max(shape.world // cfg.train.sequence_parallel_size, 1)
+    return config_mod.data_parallel(cfg.train, shape.world)
 
 
 def load_run_config(args, shape: Shape | None = None, check_model: bool = True):
@@ -666,11 +666,14 @@ def load_run_config(args, shape: Shape | None = None, check_model: bool = True):
     except config_mod.ConfigError as err:
         print(err.render(), file=sys.stderr)
         raise SystemExit(2) from None
-    errs = [e for e in [backend_problem(cfg, shape)] if e] + sequence_parallel_problems(cfg, shape) if shape else []
+    errs = ([e for e in [backend_problem(cfg, shape), config_mod.accumulation_problem(cfg.train, shape.world)] if e]
+            + sequence_parallel_problems(cfg, shape) if shape else [])
     for err in errs:
         print(f"distlora: {err}", file=sys.stderr)
     if errs:
         raise SystemExit(2)
+    if shape:
+        config_mod.resolve_accumulation(cfg, shape.world)  # checked just above: only fills the field
     if not check_model and cfg.lora.target_modules != "all-linear":
         print("distlora: note: lora.target_modules is checked against the model where it loads (--check, the run)",
               file=sys.stderr)

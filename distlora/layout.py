@@ -189,7 +189,8 @@ def global_batch_problem(state: dict, ckpt: Path, cfg, global_batch: int, dp: in
             else "raise gradient_accumulation_steps when using fewer processes")
     return (f"train: {ckpt.name} was written with global batch {written} (micro x accumulation x processes), this "
             f"run has {global_batch} = {t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp}; the data order "
-            f"depends on the global batch. Keep it equal (e.g. {keep}), or set train.resume_weights_only=true with "
+            f"depends on the global batch. Keep it equal (e.g. {keep}, or train.global_batch_size={written}, which derives "
+            "it), or set train.resume_weights_only=true with "
             "train.resume=<that checkpoint>, or train.resume=never")
 
 

@@ -485,6 +485,7 @@ def main(args) -> int:
         overrides.append(f"train.device_memory_gib={args.device_memory_gib}")
     try:
         cfg = config_mod.load(args.config, overrides)
+        config_mod.resolve_accumulation(cfg, args.gpus)  # train.global_batch_size on --gpus
     except config_mod.ConfigError as err:
         print(err.render(), file=sys.stderr)
         return 2

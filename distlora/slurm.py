@@ -1,6 +1,6 @@
 """`distlora slurm`: render an sbatch script for a run config and a machine shape.
 
-    distlora slurm --config run.yaml --nodes N --gpus-per-node G --time HH:MM:SS
+    distlora slurm --config run.yaml --nodes N [--nodes-min M] --gpus-per-node G --time HH:MM:SS
                    [--partition P] [--account A] [--cpus-per-task C|none] [--cpus-per-gpu C]
                    [--mem M|none | --mem-per-gpu M] [--sbatch-arg ARG ...]
                    [--signal-secs S] [--cpu --processes-per-node P] [--backend B] [--main-port PORT]
@@ -11,7 +11,9 @@ with literal values filled in: #SBATCH lines cannot expand shell variables, so p
 absolute here. It writes the accelerate config next to it (the same generator as `distlora launch`),
 checks the shape in the job before starting (`distlora launch --check`), and handles preemption and
 time limits: USR1/TERM -> STOP file -> checkpoint on all ranks -> `scontrol requeue` -> automatic
-resume. See the templates for the details.
+resume. With --nodes-min the job may start, and be requeued after a node failure, on M..N nodes: it
+runs on the nodes SLURM gave, train.global_batch_size keeping the global batch (checked here for every
+count). See the templates for the details.
 
 Resources of a GPU job (one task per node runs all the node's ranks, so the task asks for the node's share):
 - CPUs: --cpus-per-task, default GPUs x CPUs per GPU; CPUs per GPU from --cpus-per-gpu, else the
@@ -249,12 +251,13 @@ def render(shape: Shape, *, run_config: Path, output_dir: Path, accelerate_confi
            cpus_per_task: int | None = None, mem: str | None = None, mem_per_gpu: str | None = None,
            sbatch_args=(), signal_secs: int | None = None,
            main_port: int | None = None, overrides=(), workdir: Path | None = None, python: str | None = None,
-           generator_args: str = "") -> str:
+           generator_args: str = "", nodes_min: int | None = None) -> str:
     seconds = parse_time(time)
     if signal_secs is None:
         signal_secs = min(300, max(seconds // 10, 30))
     if signal_secs >= seconds:
         raise ValueError(f"--signal-secs {signal_secs} must be shorter than --time {time} ({seconds} s)")
+    ranged = nodes_min is not None and nodes_min < shape.nodes
     cpus = cpus_per_task  # resources(): derived, given, or None (left to the cluster)
     sb_res, srun_res = [], []
     if not shape.cpu:
@@ -274,10 +277,19 @@ def render(shape: Shape, *, run_config: Path, output_dir: Path, accelerate_confi
         if "$" in line or "`" in line:
             raise ValueError(f"{line!r}: #SBATCH lines do not expand shell variables; give the literal value")
     per = f"--processes-per-node {shape.procs_per_node} --cpu" if shape.cpu else f"--gpus-per-node {shape.procs_per_node}"
+    nodes_arg = '"$NUM_NODES"' if shape.nodes > 1 else "1"  # the multi-node script's count (SLURM's, for a range)
     values = {
         "RENDERED_BY": f"Rendered by `distlora slurm {generator_args}` from launch/slurm/.".replace("  ", " "),
         "JOB_NAME": job_name,
-        "NODES": str(shape.nodes),
+        # a range lets SLURM start (or requeue) the job on fewer nodes: the script then runs on the nodes it got
+        "NODES": f"{nodes_min}-{shape.nodes}" if ranged else str(shape.nodes),
+        # one task per node; with a range, #SBATCH --ntasks-per-node=1 would make SLURM's default task count
+        # the range's minimum and so allocate the fewest nodes (SLURM 22.05, measured): srun sets it instead
+        "SBATCH_TASKS": ("# (no --ntasks-per-node: with a node range SLURM would allocate the fewest nodes; srun "
+                         "below starts one task per node)" if ranged else "#SBATCH --ntasks-per-node=1"),
+        "NUM_NODES": ('"$SLURM_JOB_NUM_NODES"  # what SLURM gave, within #SBATCH --nodes; train.global_batch_size '
+                      "keeps the global batch" if ranged else str(shape.nodes)),
+        "PER_NODE": str(shape.procs_per_node),
         "WORLD": str(shape.world),
         "SBATCH_RESOURCES": "\n".join(sb_res),
         "SRUN_RESOURCES": " ".join(srun_res),
@@ -292,9 +304,9 @@ def render(shape: Shape, *, run_config: Path, output_dir: Path, accelerate_confi
         "OVERRIDES": " ".join(shlex.quote(o) for o in [*shape.run_overrides(), *overrides]),
         "MAIN_PORT": str(main_port) if main_port else "$((20000 + SLURM_JOB_ID % 20000))  # per job: jobs sharing a node do not collide",
         "WORKDIR": shlex.quote(str(workdir or Path.cwd())),
-        "SHAPE_ARGS": f"--nodes {shape.nodes} {per} --backend {shape.backend}",
+        "SHAPE_ARGS": f"--nodes {nodes_arg} {per} --backend {shape.backend}",
     }
-    name = "single_node.sbatch" if shape.nodes == 1 else "multi_node.sbatch"
+    name = "single_node.sbatch" if shape.nodes == 1 else "multi_node.sbatch"  # the range's most
     text = (TEMPLATES / name).read_text()
     lines = []
     for line in text.splitlines():
@@ -305,6 +317,27 @@ def render(shape: Shape, *, run_config: Path, output_dir: Path, accelerate_confi
     out = "\n".join(lines) + "\n"
     out = re.sub(r" +\\\n", " \\\n", out).replace("  \\", " \\")
     return out
+
+
+def node_range_problem(cfg, shape: Shape, nodes_min: int | None) -> str | None:
+    """--nodes-min against the run: the global batch must be kept, and divide, on every node count the
+    job may get (train.global_batch_size derives the accumulation: distlora.config.accumulation)."""
+    from distlora.config import accumulation_problem
+
+    if nodes_min is None or nodes_min == shape.nodes:
+        return None
+    if not 1 <= nodes_min < shape.nodes:
+        return f"--nodes-min {nodes_min}: must lie between 1 and --nodes {shape.nodes}"
+    t = cfg.train
+    if t.global_batch_size is None:
+        now = t.micro_batch_size * t.gradient_accumulation_steps * (shape.world // t.sequence_parallel_size)
+        return (f"--nodes-min {nodes_min}: a job requeued on fewer nodes resumes only with the same global batch; set "
+                f"train.global_batch_size={now} (the accumulation then follows the nodes), or drop --nodes-min")
+    for n in range(nodes_min, shape.nodes):
+        err = accumulation_problem(t, n * shape.procs_per_node)
+        if err:
+            return f"--nodes-min {nodes_min}: on {n} node(s) {err}"
+    return None
 
 
 def _write_keeping(path: Path, text: str) -> Path | None:
@@ -340,6 +373,9 @@ def main(argv=None) -> int:
                           "(the base weights in their load dtype + 4 GiB), from the model's safetensors")
     mem.add_argument("--mem-per-gpu", default=None, help="memory per GPU instead of per node, e.g. 40G")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH option, e.g. --qos=high (repeatable)")
+    p.add_argument("--nodes-min", type=int, default=None,
+                   help="fewest nodes the job may start or be requeued on (#SBATCH --nodes=MIN-MAX); the run keeps "
+                        "its global batch through train.global_batch_size (default: --nodes, a fixed count)")
     p.add_argument("--signal-secs", type=int, default=None,
                    help="send USR1 this many seconds before the time limit (default min(300, time/10))")
     p.add_argument("--out", default=None, help="script path (default <output_dir>/launch/job.sbatch)")
@@ -352,6 +388,10 @@ def main(argv=None) -> int:
     acc = script.parent / "accelerate.yaml"
     from distlora.launch import data_file_problems
 
+    err = node_range_problem(cfg, shape, args.nodes_min)
+    if err:
+        print(f"distlora slurm: {err}; nothing written", file=sys.stderr)
+        return 2
     bad = data_file_problems(cfg)
     if bad:
         print(f"distlora slurm: {bad[0]}; nothing written", file=sys.stderr)
@@ -365,7 +405,7 @@ def main(argv=None) -> int:
                       time=args.time, job_name=args.job_name, partition=args.partition, account=args.account,
                       **req, sbatch_args=args.sbatch_arg,
                       signal_secs=args.signal_secs, main_port=args.main_port, overrides=args.overrides,
-                      generator_args=gen)
+                      generator_args=gen, nodes_min=args.nodes_min)
     except ValueError as err:
         print(f"distlora slurm: {err}", file=sys.stderr)
         return 2

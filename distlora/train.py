@@ -38,6 +38,8 @@ def main(argv=None) -> int:
         cfg = config_mod.load(args.config, args.overrides, check_device=True)
         from distlora import backends
 
+        # train.global_batch_size on this launch's processes, by the rule the launcher checked with
+        config_mod.resolve_accumulation(cfg, backends.env_world_size())
         conflicts = backends.launcher_conflicts(cfg)
         if conflicts:
             raise config_mod.ConfigError(conflicts)

@@ -345,3 +345,121 @@ def test_slow_link_completes_equal_to_fault_free_and_the_steps_show_it(tiny, net
         # beyond the bucket (the burst the kernel lets pass at once) they drain at the rate
         bound = (row["comm_bytes"] / 2 - burst) / rate
         assert row["comm_bytes"] > 0 and row["step_time_s"] >= bound, (row, bound)
+
+
+# ---------------------------------------------------------------------------------------------- global batch
+
+
+def _global_batch_config(tiny: Path, tmp: Path, name: str, global_batch: int, **train) -> Path:
+    """micro 4 and train.global_batch_size, accumulation left to be derived (base_config sets it: removed)."""
+    raw = base_config(tiny, tmp / name / "out", train={"global_batch_size": global_batch, **train})
+    raw["train"].pop("gradient_accumulation_steps")
+    return write_config(tmp / name / "run.yaml", raw)
+
+
+def test_global_batch_size_derives_accumulation_by_one_rule(tiny, tmp_path, capsys, monkeypatch):
+    """train.global_batch_size / (micro x data-parallel processes): the accumulation on 1, 2, 4 processes
+    and under sequence parallelism (dp = processes / sp). A global batch the processes cannot divide is
+    refused with the same line (field, nearest values) by the config alone (micro), the launcher, `distlora
+    plan` and the trainer, each before any worker or model starts: exit 2. An explicit accumulation that
+    contradicts the derived one is refused too; the trainer runs with the derived value."""
+    from distlora import config as C
+    from distlora import launch as L
+    from distlora.cli import main as cli_main
+    from distlora.train import main as train_main
+
+    t = C.TrainConfig(output_dir="x", micro_batch_size=4, global_batch_size=16)
+    assert [C.accumulation(t, n) for n in (1, 2, 4)] == [4, 2, 1]
+    sp = C.TrainConfig(output_dir="x", micro_batch_size=2, global_batch_size=8, sequence_parallel_size=2)
+    assert [C.accumulation(sp, n) for n in (2, 4, 8)] == [4, 2, 1]
+    assert C.accumulation(C.TrainConfig(output_dir="x", gradient_accumulation_steps=3), 8) == 3  # unset: as given
+
+    with pytest.raises(C.ConfigError) as err:  # no number of processes divides 10 into micro batches of 4
+        C.load(_global_batch_config(tiny, tmp_path, "micro", 10))
+    assert err.value.problems == [("train.global_batch_size: 10 is not a multiple of train.micro_batch_size 4; set it "
+                                   "to 8 or 12 (or change train.micro_batch_size or the number of processes)")]
+
+    cfg = _global_batch_config(tiny, tmp_path, "three", 8)
+    want = ("train.global_batch_size: 8 is not a multiple of micro_batch_size 4 x 3 data-parallel processes = 12; set "
+            "it to 12 (or change train.micro_batch_size or the number of processes)")
+    with pytest.raises(SystemExit) as code:
+        L.main(["--config", str(cfg), "--cpu", "--processes-per-node", "3", "--dry-run"])
+    assert code.value.code == 2 and want in capsys.readouterr().err
+    assert cli_main(["plan", "--config", str(cfg), "--gpus", "3", "--backend", "ddp"]) == 2
+    assert want in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what accelerate launch gives each worker: refused before any model loads
+    assert train_main(["--config", str(cfg)]) == 2
+    assert want in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_main(["--config", str(cfg), "train.gradient_accumulation_steps=2"]) == 2
+    assert "train.gradient_accumulation_steps: 2, but train.global_batch_size 8 on 2 data-parallel process(es) x " \
+           "micro 4 derives 1; remove train.gradient_accumulation_steps" in capsys.readouterr().err
+
+    monkeypatch.delenv("WORLD_SIZE")
+    assert train_main(["--config", str(cfg), "train.max_steps=1", "train.eval_every=0"]) == 0
+    said = capsys.readouterr()
+    assert "global batch 8 = micro 4 x accumulation 2 x 1 data-parallel rank(s)" in said.out + said.err
+
+
+@pytest.mark.slow  # three runs (2-process reference, 2 nodes cut short, 1 process to the end): ~3-4 min
+def test_losing_node1_ends_the_job_then_node0_alone_finishes_equal(tiny, netns_cluster, tmp_path):
+    """Node 1 lost after step 4's checkpoint (every process of it SIGKILLed, as a node that dies): node 0's
+    job ends within the collective timeout with its rank's error; the same run config relaunched on node 0
+    alone (`distlora launch --nodes 1`, train.resume auto: what a requeue on fewer nodes runs) resumes
+    from step 4 with the accumulation doubled by train.global_batch_size, no hand edit, and ends equal
+    to the uninterrupted 2-process run within 1e-5 (summation order only: tests/test_reliability.py's
+    DDP resume on another world size measured it below that)."""
+    from distlora import launch as L
+    from distlora import layout
+
+    timeout_s = 5
+    train = {"save_every": 4, "max_steps": 8, "collective_timeout_s": timeout_s}
+    ref_cfg = _global_batch_config(tiny, tmp_path, "ref", 8, **train)
+    reference(tmp_path, ref_cfg, "ddp")
+
+    netns_cluster.sh("up", 2)
+    cfg = _global_batch_config(tiny, tmp_path, "run", 8, **train)
+    out = tmp_path / "run" / "out"
+    main_ip = netns_cluster.addr(0)
+    pause_s = 4  # both ranks sleep before step 5 (after step 4's checkpoint): node 1 dies in that window
+    fault = {"DISTLORA_FAULT": f"rank*:step4:sleep{pause_s}"}
+    procs = [netns_cluster.popen(r, node_cmd(cfg, r, main_ip), tmp_path / f"lost{r}.log", fault) for r in range(2)]
+    wait_checkpoint(out, 4, procs)
+    import signal
+
+    L._kill_tree(procs[1].pid, signal.SIGKILL)  # the launcher, its agent and its worker: the whole node
+    lost = time.monotonic()
+    assert procs[0].wait(timeout=120) == 1
+    ended = time.monotonic() - lost
+    log0 = (tmp_path / "lost0.log").read_text()
+    # the rest of the pause + at most one collective timeout + the launcher's exit; 10 s of slack for a
+    # CPU shared with other runs (a hang would run to wait's 120 s)
+    assert ended < pause_s + timeout_s + 10, ended
+    # gloo names the peer whose connection closed: node 1's address
+    assert "distlora: rank 0 failed: RuntimeError: " in log0 and f"Connection closed by peer [{netns_cluster.addr(1)}]" \
+        in log0, log0[-3000:]
+    procs[1].wait(timeout=30)
+    done, _ = layout.complete_checkpoints(out)
+    assert [d.name for d in done] == ["step-00000004"] and not (out / "adapter").exists()
+    assert layout.read_state(done[0])["global_batch"] == 8 and layout.read_state(done[0])["dp_size"] == 2
+    # and a newer save cut short, as a node lost mid-save leaves one where every rank writes its part (ZeRO,
+    # FSDP2): no marker, a half-written file. The relaunch must take step 4, not the newest directory.
+    import shutil
+
+    cut = layout.step_dir(out, 6)
+    shutil.copytree(done[0], cut)
+    (cut / layout.MARKER).unlink()
+    opt = cut / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
+
+    # node 0 alone: 1 process, the same config, nothing edited
+    rest = netns_cluster.popen(0, [sys.executable, "-m", "distlora.cli", "launch", "--config", str(cfg), "--nodes", "1",
+                                   "--processes-per-node", "1", "--cpu"], tmp_path / "rest.log")
+    assert rest.wait(timeout=400) == 0, (tmp_path / "rest.log").read_text()[-3000:]
+    log = (tmp_path / "rest.log").read_text()
+    assert "resuming a 2-process checkpoint on 1 processes with the same global batch" in log, log[-3000:]
+    assert f"removed incomplete checkpoint {cut}" in log and f"resumed from {done[0]} at step 4" in log
+    assert "global batch 8 = micro 4 x accumulation 2 x 1 data-parallel rank(s)" in log
+    diff = max_abs_diff(load_adapter(tmp_path / "ref" / "out" / "adapter"), load_adapter(out / "adapter"))
+    assert diff < 1e-5, diff
+    print(f"max |adapter diff| vs uninterrupted: {diff:.3g}; node 0 ended {ended:.1f} s after node 1 was lost")

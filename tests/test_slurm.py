@@ -446,3 +446,156 @@ def test_cpu_job_asks_one_cpu_per_process_and_leaves_memory(tiny, tmp_path, caps
                                 monkeypatch=monkeypatch, tmp=tmp_path)
     assert rc == 0 and _sbatch(text, "--cpus-per-task") == ["2"] and not _sbatch(text, "--mem"), err
     assert "--gpus-per-node" not in text
+
+
+# ---------------------------------------------------------------------------------------------- losing a node
+
+
+def test_node_range_runs_on_the_nodes_slurm_gives_and_is_checked_at_render(tiny, tmp_path, capsys, monkeypatch):
+    """--nodes-min renders #SBATCH --nodes=MIN-MAX and a script that runs on SLURM's node count (no
+    #SBATCH --ntasks-per-node, with which SLURM allocates the range's fewest nodes); a fixed count keeps
+    its literal shape (a smaller allocation is then refused by the job's preflight). Refused at render,
+    one line each, exit 2, nothing written: no train.global_batch_size (the requeued run could not
+    resume), a count in the range that does not divide it, a minimum outside 1..--nodes."""
+    def cfg(global_batch=None):
+        raw = base_config(tiny, tmp_path / "out", train={"max_steps": STEPS})
+        if global_batch:
+            raw["train"].pop("gradient_accumulation_steps")
+            raw["train"]["global_batch_size"] = global_batch
+        return write_config(tmp_path / f"run-{global_batch}.yaml", raw)
+
+    shape = ("--nodes", "3", "--processes-per-node", "1", "--cpu")
+    rc, text, err = _slurm_main(cfg(24), *shape, "--nodes-min", "1", capsys=capsys, monkeypatch=monkeypatch,
+                                tmp=tmp_path)
+    assert rc == 0 and _sbatch(text, "--nodes") == ["1-3"] and not _sbatch(text, "--ntasks-per-node"), err
+    assert 'NUM_NODES="$SLURM_JOB_NUM_NODES"' in text and "NUM_PROCESSES=$((NUM_NODES * 1))" in text
+    assert '--check' in text and 'launch --config "$RUN_CONFIG" --nodes "$NUM_NODES"' in text
+    rc, text, err = _slurm_main(cfg(24), *shape, capsys=capsys, monkeypatch=monkeypatch, tmp=tmp_path)
+    assert rc == 0 and _sbatch(text, "--nodes") == ["3"] and _sbatch(text, "--ntasks-per-node") == ["1"]
+    assert "NUM_NODES=3\n" in text
+
+    script = tmp_path / "out" / "launch" / "job.sbatch"
+    script.unlink()
+    for raw, args, line in [
+        (cfg(), ("--nodes-min", "2"), ("--nodes-min 2: a job requeued on fewer nodes resumes only with the same "
+                                       "global batch; set train.global_batch_size=12")),
+        (cfg(12), ("--nodes-min", "1"), ("--nodes-min 1: on 2 node(s) train.global_batch_size: 12 is not a multiple "
+                                         "of micro_batch_size 4 x 2 data-parallel processes = 8; set it to 8 or 16")),
+        (cfg(24), ("--nodes-min", "4"), "--nodes-min 4: must lie between 1 and --nodes 3"),
+    ]:
+        rc, text, err = _slurm_main(raw, *shape, *args, capsys=capsys, monkeypatch=monkeypatch, tmp=tmp_path)
+        assert rc == 2 and f"distlora slurm: {line}" in err and "nothing written" in err, err
+        assert not script.exists()
+
+
+@pytest.fixture
+def own_slurm():
+    """A 2-node cluster of this test's own (its own state directory and ports): the test takes a node
+    down, which must not touch jobs of the shared cluster (the `slurm` fixture's) that other tests use."""
+    import socket
+
+    def free(p: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                return False
+        return True
+
+    base = next((p for p in range(17100, 17900, 10) if all(free(p + i) for i in range(3))), None)
+    assert base is not None, "no three free ports in 17100-17900"
+    import tempfile
+
+    # munged wants every directory above its socket open to all (pytest's tmp_path is not), and a unix
+    # socket's path short: a directory of its own right under /tmp
+    root = Path(tempfile.mkdtemp(prefix="distlora-slurm-", dir="/tmp"))
+    root.chmod(0o755)
+    env = {**os.environ, "DISTLORA_SLURM_ROOT": str(root), "DISTLORA_SLURM_PORT": str(base)}
+    res = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600, env=env)
+    if res.returncode != 0:
+        stop = subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120, env=env)
+        shutil.rmtree(root, ignore_errors=True)
+        if not all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch", "munged")):
+            _skip_or_fail(f"SLURM is not installed and could not be installed here: {res.stderr.strip()[-500:]}")
+        pytest.fail(f"the local cluster did not start:\n{res.stderr[-3000:]}{stop.stderr[-500:]}")
+    try:
+        yield {**env, "SLURM_CONF": f"{root}/etc/slurm.conf"}
+    finally:
+        subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120, env=env)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_job_processes_on(job: str, node: str) -> list[int]:
+    """SIGKILL every process of SLURM job `job` that runs on `node` (found by the variables SLURM gives
+    its tasks, which their children inherit); the pids killed."""
+    import signal
+
+    mine = {f"SLURM_JOB_ID={job}".encode(), f"SLURMD_NODENAME={node}".encode()}
+    killed = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mine <= set(env.read_bytes().split(b"\0")):
+                os.kill(int(env.parent.name), signal.SIGKILL)
+                killed.append(int(env.parent.name))
+        except (OSError, ValueError):  # exited meanwhile
+            continue
+    return killed
+
+
+@slow  # a 2-process reference and a job of two legs: ~3-4 min
+def test_node_lost_requeues_on_fewer_nodes_and_finishes_equal(own_slurm, tiny, tmp_path):
+    """A job rendered with --nodes 2 --nodes-min 1 (#SBATCH --nodes=1-2) starts on both nodes; after its
+    step-4 checkpoint node2 (not the job's node 0) goes down, as a node that dies: SLURM ends the job and
+    requeues it (--requeue), and the next leg starts on the one node left, resumes step 4 with the
+    accumulation raised by train.global_batch_size (no hand edit), and ends equal to the uninterrupted
+    2-process run within 1e-5 (summation order only; tests/test_reliability.py measured DDP resumes on
+    another world size below that)."""
+    from distlora import layout
+
+    train = {"max_steps": 8, "save_every": 4, "global_batch_size": 8, "collective_timeout_s": 10}
+
+    def config(name: str) -> Path:
+        raw = base_config(tiny, tmp_path / name / "out", train=train)
+        raw["train"].pop("gradient_accumulation_steps")
+        return write_config(tmp_path / name / "run.yaml", raw)
+
+    launch(2, config("ref"))
+    out = tmp_path / "run" / "out"
+    from conftest import free_port
+
+    # a port of its own: the script's default (20000 + job id) repeats the shared cluster's job numbers
+    script = render(config("run"), "--nodes", "2", "--nodes-min", "1", "--processes-per-node", "1", "--cpu",
+                    "--time", "00:15:00", "--main-port", str(free_port()))
+    assert "#SBATCH --nodes=1-2" in script.read_text()
+    _bash_n_and_shellcheck(script)
+    # both legs' ranks pause before step 5: node2 goes down in that window, after step 4's checkpoint
+    job = sbatch(script, job_env(own_slurm, DISTLORA_FAULT="rank*:step4:sleep8"))
+    downed = []
+
+    def poll(info):
+        done, _ = layout.complete_checkpoints(out)
+        if not downed and any(d.name == "step-00000004" for d in done):
+            # down: SLURM ends the job on every node and requeues it; drain: node2 stays out (the cluster's
+            # ReturnToService=2 would return a down node whose slurmd still answers). Then node2's processes
+            # die at once, as on a node that lost power: SLURM's own end would be a SIGTERM, which the
+            # trainer turns into a checkpoint (a preemption, tested above), not a lost node.
+            for state in ("down", "drain"):
+                subprocess.run(["scontrol", "update", "nodename=node2", f"state={state}", "reason=lost-in-test"],
+                               env=own_slurm, check=True)
+            downed.append(_kill_job_processes_on(job, "node2"))
+
+    try:
+        info = wait_job(job, own_slurm, timeout=600, poll=poll)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], env=own_slurm)
+    log = log_of(out, job)
+    assert downed and downed[0], (downed, log[-4000:])  # node2's ranks were running, and were killed
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-5000:])
+    assert "(restart 0) on node[1-2] (2 node(s))" in log and "(restart 1) on node1 (1 node(s))" in log, log[-5000:]
+    second = log[log.index("(restart 1)"):]
+    assert "resuming a 2-process checkpoint on 1 processes with the same global batch" in second, second[-4000:]
+    assert "resumed from" in second and "step-00000004 at step 4" in second
+    assert "global batch 8 = micro 4 x accumulation 2 x 1 data-parallel rank(s)" in second
+    diff = max_abs_diff(load_adapter(tmp_path / "ref" / "out" / "adapter"), load_adapter(out / "adapter"))
+    assert diff < 1e-5, diff
+    print(f"max |adapter diff| vs uninterrupted: {diff:.3g}")
