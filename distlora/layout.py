@@ -67,8 +67,11 @@ def config_changes(old: dict | None, new: dict) -> list[tuple[str, object, objec
     if old is None:
         return []
     a, b = flat(old), flat(new)
+    derived = set()
+    if a.get("train.global_batch_size") is not None and a.get("train.global_batch_size") == b.get("train.global_batch_size"):
+        derived = {"train.gradient_accumulation_steps"}  # follows the process count under a kept global batch
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and k not in RESUME_KEYS]
+            if a.get(k) != b.get(k) and k not in RESUME_KEYS and k not in derived]
 
 
 def ckpt_root(output_dir) -> Path:

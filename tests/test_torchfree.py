@@ -243,3 +243,16 @@ def test_memory_rule_without_torch(tiny, tmp_path):
     assert [r["gradient_checkpointing"] for r in got["records"]] == [False, True, True]
     assert got["problems"][:2] == [None, None] and "no single change fits, combine: " in got["problems"][2]
     assert "train.micro_batch_size=1 (" in got["problems"][2] and "train.sequence_parallel_size=2 (" in got["problems"][2]
+
+
+def test_config_changes_leave_out_accumulation_derived_from_a_kept_global_batch():
+    """A resume on fewer processes under train.global_batch_size changes the derived accumulation only:
+    not a change of the run's config to report. Set by hand (no global batch), it is one."""
+    from distlora import layout
+
+    def cfg(accum, global_batch):
+        return {"train": {"gradient_accumulation_steps": accum, "global_batch_size": global_batch, "lr": 1e-4}}
+
+    assert layout.config_changes(cfg(1, 8), cfg(2, 8)) == []
+    assert layout.config_changes(cfg(1, None), cfg(2, None)) == [("train.gradient_accumulation_steps", 1, 2)]
+    assert layout.config_changes(cfg(1, 8), cfg(1, 16)) == [("train.global_batch_size", 8, 16)]
