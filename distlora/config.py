@@ -654,7 +654,8 @@ def _check_lora_init(lora: LoraConfig, model: ModelConfig | None) -> list[str]:
             problems.append(f"lora.init: loftq reads the unquantized weights from the model's safetensors files; "
                             f"model.name_or_path '{model.name_or_path}' must be a local directory holding them")
     for name, owner in (("eva_tau", "eva"), ("eva_max_batches", "eva")):
-        if name in lora.model_fields_set and init != owner:
+        # a value other than the default (a saved config.yaml lists every field, defaults included)
+        if getattr(lora, name) != type(lora).model_fields[name].default and init != owner:
             problems.append(f"lora.{name}: set, but lora.init is {init}; it applies to lora.init={owner} only: remove it")
     return problems
 
@@ -796,4 +797,9 @@ def _check_target_modules(model: ModelConfig, lora: LoraConfig, liger: bool = Fa
 
 
 def dump(cfg: RunConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The resolved config as YAML; under train.global_batch_size without the accumulation it derived for
+    this launch, so the file runs again on any number of processes."""
+    d = cfg.to_dict()
+    if d["train"].get("global_batch_size") is not None and "gradient_accumulation_steps" not in cfg.train.model_fields_set:
+        d["train"].pop("gradient_accumulation_steps")
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))

@@ -399,6 +399,11 @@ def test_global_batch_size_derives_accumulation_by_one_rule(tiny, tmp_path, caps
     assert train_main(["--config", str(cfg), "train.max_steps=1", "train.eval_every=0"]) == 0
     said = capsys.readouterr()
     assert "global batch 8 = micro 4 x accumulation 2 x 1 data-parallel rank(s)" in said.out + said.err
+    # the run's saved config leaves the derived accumulation out: it runs again on another process count
+    saved = C.load(tmp_path / "three" / "out" / "config.yaml")
+    assert "gradient_accumulation_steps" not in saved.train.model_fields_set
+    C.resolve_accumulation(saved, 2)
+    assert saved.train.gradient_accumulation_steps == 1
 
 
 @pytest.mark.slow  # three runs (2-process reference, 2 nodes cut short, 1 process to the end): ~3-4 min
