@@ -783,7 +783,7 @@ class GlobalBatchSampler:
 
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            return torch.randperm(self.n, generator=g).numpy().astype(np.int64)
+            return torch.randperm(self.n, generator=g).numpy()  # int64 already: no copy
         return np.arange(self.n, dtype=np.int64)
 
     def order_array(self):
