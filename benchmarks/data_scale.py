@@ -11,6 +11,12 @@ the tenth-size baseline under DIR/small. `--no-baseline` skips the datasets.map 
 above BASELINE_MAX examples: it needs ~2.2 GB at 1M, ~20 GB at 10M); the old list packer, kept here as
 the packing reference, runs up to OLD_PACK_MAX examples (72 s and 1.2 GB at 10M).
 
+`--index-only` measures what a rank holds and the launch without tokenizing anything: each size's
+store is its real index (offsets, lengths, packing plan: ~300 tokens an example, drawn like the
+synthetic data's) over token files that are sparse (all zeros, no disk, no tokenization), registered
+in the cache under the key of a one-line placeholder data set. The rank, packing and launch rows at
+10M then take minutes, not the hours of making and tokenizing ~3B tokens; preprocessing is not measured.
+
 Each measurement runs in its own process (peak RSS = ru_maxrss of that process and its workers).
 "Rank at step 1" is the data side of a rank only (records or store opened, loader built, first batch
 collated; no model): RssAnon and Pss from /proc, two processes at once.
@@ -83,6 +89,22 @@ from distlora.store import TokenStore
 tokens = TokenStore(d / "train").n_tokens
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print(json.dumps({"wall": wall, "tokens": tokens, "peak_mb": peak / 1024, "store": str(d)}))
+"""
+
+REGISTER = """
+import json, sys
+from pathlib import Path
+from distlora import config as C, datacache
+from distlora.model import load_tokenizer
+cfg = C.load(sys.argv[1], check_model=False)
+key = datacache.cache_key(cfg, load_tokenizer(cfg))
+d = datacache.cache_root(cfg) / key
+if not (d / "meta.json").is_file():  # the index store, as the cache entry of the placeholder data's key
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "train").symlink_to(Path(sys.argv[2]).resolve())
+    stats = {"examples": int(sys.argv[3])}
+    (d / "meta.json").write_text(json.dumps({"key": key, "parts": {}, "stats": stats, "has_eval": False, "layout": "store-1"}))
+print(json.dumps({"store": str(d)}))
 """
 
 BASELINE = """
@@ -264,6 +286,83 @@ def preprocessed(d: Path, cfg_path: Path, reuse: bool) -> dict:
     return got
 
 
+def index_store(path: Path, n: int) -> None:
+    """A store of n examples whose index is real and whose tokens are sparse zeros (see the module doc)."""
+    import numpy as np
+
+    from distlora.store import IDS, LABELS, OFFSETS, lengths_from_offsets
+
+    if (path / OFFSETS).is_file():
+        return
+    rng = np.random.default_rng(0)
+    words = rng.lognormal(3.0, 0.7, n).astype(np.int64) + rng.lognormal(3.5, 0.8, n).astype(np.int64) + 4
+    lengths = np.minimum(4 * words + 2, 512)  # ~4 tokens a word: ~300 tokens an example, as make_data's
+    del words
+    path.mkdir(parents=True, exist_ok=True)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    for name in (IDS, LABELS):
+        with open(path / name, "wb") as fh:
+            fh.truncate(int(offsets[-1]) * 4)  # a hole: reads as zeros, takes no disk
+    np.save(path / "lengths.npy", lengths_from_offsets(offsets))
+    np.save(path / OFFSETS, offsets)
+
+
+def index_only(tmp: Path, n: int, args) -> int:
+    """The rank, packing and launch rows over index stores of n and n // 10 examples."""
+    import yaml
+
+    from distlora.tiny import build_assets
+
+    tiny = tmp / "tiny"
+    if not (tiny / "model" / "config.json").is_file():
+        build_assets(tiny)
+    cfgs, stores = {}, {}
+    for name, k in (("full", n), ("small", n // 10)):
+        d = tmp / f"index-{k}"
+        index_store(d / "store", k)
+        (d / "placeholder.jsonl").write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n")
+        cfgs[name] = {"model": {"name_or_path": str(tiny / "model")},
+                      "data": {"train": str(d / "placeholder.jsonl"), "eval": None, "max_seq_len": 512,
+                               "cache_dir": str(d / "cache")},
+                      "train": {"output_dir": str(d / "out")}}
+        (d / "c.yaml").write_text(yaml.safe_dump(cfgs[name]))
+        stores[name] = run(REGISTER, d / "c.yaml", d / "store", k)["store"]
+    pack = run(PACK, stores["full"], OLD_PACK_MAX)
+    anon = {}
+    for name in ("small", "full"):
+        for old in tmp.glob(f"sync-{name}.*"):
+            old.unlink()
+        ps = [subprocess.Popen([PY, "-c", textwrap.dedent(RANK), "store", stores[name], tmp / f"sync-{name}", rank],
+                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+              for rank in ("0", "1")]
+        anon[name] = max(json.loads(p.communicate()[0].strip().splitlines()[-1])["RssAnon"] for p in ps)
+    launched = {k: launch_run(tmp, c, k, args.steps) for k, c in cfgs.items()}
+    lo, hi = launched["small"], launched["full"]
+    small_n = f"{n // 10:,} examples"
+    rows = [
+        ("rank RssAnon at step 1 MB (data)", f"{anon['full']:.1f}", f"{anon['small']:.1f} ({small_n})", anon["full"] / anon["small"]),
+        ("packing plan s", f"{pack['new']:.2f}", "-" if pack["old_twice"] is None else f"{pack['old_twice']:.2f} (old packer, run twice)",
+         None if pack["old_twice"] is None else pack["new"] / pack["old_twice"]),
+        ("launch to step 1 s (warm cache)", f"{hi['to_step1']:.1f}", f"{lo['to_step1']:.1f} ({small_n})", hi["to_step1"] / lo["to_step1"]),
+        ("launch: rank RssAnon step 1 MB", f"{hi['anon_step1']:.0f}", f"{lo['anon_step1']:.0f} ({small_n})", hi["anon_step1"] / lo["anon_step1"]),
+        (f"launch: rank RssAnon step {args.steps} MB", f"{hi['anon_last']:.0f}", f"{lo['anon_last']:.0f} ({small_n})", hi["anon_last"] / lo["anon_last"]),
+    ]
+    table(f"data_scale --index-only: {n:,} examples (sparse tokens); plans identical: {pack['same']}", rows)
+    if args.json:
+        args.json.write_text(json.dumps({"examples": n, "index_only": True, "plans_identical": pack["same"], "launch": launched,
+                                         "rows": [{"name": r[0], "ours": r[1], "baseline": r[2], "ratio": r[3]} for r in rows]}))
+    return 0 if pack["same"] in (True, None) else 1
+
+
+def table(title: str, rows) -> None:
+    print(title)
+    print(f"| {'measure':34} | {'token store':>12} | {'baseline':44} | {'ratio':>6} |")
+    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 46}|{'-' * 8}|")
+    for name, a, b, r in rows:
+        print(f"| {name:34} | {a:>12} | {b:44} | {'-' if r is None else f'{r:.2f}':>6} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="100k examples")
@@ -272,12 +371,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the table's rows here (name, ours, baseline, ratio)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep data, tiny model and cache here, reusing what is there (default: a temporary directory)")
+    ap.add_argument("--index-only", action="store_true",
+                    help="sparse-token stores with real indexes: rank, packing and launch rows only (see the module doc)")
     ap.add_argument("--no-baseline", action="store_true",
                     help=f"skip the datasets.map baseline (skipped anyway above {BASELINE_MAX:,} examples)")
     args = ap.parse_args(argv)
     n = args.examples or 100_000
     with contextlib.ExitStack() as stack:
         tmp = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if args.index_only:
+            return index_only(tmp.resolve(), n, args)
         return measure(tmp.resolve(), n, args, reuse=args.workdir is not None)
 
 
@@ -347,11 +450,7 @@ def measure(tmp: Path, n: int, args, reuse: bool) -> int:
         ("launch: rank RssAnon step 1 MB", f"{hi['anon_step1']:.0f}", f"{lo['anon_step1']:.0f} ({small_n})", hi["anon_step1"] / lo["anon_step1"]),
         (f"launch: rank RssAnon step {args.steps} MB", f"{hi['anon_last']:.0f}", f"{lo['anon_last']:.0f} ({small_n})", hi["anon_last"] / lo["anon_last"]),
     ]
-    print(f"data_scale: {n:,} examples, {ours['tokens']:,} tokens, {procs} processes; plans identical: {pack['same']}")
-    print(f"| {'measure':34} | {'token store':>12} | {'baseline':44} | {'ratio':>6} |")
-    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 46}|{'-' * 8}|")
-    for name, a, b, r in rows:
-        print(f"| {name:34} | {a:>12} | {b:44} | {'-' if r is None else f'{r:.2f}':>6} |")
+    table(f"data_scale: {n:,} examples, {ours['tokens']:,} tokens, {procs} processes; plans identical: {pack['same']}", rows)
     if args.json:
         args.json.write_text(json.dumps({"examples": n, "plans_identical": pack["same"], "launch": launched,
                                          "rows": [{"name": r[0], "ours": r[1], "baseline": r[2], "ratio": r[3]} for r in rows]}))

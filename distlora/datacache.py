@@ -84,15 +84,15 @@ class FileHashes:
 
     def save(self) -> None:
         """Merge into the file on disk (another process may have added others) and replace it whole;
-        a cache root that cannot be written only costs the next launch a hash."""
-        if not self.added:
+        a cache root that cannot be written only costs the next launch a hash. A missing root is left
+        missing (written when the cache is): its existence turns the cache lookup on (load_datasets)."""
+        if not self.added or not self.path.parent.is_dir():
             return
         try:
             on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
         except (OSError, ValueError):
             on_disk = {}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{MEMO}-", dir=self.path.parent)
             with os.fdopen(fd, "w") as fh:
                 json.dump({**on_disk, **self.known}, fh)

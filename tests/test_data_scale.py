@@ -136,6 +136,7 @@ def test_data_file_hash_remembered_under_its_stat_and_redone_when_the_file_chang
     f = tmp_path / "d.jsonl"
     f.write_text('{"prompt": "a", "completion": "b"}\n')
     root = tmp_path / "cache"
+    root.mkdir()
     first = datacache.FileHashes(root)
     assert first.sha256(str(f)) == hashlib.sha256(f.read_bytes()).hexdigest()
     assert not first.added  # written just now (the racy window): hashed, not remembered
