@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+sys.path.insert(0, str(ROOT))  # this checkout's distlora, as the measured subprocesses get (PYTHONPATH)
 
 
 def run(code: str, *args) -> dict:
@@ -151,7 +152,8 @@ else:  # the list path: every rank holds the records as Python lists (as each ra
     s = TokenStore(Path(sys.argv[2]) / "train")
     recs = [dict(r) for r in s]
 loader, sampler = D.make_loader(recs, 0, 4, 1, 2, 0, True, pack=512, rank=int(sys.argv[4]))  # as rank r of 2
-next(iter(loader))
+it = iter(loader)  # held, as a training rank holds it: the epoch's share lives in the iterator
+next(it)
 Path(sys.argv[3] + f".{os.getpid()}").write_text("x")
 while len(list(Path(sys.argv[3]).parent.glob(Path(sys.argv[3]).name + ".*"))) < 2:
     time.sleep(0.05)
