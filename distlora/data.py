@@ -737,6 +737,19 @@ def index_dtype(n: int):
     return np.int32 if n < 2**31 else np.int64
 
 
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing). An epoch's order
+    is worked out in transient arrays that glibc's rising mmap threshold puts on the heap, where, freed
+    beneath the share a rank keeps, they stayed resident: 124 MB RssAnon for a 50 MB share at 10M
+    examples (measured), the share alone after the trim."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class GlobalBatchSampler:
     """Yields micro batches of example indices in the global order described in the module doc.
 
@@ -834,6 +847,7 @@ class GlobalBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self._share(self.order_array())
+        release_freed_memory()
         repeat = self._dealt()[2]
         for start in range(self._first(), len(order), self.micro):
             micro = order[start : start + self.micro].tolist()
@@ -1039,7 +1053,11 @@ class PackedBatchSampler(GlobalBatchSampler):
         starts = np.zeros(len(own) + 1, dtype=np.int64)
         np.cumsum(counts, out=starts[1:])
         at = np.repeat(np.asarray(offsets[r]) - starts[:-1][real], counts[real]) + np.arange(starts[-1])
-        return own, flat[at].astype(index_dtype(self.n_examples)), starts
+        examples = flat[at].astype(index_dtype(self.n_examples))
+        del flat, at, counts, r, real
+        starts = starts.astype(index_dtype(self.n_examples + 1))
+        release_freed_memory()
+        return own, examples, starts
 
     def __iter__(self) -> Iterator[list[list[int]]]:
         own, examples, starts = self._own_rows()
