@@ -145,6 +145,7 @@ def mem():
 import torch, numpy as np
 from distlora import config as C, data as D
 from distlora.store import TokenStore
+D.release_freed_memory()  # the sampler trims the heap: the baseline must start trimmed too, or reads low
 base = mem()
 if sys.argv[1] == "store":
     recs = TokenStore(Path(sys.argv[2]) / "train")
