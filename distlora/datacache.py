@@ -3,7 +3,13 @@
 
 The key is a sha256 over everything that decides the token ids and labels:
 - the data files' contents (every file each train source and the eval path expand to; a hub
-  dataset id is keyed by its name and split only: its contents cannot be hashed offline),
+  dataset id is keyed by its name and split only: its contents cannot be hashed offline). A file's
+  sha256 is remembered in `<cache root>/file-hashes.json` under its (device, inode, size, mtime_ns,
+  ctime_ns), so a launch stats the data instead of reading it all again (GBs at 10M examples, in
+  every rank): a write to the file changes its mtime and ctime, and ctime cannot be set back (utime
+  sets it to now), so an unchanged stat means unchanged bytes. A file changed within the clock tick
+  of its last write before hashing could keep its stat: files written less than MEMO_SETTLE_S before
+  they were hashed are not remembered, only hashed again next time (git's "racy" rule).
 - the tokenizer (its full serialized state for fast tokenizers, else its vocabulary), its special
   tokens and pad token, and the chat template,
 - the format settings (sources with format, fields, split, truncation side and weight; eval;
@@ -33,6 +39,8 @@ from distlora import data as data_mod
 from distlora import store as store_mod
 
 CODE_FILES = [data_mod.__file__, __file__, store_mod.__file__]
+MEMO = "file-hashes.json"
+MEMO_SETTLE_S = 2.0  # a file last written this recently before its hash began is not remembered
 
 
 def _sha_file(path: str) -> str:
@@ -43,7 +51,59 @@ def _sha_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _stat_key(path: str) -> list:
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class FileHashes:
+    """sha256 of data files, remembered under their stat in the cache root (see the module doc)."""
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / MEMO
+        try:
+            self.known = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.added = False
+
+    def sha256(self, path: str) -> str:
+        import time
+
+        real = os.path.realpath(path)
+        stat = _stat_key(real)
+        got = self.known.get(real)
+        if got is not None and got["stat"] == stat:
+            return got["sha256"]
+        began = time.time_ns()
+        digest = _sha_file(real)
+        if _stat_key(real) == stat and stat[3] < began - MEMO_SETTLE_S * 1e9 and stat[4] < began - MEMO_SETTLE_S * 1e9:
+            self.known[real] = {"stat": stat, "sha256": digest}
+            self.added = True
+        return digest
+
+    def save(self) -> None:
+        """Merge into the file on disk (another process may have added others) and replace it whole;
+        a cache root that cannot be written only costs the next launch a hash. A missing root is left
+        missing (written when the cache is): its existence turns the cache lookup on (load_datasets)."""
+        if not self.added or not self.path.parent.is_dir():
+            return
+        try:
+            on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError):
+            on_disk = {}
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{MEMO}-", dir=self.path.parent)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({**on_disk, **self.known}, fh)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+        self.added = False
+
+
 def _files_part(cfg) -> list:
+    memo = FileHashes(cache_root(cfg))
     out = []
     paths = [s["path"] for s in data_mod._sources(cfg.data)]
     if isinstance(cfg.data.eval, str):
@@ -52,7 +112,8 @@ def _files_part(cfg) -> list:
         files = data_mod._expand(p)
         if not files and data_mod._is_hub_id(p):
             out.append({"hub": p})
-        out += [{"file": Path(f).name, "sha256": _sha_file(f)} for f in files]
+        out += [{"file": Path(f).name, "sha256": memo.sha256(f)} for f in files]
+    memo.save()
     return out
 
 
@@ -79,11 +140,13 @@ def _format_part(cfg) -> dict:
 
 
 def _versions_part() -> dict:
-    import datasets
+    from importlib.metadata import version
+
     import tokenizers
     import transformers
 
-    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "datasets": datasets.__version__}
+    # datasets' installed version read without importing it (~1 s a rank; the others are loaded already)
+    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "datasets": version("datasets")}
 
 
 def _code_part() -> str:
@@ -177,6 +240,21 @@ def build(cfg, tokenizer, log=print, procs=None) -> Path:
     return final
 
 
+def _indexed(cfg, path: Path):
+    """The store at `path`, its index files made where missing: the lengths (a store written before they
+    were part of it) and the packing plan of this run's row capacity. Under `load_datasets` the main
+    process gets here first and writes them; the other ranks map what it wrote."""
+    store_mod.ensure_lengths(path)
+    store = store_mod.TokenStore(path)
+    capacity = data_mod.row_capacity(cfg)
+    if capacity:
+        try:
+            data_mod.PackPlan.for_store(store, capacity)
+        except ValueError:  # an example longer than a row: make_loader says so on every rank, not here alone
+            pass
+    return store
+
+
 def read(cfg, tokenizer, log=print):
     """(train, eval, stats) from the cache, each split a read-only TokenStore, or None on a miss."""
     key = cache_key(cfg, tokenizer)
@@ -188,8 +266,8 @@ def read(cfg, tokenizer, log=print):
     if meta.get("layout") != "store-1":
         log(f"data cache: miss ({d} has an older layout)")
         return None
-    train = store_mod.TokenStore(d / "train")
-    evals = store_mod.TokenStore(d / "eval") if meta["has_eval"] else None
+    train = _indexed(cfg, d / "train")
+    evals = _indexed(cfg, d / "eval") if meta["has_eval"] else None
     stats = data_mod.DataStats(**meta["stats"])
     log(f"data cache: hit {d} ({len(train)} train, {len(evals) if evals else 0} eval examples)")
     return train, evals, stats

@@ -237,7 +237,8 @@ def setup(cfg, backend) -> Run:
     model = load_model(cfg, backend.mixed_precision)
     if backend.sp_size > 1:
         sequence_parallel.use(model)
-    dp, sp = backend.dp_size, {"sp": backend.sp_size, "sp_rank": sequence_parallel.rank()}
+    # rank: each process keeps only its share of every epoch's order (accelerate's prepare deals the rest)
+    dp, sp = backend.dp_size, {"sp": backend.sp_size, "sp_rank": sequence_parallel.rank(), "rank": acc.process_index}
     pad_id = tokenizer.pad_token_id
     pack = data.row_capacity(cfg)  # 0: no packing
     train_loader, sampler = data.make_loader(

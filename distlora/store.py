@@ -3,7 +3,11 @@
 Layout of one split (a directory):
 - `input_ids.bin`, `labels.bin`: every example's tokens and labels back to back, raw little-endian int32
   (Llama-3 and Qwen vocabularies do not fit in uint16);
-- `offsets.npy`: int64, n + 1 entries; example i is [offsets[i], offsets[i + 1]).
+- `offsets.npy`: int64, n + 1 entries; example i is [offsets[i], offsets[i + 1]);
+- `lengths.npy`: int32, n entries, np.diff(offsets): the index samplers and the packer read, mapped
+  (a store written without it gets it from `ensure_lengths`, derived once from offsets.npy);
+- `pack-<capacity>/`: a packing plan for rows of that many tokens (distlora.data.PackPlan.for_store),
+  worked out once and mapped by every rank.
 
 Flat numpy files rather than Arrow through `datasets`: a rank reads them with `np.memmap`/`np.load(mmap_mode="r")`
 (no `datasets` import at train time, no per-row Arrow objects), the lengths array is `np.diff(offsets)`
@@ -18,7 +22,41 @@ from pathlib import Path
 
 import numpy as np
 
-IDS, LABELS, OFFSETS = "input_ids.bin", "labels.bin", "offsets.npy"
+IDS, LABELS, OFFSETS, LENGTHS = "input_ids.bin", "labels.bin", "offsets.npy", "lengths.npy"
+
+
+def save_atomic(path: Path, array) -> None:
+    """np.save through a temporary file renamed into place: a reader (another rank) sees the whole file
+    or none."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def lengths_from_offsets(offsets) -> np.ndarray:
+    """The int32 lengths index (an example never nears 2**31 tokens; max_seq_len bounds it)."""
+    return np.diff(offsets).astype(np.int32)
+
+
+def ensure_lengths(path: Path) -> bool:
+    """Write `lengths.npy` for a store that lacks it (written before it existed); False when the
+    directory is read-only (TokenStore then derives the lengths in memory)."""
+    path = Path(path)
+    if (path / LENGTHS).is_file():
+        return True
+    try:
+        save_atomic(path / LENGTHS, lengths_from_offsets(np.load(path / OFFSETS, mmap_mode="r")))
+    except OSError:
+        return False
+    return True
 
 
 class StoreWriter:
@@ -47,6 +85,7 @@ class StoreWriter:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         np.save(self.path / OFFSETS, offsets)
+        np.save(self.path / LENGTHS, lengths_from_offsets(offsets))
         return len(lengths)
 
 
@@ -59,8 +98,9 @@ def records_to_arrays(records) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 class TokenStore:
     """A read-only sequence of tokenized examples mapped from a store directory. `store[i]` is the record
-    {input_ids, labels, id} as Python lists (read for one batch at a time); `lengths` is the int64 array
-    of example lengths that samplers and the packer work from. Equal to a list of the same records."""
+    {input_ids, labels, id} as Python lists (read for one batch at a time); `lengths` is the int32 array
+    of example lengths that samplers and the packer work from, mapped from lengths.npy (derived from
+    the offsets in memory where a read-only store lacks it). Equal to a list of the same records."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -72,7 +112,10 @@ class TokenStore:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        if getattr(self, "_lengths", None) is None:
+            f = self.path / LENGTHS
+            self._lengths = np.load(f, mmap_mode="r") if f.is_file() else lengths_from_offsets(self.offsets)
+        return self._lengths
 
     @property
     def n_tokens(self) -> int:
@@ -107,7 +150,7 @@ class TokenStore:
 
 
 def lengths_of(records) -> np.ndarray:
-    """Example lengths as an int64 array: the store's index, or counted from a list of records."""
+    """Example lengths as an int32 array: the store's mapped index, or counted from a list of records."""
     if isinstance(records, TokenStore):
         return records.lengths
-    return np.fromiter((len(r["input_ids"]) for r in records), dtype=np.int64, count=len(records))
+    return np.fromiter((len(r["input_ids"]) for r in records), dtype=np.int32, count=len(records))
