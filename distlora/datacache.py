@@ -9,7 +9,9 @@ The key is a sha256 over everything that decides the token ids and labels:
   every rank): a write to the file changes its mtime and ctime, and ctime cannot be set back (utime
   sets it to now), so an unchanged stat means unchanged bytes. A file changed within the clock tick
   of its last write before hashing could keep its stat: files written less than MEMO_SETTLE_S before
-  they were hashed are not remembered, only hashed again next time (git's "racy" rule).
+  they were hashed are not remembered, only hashed again next time (git's "racy" rule). The memo is
+  written only once the key names good data (a cache hit, or a build committed): a launch refused for
+  its data changes nothing in the output dir.
 - the tokenizer (its full serialized state for fast tokenizers, else its vocabulary), its special
   tokens and pad token, and the chat template,
 - the format settings (sources with format, fields, split, truncation side and weight; eval;
@@ -102,8 +104,23 @@ class FileHashes:
         self.added = False
 
 
+# The memo of a cache root, pending until its key is known to name good data: saved on a cache hit or
+# after a build commits (`_remember`), never by a launch whose data is refused (that run leaves its
+# output dir as it was). Kept per process, so the key's several computations hash each file once.
+_PENDING: dict[Path, FileHashes] = {}
+
+
+def _remember(cfg) -> None:
+    memo = _PENDING.pop(cache_root(cfg), None)
+    if memo is not None:
+        memo.save()
+
+
 def _files_part(cfg) -> list:
-    memo = FileHashes(cache_root(cfg))
+    root = cache_root(cfg)
+    memo = _PENDING.get(root)
+    if memo is None:
+        memo = _PENDING[root] = FileHashes(root)
     out = []
     paths = [s["path"] for s in data_mod._sources(cfg.data)]
     if isinstance(cfg.data.eval, str):
@@ -113,7 +130,6 @@ def _files_part(cfg) -> list:
         if not files and data_mod._is_hub_id(p):
             out.append({"hub": p})
         out += [{"file": Path(f).name, "sha256": memo.sha256(f)} for f in files]
-    memo.save()
     return out
 
 
@@ -210,6 +226,7 @@ def write(cfg, tokenizer, train, evals, stats, log=print) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _commit(tmp, final)
+    _remember(cfg)
     log(f"data cache: wrote {final}")
     return final
 
@@ -236,6 +253,7 @@ def build(cfg, tokenizer, log=print, procs=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _commit(tmp, final)
+    _remember(cfg)
     log(f"data cache: wrote {final}")
     return final
 
@@ -266,6 +284,7 @@ def read(cfg, tokenizer, log=print):
     if meta.get("layout") != "store-1":
         log(f"data cache: miss ({d} has an older layout)")
         return None
+    _remember(cfg)
     train = _indexed(cfg, d / "train")
     evals = _indexed(cfg, d / "eval") if meta["has_eval"] else None
     stats = data_mod.DataStats(**meta["stats"])
